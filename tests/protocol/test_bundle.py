@@ -1,0 +1,174 @@
+"""The bundle format: round trip, and each validation failure names its problem."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from protocol.archive import pack_bundle_bytes, unpack_bundle
+from protocol.bundle import (
+    ACTIVATIONS,
+    ADAPTER,
+    GATES,
+    MANIFEST,
+    BaseSpec,
+    load_bundle,
+    save_bundle,
+    sha256_file,
+)
+from protocol.errors import FingerprintMismatch, GaggleError, InvalidBundle
+from routing.synthetic import random_bundle
+
+
+@pytest.fixture(params=["lora", "ia3"])
+def saved(request, tiny_spec, tmp_path):
+    bundle = random_bundle(tiny_spec, f"expert-{request.param}", method=request.param,
+                           with_activations=True)
+    return save_bundle(bundle, tmp_path / "bundle"), bundle
+
+
+def test_round_trip_keeps_every_tensor_and_field(saved, tiny_spec):
+    path, original = saved
+    loaded = load_bundle(path, tiny_spec)
+    assert loaded.manifest.to_json() == original.manifest.to_json()
+    for name in ("adapter", "gates", "activations"):
+        mine, theirs = getattr(original, name), getattr(loaded, name)
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert loaded.expert_id == original.expert_id
+
+
+def test_expert_id_changes_with_content(tiny_spec, tmp_path):
+    one = save_bundle(random_bundle(tiny_spec, "a", seed=1), tmp_path / "one")
+    two = save_bundle(random_bundle(tiny_spec, "a", seed=2), tmp_path / "two")
+    assert load_bundle(one).expert_id != load_bundle(two).expert_id
+
+
+def _rewrite_tensor(path, file, key, value):
+    tensors = {k: v for k, v in load_bundle_raw(path, file).items()}
+    if value is None:
+        del tensors[key]
+    else:
+        tensors[key] = value
+    save_file(tensors, path / file)
+    _rehash(path)
+
+
+def load_bundle_raw(path, file):
+    from safetensors.torch import load_file
+
+    return load_file(path / file)
+
+
+def _rehash(path):
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"] = {f: sha256_file(path / f) for f in manifest["files"]}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _edit_manifest(path, edit):
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _first_gate(path):
+    return sorted(load_bundle_raw(path, GATES))[0]
+
+
+CASES = {
+    "nan": (lambda p: _rewrite_tensor(p, GATES, _first_gate(p),
+                                      torch.full_like(load_bundle_raw(p, GATES)[_first_gate(p)],
+                                                      math.nan)), "NaN or Inf"),
+    "inf": (lambda p: _rewrite_tensor(p, ACTIVATIONS, _first_gate(p), torch.full_like(
+        load_bundle_raw(p, ACTIVATIONS)[_first_gate(p)], math.inf)), "NaN or Inf"),
+    "shape": (lambda p: _rewrite_tensor(p, GATES, _first_gate(p), torch.zeros(7)),
+              "has shape (7,)"),
+    "dtype": (lambda p: _rewrite_tensor(p, GATES, _first_gate(p),
+                                        torch.zeros(32, dtype=torch.float16)), "dtype"),
+    "gate_missing": (lambda p: _rewrite_tensor(p, GATES, _first_gate(p), None),
+                     "a module without a gate"),
+    "extra_tensor": (lambda p: _rewrite_tensor(p, GATES, "model.bogus", torch.zeros(32)),
+                     "unknown tensors"),
+    "unknown_module": (lambda p: _edit_manifest(p, lambda m: m["modules"][0].update(
+        name="model.layers.9.mlp.up_proj")), "module model.layers.9.mlp.up_proj"),
+    "format_version": (lambda p: _edit_manifest(p, lambda m: m.update(format_version=99)),
+                       "format_version is 99"),
+    "missing_file": (lambda p: (p / GATES).unlink(), "missing files ['gates.safetensors']"),
+    "extra_file": (lambda p: (p / "notes.txt").write_text("hi"), "extra files ['notes.txt']"),
+    "hash": (lambda p: (p / ADAPTER).write_bytes((p / ADAPTER).read_bytes()[:-4] + b"\0\0\0\0"),
+             "sha256 does not match"),
+    "text_in_training": (lambda p: _edit_manifest(p, lambda m: m["training"].update(
+        note="some private sentence")), "carries no text"),
+    "bad_safetensors": (lambda p: ((p / GATES).write_bytes(b"\xff" * 8 + b"{}"), _rehash(p)),
+                        "not a valid safetensors"),
+    "bad_json": (lambda p: (p / MANIFEST).write_text("{not json"), "not valid UTF-8 JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_validation_rejects(case, saved, tiny_spec):
+    path, _ = saved
+    corrupt, message = CASES[case]
+    corrupt(path)
+    with pytest.raises(InvalidBundle, match=None) as info:
+        load_bundle(path, tiny_spec)
+    assert message in str(info.value)
+
+
+def test_fingerprint_mismatch_is_its_own_error(saved, tiny_spec):
+    path, _ = saved
+    other = BaseSpec(name="other", fingerprint="0" * 64, linears=tiny_spec.linears)
+    with pytest.raises(FingerprintMismatch, match="retrain it on --base other") as info:
+        load_bundle(path, other)
+    assert info.value.status == "FAILED_PRECONDITION"
+
+
+def test_save_refuses_to_overwrite_and_leaves_no_temp(tiny_spec, tmp_path):
+    bundle = random_bundle(tiny_spec, "x")
+    save_bundle(bundle, tmp_path / "b")
+    with pytest.raises(FileExistsError):
+        save_bundle(bundle, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_save_of_invalid_bundle_leaves_nothing(tiny_spec, tmp_path):
+    bundle = random_bundle(tiny_spec, "x")
+    key = next(iter(bundle.gates))
+    bundle.gates[key] = torch.full_like(bundle.gates[key], math.nan)
+    with pytest.raises(GaggleError):
+        save_bundle(bundle, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_archive_round_trip_is_deterministic(saved, tmp_path):
+    path, _ = saved
+    blob = pack_bundle_bytes(path)
+    assert blob == pack_bundle_bytes(path)
+    (tmp_path / "a.tar").write_bytes(blob)
+    out = unpack_bundle(tmp_path / "a.tar", tmp_path / "out", max_bytes=10 << 20)
+    assert load_bundle(out).expert_id == load_bundle(path).expert_id
+
+
+def test_archive_rejects_path_traversal_and_oversize(saved, tmp_path):
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("../evil")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "evil.tar").write_bytes(buffer.getvalue())
+    with pytest.raises(InvalidBundle, match="only regular files named"):
+        unpack_bundle(tmp_path / "evil.tar", tmp_path / "x", max_bytes=1 << 20)
+    assert not (tmp_path / "x").exists()
+    path, _ = saved
+    (tmp_path / "ok.tar").write_bytes(pack_bundle_bytes(path))
+    with pytest.raises(InvalidBundle, match="over the 100 limit"):
+        unpack_bundle(tmp_path / "ok.tar", tmp_path / "y", max_bytes=100)
+    assert not (tmp_path / "y").exists()
