@@ -1,1 +1,1 @@
-"""The model side, pure torch + peft: base models, the PHATGOOSE router, routed layers, baselines."""
+"""The model side, pure torch + peft: base models, gates, the PHATGOOSE router, baselines."""

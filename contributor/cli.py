@@ -1,0 +1,104 @@
+"""`gaggle-contributor`: train an expert and its gate, recycle an adapter, inspect, submit.
+
+Heavy libraries (torch, peft, grpc) are imported inside each command, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from protocol.errors import GaggleError
+
+TOKEN_ENV = "GAGGLE_TOKEN"
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True,
+                        help="base model: 'smollm2-135m', 'tiny-llama', or a local model folder")
+    parser.add_argument("--data", required=True,
+                        help='private training data, JSONL with {"input": ..., "target": ...}')
+    parser.add_argument("--out", required=True,
+                        help="where to write the bundle folder (must not exist yet)")
+    parser.add_argument("--name", help="expert name (default: the --out folder's name)")
+    parser.add_argument("--gate-steps", type=int, help="PHATGOOSE gate training steps")
+    parser.add_argument("--max-length", type=int, help="truncate each example to this many tokens")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gaggle-contributor",
+        description="Train an expert adapter and its PHATGOOSE gate on your private data, "
+                    "then ship only the tensors to a gaggle coordinator.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="train an expert (LoRA or (IA)^3) and its gate, write a bundle",
+        description="Train an expert with peft on JSONL records (loss on target tokens only), "
+                    "then train one PHATGOOSE gate vector per adapted module with the base "
+                    "model and expert frozen, and write a bundle folder.",
+    )
+    _add_training_flags(train)
+    train.add_argument("--method", choices=("lora", "ia3"), default="lora",
+                       help="expert type (default lora)")
+    train.add_argument("--steps", type=int, help="expert training steps")
+    train.add_argument("--rank", type=int, help="LoRA rank")
+    train.add_argument("--lr", type=float, help="expert learning rate")
+    train.set_defaults(handler="contributor.train:run_train_command")
+
+    gate = sub.add_parser(
+        "gate", help="recycle an existing peft adapter: train only its gate",
+        description="Load an existing peft adapter (adapter_config.json + "
+                    "adapter_model.safetensors), train its PHATGOOSE gate on your data and "
+                    "write a bundle.",
+    )
+    gate.add_argument("--adapter", required=True, help="folder of the existing peft adapter")
+    _add_training_flags(gate)
+    gate.set_defaults(handler="contributor.train:run_gate_command")
+
+    inspect = sub.add_parser("inspect", help="show a bundle's manifest and whether it validates")
+    inspect.add_argument("bundle", help="bundle folder")
+    inspect.add_argument("--base", help="also check against this base model")
+    inspect.set_defaults(handler="contributor.inspect:run_inspect_command")
+
+    submit = sub.add_parser(
+        "submit", help="upload a bundle to a coordinator (resumable)",
+        description="Check compatibility with the coordinator, upload the bundle with a "
+                    "progress bar, resume after dropped connections, print the expert id.",
+    )
+    submit.add_argument("bundle", help="bundle folder")
+    _add_connection_flags(submit)
+    submit.set_defaults(handler="contributor.client:run_submit_command")
+
+    status = sub.add_parser("status", help="show the federation's base model and your experts")
+    _add_connection_flags(status)
+    status.set_defaults(handler="contributor.client:run_status_command")
+    return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", required=True, help="coordinator address, HOST:PORT")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"contributor token (default: ${TOKEN_ENV})")
+    parser.add_argument("--tls-ca", help="CA certificate (PEM) to verify the coordinator's TLS")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, function_name = args.handler.split(":")
+    try:
+        module = __import__(module_name, fromlist=[function_name])
+        return int(getattr(module, function_name)(args) or 0)
+    except GaggleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

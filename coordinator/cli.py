@@ -1,0 +1,109 @@
+"""`gaggle-coordinator`: serve, manage tokens, list experts, assemble and manage versions.
+
+Heavy libraries (torch, grpc, ray, mlflow) are imported inside each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from protocol.errors import GaggleError
+
+
+def _store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", required=True, help="the coordinator's store folder")
+
+
+def _tracking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking server, http://HOST:PORT (default: an embedded "
+                             "SQLite store inside the store folder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gaggle-coordinator",
+        description="Collect expert bundles over gRPC, validate and store them, assemble "
+                    "PHATGOOSE router versions with Ray and track them in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gRPC coordinator service")
+    serve.add_argument("--config", help="TOML file holding any of these settings")
+    serve.add_argument("--store", help="the coordinator's store folder (created if missing)")
+    serve.add_argument("--base", help="the federation's base model name or folder")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    serve.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    serve.add_argument("--tls-key", help="server private key (PEM)")
+    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    _tracking(serve)
+    serve.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    serve.set_defaults(handler="coordinator.server:run_serve_command")
+
+    token = sub.add_parser("token", help="add, revoke or list contributor tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    add = token_sub.add_parser("add", help="create a contributor and print its token once")
+    add.add_argument("name", help="contributor name")
+    _store(add)
+    revoke = token_sub.add_parser("revoke", help="revoke a contributor's tokens")
+    revoke.add_argument("name", help="contributor name")
+    _store(revoke)
+    listing = token_sub.add_parser("list", help="list contributors and token state")
+    _store(listing)
+    token.set_defaults(handler="coordinator.auth:run_token_command")
+
+    experts = sub.add_parser("experts", help="list stored experts")
+    _store(experts)
+    experts.set_defaults(handler="coordinator.store:run_experts_command")
+
+    assemble = sub.add_parser("assemble", help="assemble a router version from all experts")
+    _store(assemble)
+    _tracking(assemble)
+    assemble.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    assemble.set_defaults(handler="coordinator.versions:run_assemble_command")
+
+    versions = sub.add_parser("versions", help="list router versions")
+    _store(versions)
+    _tracking(versions)
+    versions.set_defaults(handler="coordinator.versions:run_versions_command")
+
+    diff = sub.add_parser("diff", help="experts added, removed and changed between versions")
+    diff.add_argument("old", help="older version id")
+    diff.add_argument("new", help="newer version id")
+    _store(diff)
+    diff.set_defaults(handler="coordinator.versions:run_diff_command")
+
+    promote = sub.add_parser("promote", help="move the 'champion' alias to a version")
+    promote.add_argument("version", help="version id (an older one rolls back)")
+    promote.add_argument("--force", action="store_true",
+                         help="promote even if its evaluation is worse than the champion's")
+    _store(promote)
+    _tracking(promote)
+    promote.set_defaults(handler="coordinator.versions:run_promote_command")
+
+    export = sub.add_parser("export", help="write a self-contained router version")
+    export.add_argument("version", help="version id")
+    export.add_argument("--out", required=True, help="output folder (must not exist)")
+    _store(export)
+    export.set_defaults(handler="coordinator.versions:run_export_command")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, function_name = args.handler.split(":")
+    try:
+        module = __import__(module_name, fromlist=[function_name])
+        return int(getattr(module, function_name)(args) or 0)
+    except GaggleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
