@@ -1,0 +1,189 @@
+"""`route()`: turn a base model into the PHATGOOSE routed model (or a baseline), and back.
+
+    model = route(base, bundles, method="phatgoose", top_k=2)   # in place, returns the model
+    with routing_inputs(model, expert_index=torch.tensor([0, 3])):  # per-example methods
+        logits = model(input_ids).logits
+    unroute(model)                                               # the plain base model again
+
+Methods: phatgoose (gate keys), average_activation (mean activations as keys), arrow (|x .
+prototype|), uniform_merge, single:<expert name>, retrieval (expert per example given at call
+time), smear (per-example parameter-averaged expert). See METHODS.md for the formulas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from protocol.bundle import Bundle
+from protocol.errors import FailedPrecondition, FingerprintMismatch, InvalidArgument
+from routing.base import BaseModel
+from routing.base import fingerprint as model_fingerprint
+from routing.layers import RoutedLinear, RoutingState
+from routing.stack import ModuleRouter, RouterWeights, ia3_prototype, stack_experts
+
+METHODS = ("phatgoose", "arrow", "average_activation", "uniform_merge", "retrieval", "smear",
+           "single:<expert name>")
+_STATE_ATTR = "gaggle_routing"
+
+
+def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeights,
+          method: str = "phatgoose", top_k: int = 2, *, fingerprint: str | None = None,
+          dispatch: str = "auto") -> nn.Module:
+    """Replace every adapted nn.Linear of `model` by a RoutedLinear; returns the same model.
+
+    model: a transformers model or a BaseModel (whose fingerprint is then used). A model
+    routed before is unrouted first, so one base model serves every method in turn.
+    experts: loaded bundles, or RouterWeights from `stack_experts` / `load_router`.
+    fingerprint: the base model's, when known; otherwise computed from the weights.
+    dispatch: "auto", "dense" or "grouped" (see routing.layers for the trade-off).
+    Raises FingerprintMismatch, FailedPrecondition (zero router keys) or InvalidArgument.
+    """
+    if isinstance(model, BaseModel):
+        fingerprint = fingerprint or model.fingerprint
+        model = model.model
+    unroute(model)
+    weights = experts if isinstance(experts, RouterWeights) else stack_experts(list(experts))
+    mode, single = _parse_method(method, weights)
+    if top_k < 1:
+        raise InvalidArgument(f"top_k must be at least 1, got {top_k}", field="top_k")
+    if dispatch not in ("auto", "dense", "grouped"):
+        raise InvalidArgument(f"dispatch must be auto, dense or grouped, got {dispatch!r}",
+                              field="dispatch")
+    check_fingerprint(weights, fingerprint or model_fingerprint(model))
+    check_router_keys(weights, mode)
+    state = RoutingState(config={"method": method, "top_k": top_k, "experts": weights.experts})
+    for name, module_router in weights.modules.items():
+        linear = _linear(model, module_router)
+        local_single = -1
+        if mode == "single":
+            if single not in module_router.experts:
+                continue  # this expert does not adapt the module: the base layer stays
+            local_single = module_router.experts.index(single)
+        if mode == "arrow":
+            module_router = _with_ia3_prototypes(module_router, linear.weight)
+        layer = RoutedLinear(
+            linear, module_router, method=mode, top_k=top_k, state=state,
+            collection_index=[weights.expert_index(e) for e in module_router.experts],
+            single=local_single, dispatch=dispatch)
+        model.set_submodule(name, layer)
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def unroute(model: nn.Module) -> nn.Module:
+    """Put every RoutedLinear's base nn.Linear back; a model never routed is left as it is."""
+    routed = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, RoutedLinear)]
+    for name, module in routed:
+        model.set_submodule(name, module.base)
+    if hasattr(model, _STATE_ATTR):
+        delattr(model, _STATE_ATTR)
+    return model
+
+
+def routing_state(model: nn.Module) -> RoutingState:
+    """The state shared by a routed model's layers; InvalidArgument if it is not routed."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise InvalidArgument("this model is not routed: call route(model, experts) first",
+                              field="model")
+    return state
+
+
+@contextmanager
+def routing_inputs(model: nn.Module, *, expert_index: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None) -> Iterator[RoutingState]:
+    """Per-example routing inputs for the calls made inside the block.
+
+    expert_index: (batch,) collection positions (RouterWeights.experts order), for retrieval.
+    attention_mask: (batch, seq) 1 for real tokens, so smear's sequence mean skips padding.
+    """
+    state = routing_state(model)
+    previous = (state.expert_index, state.attention_mask)
+    state.expert_index, state.attention_mask = expert_index, attention_mask
+    try:
+        yield state
+    finally:
+        state.expert_index, state.attention_mask = previous
+
+
+def check_fingerprint(weights: RouterWeights, model_fingerprint: str) -> None:
+    """Raise FingerprintMismatch unless the router's experts were trained on this model."""
+    if weights.fingerprint != model_fingerprint:
+        raise FingerprintMismatch(
+            f"the router's experts were trained on base model {weights.base_model!r} with "
+            f"fingerprint {weights.fingerprint[:12]}..., but the model given has fingerprint "
+            f"{model_fingerprint[:12]}...: load that exact base model "
+            f"(routing.base.load_base({weights.base_model!r}))",
+            field="fingerprint",
+        )
+
+
+def check_router_keys(weights: RouterWeights, mode: str) -> None:
+    """Raise FailedPrecondition when a method's router keys are missing or all zero.
+
+    A zero key row gives the same score to every token, the classic sign of gates that were
+    never trained or were lost when a checkpoint was reloaded.
+    """
+    if mode not in ("phatgoose", "smear", "average_activation"):
+        return
+    for name, module in weights.modules.items():
+        keys = module.activations if mode == "average_activation" else module.keys
+        if keys is None:
+            raise FailedPrecondition(
+                f"method average_activation needs every expert's mean activations, but module "
+                f"{name} lacks them for some expert: repackage those experts with activations",
+                field="activations")
+        zero = (keys == 0).all(dim=1)
+        if bool(zero.any()):
+            expert = module.experts[int(zero.nonzero()[0])]
+            what = "mean activation" if mode == "average_activation" else "gate"
+            raise FailedPrecondition(
+                f"router keys are all zero: expert {expert!r} has a zero {what} vector for "
+                f"module {name}; its gate was not trained or was lost on reload; retrain the "
+                "gate or re-export the router",
+                field="keys")
+
+
+def _parse_method(method: str, weights: RouterWeights) -> tuple[str, str | None]:
+    if method.startswith("single:"):
+        name = method.split(":", 1)[1]
+        weights.expert_index(name)  # raises naming the experts
+        return "single", name
+    if method not in METHODS:
+        raise InvalidArgument(f"unknown routing method {method!r}: use one of {list(METHODS)}",
+                              field="method")
+    return method, None
+
+
+def _linear(model: nn.Module, router: ModuleRouter) -> nn.Linear:
+    try:
+        linear = model.get_submodule(router.name)
+    except AttributeError:
+        linear = None
+    if not isinstance(linear, nn.Linear):
+        raise InvalidArgument(f"module {router.name} is not an nn.Linear of this model: the "
+                              "router was built for another architecture", field="modules")
+    if (linear.in_features, linear.out_features) != (router.d_in, router.d_out):
+        raise InvalidArgument(
+            f"module {router.name} is ({linear.in_features} -> {linear.out_features}) but the "
+            f"router expects ({router.d_in} -> {router.d_out})", field="modules")
+    return linear
+
+
+def _with_ia3_prototypes(router: ModuleRouter, weight: torch.Tensor) -> ModuleRouter:
+    """A copy whose (IA)^3 prototype rows are filled in: they depend on the base weight."""
+    rows = [i for i, kind in enumerate(router.kinds) if kind != "lora"]
+    if not rows:
+        return router
+    prototypes = router.prototypes.clone()
+    for i in rows:  # once per (IA)^3 expert at build time, not on the inference path
+        kind = router.kinds[i]
+        vector = (router.ia3_out if kind == "ia3_out" else router.ia3_in)[i]
+        prototypes[i] = ia3_prototype(vector, weight.detach(), kind)
+    return ModuleRouter(**{**router.__dict__, "prototypes": prototypes})
+

@@ -1,0 +1,197 @@
+"""Stacking a collection of experts into per-module router tensors, with no model and no data.
+
+`stack_experts(bundles)` turns loaded bundles into `RouterWeights`: for every adapted module the
+experts that adapt it, their gate keys, Arrow prototypes, mean activations, LoRA factors
+zero-padded to the largest rank, scalings and (IA)^3 vectors. Stacking one module only needs
+that module's per-expert pieces (`module_pieces` + `stack_module`), so a coordinator can
+spread the work over Ray tasks and assemble the result with `RouterWeights(...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol.bundle import Bundle, lora_rank, lora_scaling
+from protocol.errors import FingerprintMismatch, InvalidArgument
+
+KINDS = ("lora", "ia3_out", "ia3_in")
+
+
+@dataclass
+class ExpertPiece:
+    """One expert's tensors for one module, as stacking needs them."""
+
+    expert: str  # expert (bundle) name
+    kind: str  # "lora", "ia3_out" or "ia3_in"
+    gate: torch.Tensor  # (d_in,) PHATGOOSE gate vector, used as router key
+    activation: torch.Tensor | None = None  # (d_in,) mean module input, if shipped
+    lora_A: torch.Tensor | None = None  # (r, d_in)
+    lora_B: torch.Tensor | None = None  # (d_out, r)
+    scaling: float = 1.0  # s in dW = s * B A; 1.0 for (IA)^3
+    ia3: torch.Tensor | None = None  # (d_out,) for ia3_out, (d_in,) for ia3_in
+
+
+@dataclass
+class ModuleRouter:
+    """The stacked experts of one module; E = number of experts adapting it.
+
+    Rows are in `experts` order. Tensors of a kind no expert here has are None. LoRA rows of
+    (IA)^3 experts and (IA)^3 rows of LoRA experts are zero, so every tensor is indexable by
+    the same expert position.
+    """
+
+    name: str  # module path in the base model
+    d_in: int
+    d_out: int
+    experts: list[str]  # (E,) expert names
+    kinds: list[str]  # (E,) kind of each expert here
+    keys: torch.Tensor  # (E, d_in) gate vectors
+    prototypes: torch.Tensor  # (E, d_in) Arrow prototypes; (IA)^3 rows zero (need W, see route)
+    scaling: torch.Tensor  # (E,) LoRA scaling s_e (1.0 for (IA)^3 experts)
+    activations: torch.Tensor | None = None  # (E, d_in) when every expert shipped them
+    lora_A: torch.Tensor | None = None  # (E, r_max, d_in), zero-padded
+    lora_B: torch.Tensor | None = None  # (E, d_out, r_max), zero-padded
+    ia3_out: torch.Tensor | None = None  # (E, d_out): l - 1 for ia3_out experts, else 0
+    ia3_in: torch.Tensor | None = None  # (E, d_in): l - 1 for ia3_in experts, else 0
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lora_A is None else self.lora_A.shape[1]
+
+
+@dataclass
+class RouterWeights:
+    """A whole stacked router: what `route()` applies and `save_router` exports."""
+
+    base_model: str  # base model name the experts were trained on
+    fingerprint: str  # that base model's weight fingerprint
+    experts: list[str]  # every expert of the collection, in collection order
+    modules: dict[str, ModuleRouter] = field(default_factory=dict)
+
+    def expert_index(self, name: str) -> int:
+        """Position of an expert in the collection; InvalidArgument naming the choices."""
+        try:
+            return self.experts.index(name)
+        except ValueError:
+            raise InvalidArgument(
+                f"no expert named {name!r} in this router; experts are {self.experts[:20]}",
+                field="expert",
+            ) from None
+
+
+def module_pieces(bundle: Bundle) -> dict[str, ExpertPiece]:
+    """Split a bundle into its per-module pieces (module name -> piece); tensors are shared."""
+    manifest = bundle.manifest
+    scaling = lora_scaling(manifest)
+    lora_rank(manifest)  # validates the rank field
+    pieces = {}
+    for spec in manifest.modules:
+        piece = ExpertPiece(expert=manifest.name, kind=spec.kind, gate=bundle.gates[spec.name],
+                            scaling=scaling)
+        if bundle.activations is not None:
+            piece.activation = bundle.activations[spec.name]
+        if spec.kind == "lora":
+            piece.lora_A = bundle.adapter[f"{spec.name}.lora_A"]
+            piece.lora_B = bundle.adapter[f"{spec.name}.lora_B"]
+        else:
+            piece.ia3 = bundle.adapter[f"{spec.name}.ia3"]
+        pieces[spec.name] = piece
+    return pieces
+
+
+def arrow_prototype(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of B A, from the factors: A (r, d_in), B (d_out, r) -> (d_in,).
+
+    B = Q R (thin QR, Q with orthonormal columns) so B A = Q (R A) and both share their right
+    singular vectors; only the small (r, d_in) product R A is decomposed. The sign is fixed so
+    the largest-magnitude entry is positive (Arrow scores use |x . proto| anyway).
+    """
+    _, upper = torch.linalg.qr(lora_B.double())
+    _, _, vh = torch.linalg.svd(upper @ lora_A.double(), full_matrices=False)
+    return _fix_sign(vh[0]).to(lora_A.dtype)
+
+
+def _fix_sign(vector: torch.Tensor) -> torch.Tensor:
+    return vector if vector[vector.abs().argmax()] >= 0 else -vector
+
+
+def stack_module(name: str, d_in: int, d_out: int, pieces: list[ExpertPiece]) -> ModuleRouter:
+    """Stack the pieces of the experts adapting one module (in the given order)."""
+    if not pieces:
+        raise InvalidArgument(f"module {name}: no expert adapts it", field="modules")
+    count = len(pieces)
+    kinds = [p.kind for p in pieces]
+    keys = torch.stack([p.gate.float() for p in pieces])
+    prototypes = torch.zeros(count, d_in)
+    router = ModuleRouter(
+        name=name, d_in=d_in, d_out=d_out, experts=[p.expert for p in pieces], kinds=kinds,
+        keys=keys, prototypes=prototypes,
+        scaling=torch.tensor([p.scaling for p in pieces], dtype=torch.float32),
+    )
+    if all(p.activation is not None for p in pieces):
+        router.activations = torch.stack([p.activation.float() for p in pieces])
+    lora = [i for i, p in enumerate(pieces) if p.kind == "lora"]
+    if lora:
+        rank = max(pieces[i].lora_A.shape[0] for i in lora)
+        router.lora_A = torch.zeros(count, rank, d_in)
+        router.lora_B = torch.zeros(count, d_out, rank)
+        for i in lora:  # a copy per expert at assembly time, not on the inference path
+            r = pieces[i].lora_A.shape[0]
+            router.lora_A[i, :r] = pieces[i].lora_A
+            router.lora_B[i, :, :r] = pieces[i].lora_B
+            prototypes[i] = arrow_prototype(pieces[i].lora_A, pieces[i].lora_B)
+    for kind, size in (("ia3_out", d_out), ("ia3_in", d_in)):
+        rows = [i for i, p in enumerate(pieces) if p.kind == kind]
+        if rows:
+            stacked = torch.zeros(count, size)
+            for i in rows:
+                stacked[i] = pieces[i].ia3.float() - 1.0
+            setattr(router, kind, stacked)
+    return router
+
+
+def stack_experts(bundles: list[Bundle]) -> RouterWeights:
+    """Stack a collection of bundles (all on the same base model) into RouterWeights."""
+    if not bundles:
+        raise InvalidArgument("no experts given: route over at least one bundle",
+                              field="experts")
+    first = bundles[0].manifest
+    names = [b.name for b in bundles]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidArgument(f"expert names must be unique; repeated: {duplicates}",
+                              field="experts")
+    for bundle in bundles:
+        if bundle.manifest.base_fingerprint != first.base_fingerprint:
+            raise FingerprintMismatch(
+                f"experts {first.name!r} and {bundle.name!r} were trained on different base "
+                f"models (fingerprints {first.base_fingerprint[:12]}... and "
+                f"{bundle.manifest.base_fingerprint[:12]}...): route only experts of one base",
+                field="base_model.fingerprint",
+            )
+    by_module: dict[str, list[ExpertPiece]] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for bundle in bundles:
+        for module, piece in module_pieces(bundle).items():
+            by_module.setdefault(module, []).append(piece)
+            spec = bundle.modules[module]
+            shapes[module] = (spec.d_in, spec.d_out)
+    modules = {name: stack_module(name, *shapes[name], pieces)
+               for name, pieces in sorted(by_module.items())}
+    return RouterWeights(base_model=first.base_model, fingerprint=first.base_fingerprint,
+                         experts=names, modules=modules)
+
+
+def ia3_prototype(vector: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """Arrow prototype of an (IA)^3 delta, which needs the base weight W (d_out, d_in).
+
+    vector is l - 1: (d_out,) for ia3_out (dW = diag(l-1) W) or (d_in,) for ia3_in
+    (dW = W diag(l-1)). Returns the top right singular vector of dW, (d_in,).
+    """
+    weight = weight.double()
+    delta = vector.double().unsqueeze(1) * weight if kind == "ia3_out" \
+        else weight * vector.double().unsqueeze(0)
+    _, _, vh = torch.linalg.svd(delta, full_matrices=False)
+    return _fix_sign(vh[0]).float()
