@@ -25,6 +25,12 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-steps", type=int, help="PHATGOOSE gate training steps")
     parser.add_argument("--max-length", type=int, help="truncate each example to this many tokens")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--batch-size", type=int, help="examples per training step")
+    parser.add_argument("--gate-lr", type=float, help="gate learning rate")
+    parser.add_argument("--gate-accumulation", type=int,
+                        help="micro-batches accumulated per gate step")
+    parser.add_argument("--no-activations", action="store_true",
+                        help="do not ship activations.safetensors (mean module inputs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

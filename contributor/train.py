@@ -1,0 +1,236 @@
+"""Training an expert (peft LoRA or (IA)^3) and its PHATGOOSE gate on private JSONL data.
+
+Step 1 trains the expert with peft (AdamW, constant LR after a linear warmup, loss on target
+tokens only). Step 2 freezes the base model and the expert and trains only one gate vector per
+adapted module (routing.gate). The bundle is written atomically by protocol.bundle.save_bundle,
+so an error at any point leaves nothing at --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from contributor.data import (
+    TokenizedExample,
+    batches,
+    one_pass,
+    read_jsonl,
+    token_counts,
+    tokenize,
+)
+from contributor.package import Expert, bundle_from_expert, expert_from_peft, load_peft_adapter
+from protocol.bundle import save_bundle, validate_bundle
+from protocol.errors import GaggleError, InvalidArgument
+from routing.base import BaseModel, load_base
+from routing.gate import gate_vectors, gated_experts, mean_input_activations
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the bundle format's name rule
+
+
+class TrainingDiverged(GaggleError):
+    """The loss became NaN or Inf."""
+
+    status = "INVALID_ARGUMENT"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; defaults fit a 2-core CPU with SmolLM2-135M (about 5 minutes)."""
+
+    method: str = "lora"  # "lora" or "ia3"
+    steps: int = 60  # expert optimiser steps (PHATGOOSE: 1000 on a GPU)
+    rank: int = 16  # LoRA rank r, as in PHATGOOSE
+    alpha: float = 1.0  # LoRA alpha: scaling s = alpha / r = 1/r, PHATGOOSE's recipe
+    lr: float = 5e-3  # expert AdamW learning rate (weight decay 0)
+    batch_size: int = 8  # examples per expert step and per gate micro-batch
+    max_length: int = 64  # tokens per example (prompt cut from the start when longer)
+    warmup_fraction: float = 0.06  # linear warmup share of each run, then constant LR
+    gate_steps: int = 60  # gate optimiser steps (PHATGOOSE: 100)
+    gate_lr: float = 5e-3  # gate AdamW learning rate (weight decay 0), PHATGOOSE's
+    gate_accumulation: int = 1  # micro-batches per gate step
+    activations: bool = True  # ship mean module inputs for the Average Activation baseline
+    activation_examples: int = 256  # examples averaged for those means (no-grad passes)
+    seed: int = 0  # data order and LoRA initialisation
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "ia3"):
+            raise InvalidArgument(f"--method must be lora or ia3, got {self.method!r}",
+                                  field="method")
+        for flag, value in (("steps", self.steps), ("rank", self.rank),
+                            ("batch-size", self.batch_size), ("gate-steps", self.gate_steps),
+                            ("gate-accumulation", self.gate_accumulation),
+                            ("activation-examples", self.activation_examples)):
+            if value < 1:
+                raise InvalidArgument(f"--{flag} must be at least 1, got {value}", field=flag)
+        for flag, value in (("lr", self.lr), ("gate-lr", self.gate_lr), ("alpha", self.alpha)):
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidArgument(f"--{flag} must be a positive number, got {value}",
+                                      field=flag)
+        if self.max_length < 2:
+            raise InvalidArgument(f"--max-length must be at least 2, got {self.max_length}",
+                                  field="max-length")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Map the CLI flags that were given onto TrainConfig's defaults."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {key: value for key, value in vars(args).items()
+             if key in fields and value is not None}
+    if getattr(args, "no_activations", False):
+        given["activations"] = False
+    return TrainConfig(**given)
+
+
+def _optimise(model: nn.Module, params: list[nn.Parameter],
+              data: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
+              config: TrainConfig, desc: str, accumulation: int = 1) -> list[float]:
+    """AdamW (wd 0) with linear warmup then a constant LR; returns the loss of each step."""
+    from tqdm import tqdm
+
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, round(config.warmup_fraction * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / warmup))
+    losses: list[float] = []
+    with tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        for _ in range(steps):
+            total = 0.0
+            for _ in range(accumulation):
+                loss = model(**next(data)).loss / accumulation
+                loss.backward()
+                total += float(loss.detach())
+            if not math.isfinite(total):
+                raise TrainingDiverged(f"{desc} loss became {total} at step {len(losses) + 1}: "
+                                       "lower the learning rate", field="lr")
+            optimiser.step()
+            schedule.step()
+            optimiser.zero_grad(set_to_none=True)
+            losses.append(total)
+            bar.set_postfix(loss=f"{total:.4f}")
+            bar.update()
+    return losses
+
+
+def train_expert(base: BaseModel, examples: list[TokenizedExample],
+                 config: TrainConfig) -> tuple[Expert, list[float]]:
+    """Train a peft expert on `base.model`; the base model is restored before returning."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    if config.method == "lora":
+        peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                                 target_modules="all-linear")
+    else:
+        peft_config = IA3Config()  # peft's per-architecture default: k, v and down projections
+    with warnings.catch_warnings():
+        # peft calls a transformers API deprecated in v5; the warning is noise to a contributor.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        peft_model = get_peft_model(base.model, peft_config)
+    try:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        data = batches(examples, config.batch_size, base.tokenizer.pad_token_id, config.seed)
+        losses = _optimise(peft_model, params, data, config.steps, config.lr, config, "expert")
+        expert = expert_from_peft(peft_model)
+    finally:
+        peft_model.unload()  # removes the peft layers without merging: base weights untouched
+    return expert, losses
+
+
+def train_gates(base: BaseModel, expert: Expert, examples: list[TokenizedExample],
+                config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
+    """Train one zero-initialised gate per module with base and expert frozen.
+
+    Returns gates (module -> (d_in,)), mean activations (or None) and summary numbers.
+    """
+    pad = base.tokenizer.pad_token_id
+    summary: dict[str, float | int] = {}
+    with gated_experts(base.model, expert.modules, expert.adapter, expert.scaling) as layers:
+        params = [layer.gate for layer in layers.values()]
+        data = batches(examples, config.batch_size, pad, config.seed + 1)
+        losses = _optimise(base.model, params, data, config.gate_steps, config.gate_lr, config,
+                           "gate", accumulation=config.gate_accumulation)
+        gates = gate_vectors(layers)
+        summary.update(_loss_summary("gate", losses))
+        activations = None
+        if config.activations:
+            subset = examples[:config.activation_examples]
+            activations, tokens = mean_input_activations(
+                base.model, layers, one_pass(subset, config.batch_size, pad))
+            summary["activation_tokens"] = tokens
+    return gates, activations, summary
+
+
+def _loss_summary(prefix: str, losses: list[float]) -> dict[str, float | int]:
+    tail = losses[-min(10, len(losses)):]  # final loss: mean of the last steps, less noisy
+    return {f"{prefix}_steps": len(losses), f"{prefix}_loss_first": losses[0],
+            f"{prefix}_loss_final": sum(tail) / len(tail)}
+
+
+def _check_output(out: str, name: str | None) -> tuple[Path, str]:
+    target = Path(out)
+    if target.exists():
+        raise InvalidArgument(f"--out {target} already exists: choose a new folder or remove "
+                              "the old one", field="out")
+    name = name if name is not None else target.name
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(f"expert name {name!r} is not allowed: use 1-64 letters, digits, "
+                              "'.', '_' or '-' (set --name)", field="name")
+    return target, name
+
+
+def _write(expert: Expert, base: BaseModel, name: str, out: Path, gates: dict,
+           activations: dict | None, training: dict) -> None:
+    spec = base.spec()
+    bundle = bundle_from_expert(expert, spec, name, gates=gates, activations=activations,
+                                training=training)
+    validate_bundle(bundle, spec)
+    save_bundle(bundle, out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out}: {expert.method} expert {name!r}, {len(expert.modules)} modules, "
+          f"{size / 1e6:.2f} MB, expert id {bundle.expert_id[:12]}")
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """`gaggle-contributor train`: expert, then gate, then an atomic bundle write."""
+    config = config_from_args(args)
+    out, name = _check_output(args.out, args.name)
+    records = read_jsonl(args.data)
+    base = load_base(args.base)
+    started = time.perf_counter()
+    examples = tokenize(records, base.tokenizer, config.max_length)
+    expert, losses = train_expert(base, examples, config)
+    expert_seconds = time.perf_counter() - started
+    gates, activations, gate_summary = train_gates(base, expert, examples, config)
+    training = {**token_counts(examples), **_loss_summary("expert", losses), **gate_summary,
+                "expert_seconds": round(expert_seconds, 2),
+                "wall_seconds": round(time.perf_counter() - started, 2)}
+    _write(expert, base, name, out, gates, activations, training)
+    return 0
+
+
+def run_gate_command(args: argparse.Namespace) -> int:
+    """`gaggle-contributor gate`: recycle a saved peft adapter, train only its gate."""
+    config = config_from_args(args)
+    out, name = _check_output(args.out, args.name)
+    records = read_jsonl(args.data)
+    base = load_base(args.base)
+    expert = load_peft_adapter(args.adapter, base)
+    started = time.perf_counter()
+    examples = tokenize(records, base.tokenizer, config.max_length)
+    gates, activations, gate_summary = train_gates(base, expert, examples, config)
+    training = {**token_counts(examples), "expert_steps": 0, **gate_summary,
+                "wall_seconds": round(time.perf_counter() - started, 2)}
+    _write(expert, base, name, out, gates, activations, training)
+    return 0
