@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("bundle", help="bundle folder")
     _add_connection_flags(submit)
+    submit.add_argument("--limit-rate", type=float, metavar="BYTES_PER_S",
+                        help="upload no faster than this (for shared or metered links)")
+    submit.add_argument("--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(handler="contributor.client:run_submit_command")
 
     status = sub.add_parser("status", help="show the federation's base model and your experts")
@@ -90,6 +93,8 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"contributor token (default: ${TOKEN_ENV})")
     parser.add_argument("--tls-ca", help="CA certificate (PEM) to verify the coordinator's TLS")
+    parser.add_argument("--tls-cert", help="client certificate (PEM), if the coordinator asks")
+    parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,294 @@
+"""Talking to a coordinator: compatibility check, resumable upload, listing; `submit`/`status`.
+
+`submit` checks the bundle against the federation (GetFederation) before sending a byte,
+packs it into its deterministic archive, and uploads it in chunks. A dropped connection or a
+restarted coordinator is survived: after a pause (exponential backoff) it asks for the
+committed offset and sends only the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from protocol.archive import pack_bundle
+from protocol.bundle import MANIFEST, Manifest, sha256_file, validate_manifest
+from protocol.errors import (
+    FingerprintMismatch,
+    GaggleError,
+    InvalidArgument,
+    InvalidBundle,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from protocol.gaggle.v1 import gaggle_pb2 as pb
+from protocol.gaggle.v1 import gaggle_pb2_grpc
+from protocol.status import from_rpc_error
+
+# Statuses after which the upload is resumed: the connection, not the request, failed.
+# OUT_OF_RANGE and NOT_FOUND mid-upload mean our view of the upload is stale: re-sync.
+_RESUMABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED",
+                        "UNKNOWN", "OUT_OF_RANGE"})
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a coordinator."""
+
+    address: str  # HOST:PORT
+    token: str | None  # contributor token, sent as 'authorization: Bearer TOKEN'
+    tls_ca: Path | None = None  # CA that signed the coordinator's certificate; enables TLS
+    tls_cert: Path | None = None  # client certificate, when the coordinator asks for one
+    tls_key: Path | None = None  # its private key
+    timeout_s: float = 60.0  # deadline of each non-streaming call
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long `submit` keeps trying after dropped connections."""
+
+    attempts: int = 8  # upload attempts in all, the first included
+    first_delay_s: float = 0.5  # pause after the first failure; doubles each time
+    max_delay_s: float = 8.0  # longest pause
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    expert_id: str
+    name: str
+    already_stored: bool  # the coordinator had this content already; nothing was stored
+    size_bytes: int  # archive size
+    bytes_sent: int  # archive bytes sent over all attempts
+    resumed_from: int  # offset the last attempt started from (0: not resumed)
+    attempts: int
+
+
+class CoordinatorClient:
+    """A channel to one coordinator, with the token attached to every call."""
+
+    def __init__(self, connection: Connection) -> None:
+        if not connection.token:
+            raise Unauthenticated("no token: pass --token or set GAGGLE_TOKEN (ask the "
+                                  "coordinator's operator for one)", field="token")
+        self.connection = connection
+        self._metadata = (("authorization", f"Bearer {connection.token}"),)
+        self._channel = _open_channel(connection)
+        self._stub = gaggle_pb2_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, metadata=self._metadata,
+                                               timeout=self.connection.timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def federation(self) -> pb.Federation:
+        return self._call("GetFederation", pb.GetFederationRequest())
+
+    def list_experts(self, contributor: str | None = None) -> list[pb.Expert]:
+        request = pb.ListExpertsRequest(contributor=contributor or "")
+        return list(self._call("ListExperts", request).experts)
+
+    def get_expert(self, expert_id: str) -> pb.Expert:
+        return self._call("GetExpert", pb.GetExpertRequest(expert_id=expert_id))
+
+    def submit(self, bundle_dir: str | Path, *, progress: bool = False,
+               limit_rate: float | None = None,
+               retry: RetryPolicy = RetryPolicy()) -> SubmitResult:
+        """Check, pack and upload a bundle folder; return the expert id it is stored under."""
+        manifest = read_manifest(Path(bundle_dir))
+        federation = self.federation()
+        check_compatible(manifest, federation)
+        with tempfile.TemporaryDirectory(prefix="gaggle-submit-") as scratch:
+            archive = pack_bundle(bundle_dir, Path(scratch) / "bundle.tar")
+            size = archive.stat().st_size
+            if size > federation.max_bundle_bytes:
+                raise ResourceExhausted(
+                    f"the bundle's archive is {size} bytes, over the coordinator's limit of "
+                    f"{federation.max_bundle_bytes}: use a lower rank or fewer modules",
+                    field="size_bytes")
+            upload = _Upload(self, archive, size, sha256_file(archive), manifest.name,
+                             federation.chunk_bytes, limit_rate, progress)
+            return upload.run(retry)
+
+
+class _Upload:
+    """One archive's way to the coordinator, across retries."""
+
+    def __init__(self, client: CoordinatorClient, archive: Path, size: int, sha256: str,
+                 name: str, chunk_bytes: int, limit_rate: float | None,
+                 progress: bool) -> None:
+        self.client, self.archive, self.size, self.sha256 = client, archive, size, sha256
+        self.name, self.chunk_bytes, self.limit_rate = name, chunk_bytes, limit_rate
+        self.sent = 0
+        self.resumed_from = 0
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=f"uploading {name}", file=sys.stderr)
+
+    def run(self, retry: RetryPolicy) -> SubmitResult:
+        delay = retry.first_delay_s
+        try:
+            for attempt in range(1, retry.attempts + 1):
+                try:
+                    return self._attempt(attempt)
+                except GaggleError as err:
+                    if attempt == retry.attempts or not _resumable(err, self.sent):
+                        raise
+                    print(f"connection problem ({err.status}): retrying in {delay:.1f} s",
+                          file=sys.stderr)
+                    time.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, retry.max_delay_s)
+            raise AssertionError("unreachable")
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+
+    def _attempt(self, attempt: int) -> SubmitResult:
+        start = self.client._call("StartUpload", pb.StartUploadRequest(
+            size_bytes=self.size, sha256=self.sha256, name=self.name))
+        if start.HasField("existing"):
+            return self._result(start.existing, True, attempt)
+        self.resumed_from = start.committed_bytes
+        if self._bar is not None:
+            self._bar.n = start.committed_bytes
+            self._bar.refresh()
+        if start.committed_bytes < self.size:
+            try:
+                self.client._stub.WriteUpload(self._chunks(start.upload_id,
+                                                           start.committed_bytes),
+                                              metadata=self.client._metadata)
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+        done = self.client._call("FinishUpload",
+                                 pb.FinishUploadRequest(upload_id=start.upload_id))
+        return self._result(done.expert, done.already_stored, attempt)
+
+    def _chunks(self, upload_id: str, offset: int) -> Iterator[pb.WriteUploadRequest]:
+        began, sent_here = time.monotonic(), 0
+        with open(self.archive, "rb") as handle:
+            handle.seek(offset)
+            while data := handle.read(self.chunk_bytes):
+                if self.limit_rate:
+                    # Pace the stream: never ahead of limit_rate bytes per second.
+                    ahead = sent_here / self.limit_rate - (time.monotonic() - began)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                yield pb.WriteUploadRequest(upload_id=upload_id, offset=offset, data=data)
+                offset += len(data)
+                sent_here += len(data)
+                self.sent += len(data)
+                if self._bar is not None:
+                    self._bar.update(len(data))
+
+    def _result(self, expert: pb.Expert, already: bool, attempt: int) -> SubmitResult:
+        return SubmitResult(expert_id=expert.expert_id, name=expert.name,
+                            already_stored=already, size_bytes=self.size,
+                            bytes_sent=self.sent, resumed_from=self.resumed_from,
+                            attempts=attempt)
+
+
+def _resumable(err: GaggleError, sent: int) -> bool:
+    # NOT_FOUND after bytes went out: the upload finished or expired while we were away;
+    # StartUpload tells which (the stored expert, or a fresh upload).
+    return err.status in _RESUMABLE or (isinstance(err, NotFound) and sent > 0)
+
+
+def _open_channel(connection: Connection) -> grpc.Channel:
+    options = [("grpc.max_send_message_length", 8 << 20)]
+    if connection.tls_ca is None and connection.tls_cert is None:
+        return grpc.insecure_channel(connection.address, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=connection.tls_ca.read_bytes() if connection.tls_ca else None,
+        private_key=connection.tls_key.read_bytes() if connection.tls_key else None,
+        certificate_chain=connection.tls_cert.read_bytes() if connection.tls_cert else None)
+    return grpc.secure_channel(connection.address, credentials, options=options)
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """The bundle's manifest, checked on its own (tensors are checked by the coordinator)."""
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise InvalidBundle(f"{bundle_dir} has no {MANIFEST}: is it a bundle folder written "
+                            "by `gaggle-contributor train`?", field="path")
+    try:
+        manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidBundle(f"{path} is not valid JSON: {err}", field="manifest") from None
+    validate_manifest(manifest)
+    return manifest
+
+
+def check_compatible(manifest: Manifest, federation: pb.Federation) -> None:
+    """Refuse locally what the coordinator would refuse: another base model or method."""
+    if manifest.base_fingerprint != federation.base_fingerprint:
+        raise FingerprintMismatch(
+            f"this bundle was trained on {manifest.base_model!r} (fingerprint "
+            f"{manifest.base_fingerprint[:12]}...), but the federation's base model is "
+            f"{federation.base_model!r} ({federation.base_fingerprint[:12]}...): retrain with "
+            f"--base {federation.base_model}", field="base_model.fingerprint")
+    if manifest.method not in federation.methods:
+        raise InvalidArgument(f"the coordinator accepts methods {list(federation.methods)}, "
+                              f"not {manifest.method!r}", field="method")
+
+
+def connection_from_args(args: argparse.Namespace) -> Connection:
+    def path(name: str) -> Path | None:
+        value = getattr(args, name, None)
+        return Path(value) if value else None
+
+    return Connection(address=args.coordinator, token=args.token, tls_ca=path("tls_ca"),
+                      tls_cert=path("tls_cert"), tls_key=path("tls_key"))
+
+
+def run_submit_command(args: argparse.Namespace) -> int:
+    """`gaggle-contributor submit DIR --coordinator HOST:PORT`: the expert id on the last line."""
+    with CoordinatorClient(connection_from_args(args)) as client:
+        result = client.submit(args.bundle, progress=not getattr(args, "quiet", False),
+                               limit_rate=getattr(args, "limit_rate", None))
+    if result.already_stored:
+        print(f"{result.name}: already stored; nothing new was sent")
+    else:
+        resumed = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
+        print(f"{result.name}: accepted ({result.size_bytes} bytes; sent {result.bytes_sent} "
+              f"in {result.attempts} attempt(s){resumed})")
+    print(result.expert_id)
+    return 0
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    """`gaggle-contributor status`: the federation's base model and your experts."""
+    with CoordinatorClient(connection_from_args(args)) as client:
+        federation = client.federation()
+        experts = client.list_experts(federation.contributor)
+    print(f"coordinator {args.coordinator} (gaggle {federation.server_version})")
+    print(f"base model: {federation.base_model} (fingerprint {federation.base_fingerprint})")
+    print(f"methods: {', '.join(federation.methods)}; largest bundle "
+          f"{federation.max_bundle_bytes} bytes")
+    print(f"you are {federation.contributor}: {len(experts)} expert(s)")
+    for expert in experts:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(expert.created_at))
+        print(f"  {expert.expert_id}  {expert.name:<24} {expert.method:<5} {when}")
+    return 0

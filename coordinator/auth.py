@@ -1,0 +1,231 @@
+"""Contributor tokens: issued once, stored only as a hash, checked by a server interceptor.
+
+A token reads `gg_<token_id>_<secret>`. The index keeps the public token id (for lookup) and
+the sha256 of the whole token; the check compares hashes in constant time. The identity a
+handler sees comes from the token, never from anything the contributor sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from coordinator.store import Store
+from protocol.errors import InvalidArgument, NotFound, Unauthenticated
+from protocol.status import abort
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TOKEN_RE = re.compile(r"^gg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+ROLES = ("contributor", "admin")
+# Methods callable without a token: health checks come from load balancers and probes.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                          "/grpc.health.v1.Health/List"})
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling, as established by their token."""
+
+    contributor: str
+    role: str  # "contributor" or "admin"
+
+
+_current: contextvars.ContextVar[Identity] = contextvars.ContextVar("gaggle_identity")
+
+
+def current_identity() -> Identity:
+    """The caller of the RPC being handled (set by AuthInterceptor)."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise Unauthenticated("no authenticated caller for this call") from None
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenBook:
+    """The contributors and token hashes kept in a store's index."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, name: str, role: str = "contributor") -> str:
+        """Create the contributor if new, issue a token and return it (shown only once)."""
+        if not _NAME_RE.match(name):
+            raise InvalidArgument(f"contributor name {name[:80]!r} is not allowed: use 1-64 "
+                                  "letters, digits, '.', '_' or '-'", field="name")
+        if role not in ROLES:
+            raise InvalidArgument(f"role {role!r} is unknown: use one of {list(ROLES)}",
+                                  field="role")
+        token_id = secrets.token_hex(6)
+        token = f"gg_{token_id}_{secrets.token_urlsafe(32)}"
+        now = time.time()
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO contributors (name, role, created_at) "
+                         "VALUES (?, ?, ?)", (name, role, now))
+            conn.execute("INSERT INTO tokens (token_id, contributor, token_hash, created_at) "
+                         "VALUES (?, ?, ?, ?)", (token_id, name, _hash(token), now))
+        return token
+
+    def revoke(self, name: str) -> int:
+        """Revoke every live token of `name`; return how many were revoked."""
+        with self.store.transaction() as conn:
+            known = conn.execute("SELECT 1 FROM contributors WHERE name = ?",
+                                 (name,)).fetchone()
+            if known is None:
+                raise NotFound(f"no contributor {name!r}: see `gaggle-coordinator token list`",
+                               field="name")
+            cursor = conn.execute("UPDATE tokens SET revoked_at = ? WHERE contributor = ? "
+                                  "AND revoked_at IS NULL", (time.time(), name))
+            return cursor.rowcount
+
+    def list(self) -> list[tuple[str, str, int, int]]:
+        """(name, role, live tokens, revoked tokens) per contributor."""
+        rows = self.store.query(
+            "SELECT c.name, c.role, "
+            "SUM(CASE WHEN t.token_id IS NOT NULL AND t.revoked_at IS NULL THEN 1 ELSE 0 END),"
+            " SUM(CASE WHEN t.revoked_at IS NOT NULL THEN 1 ELSE 0 END) "
+            "FROM contributors c LEFT JOIN tokens t ON t.contributor = c.name "
+            "GROUP BY c.name ORDER BY c.name")
+        return [(r[0], r[1], int(r[2] or 0), int(r[3] or 0)) for r in rows]
+
+    def verify(self, token: str) -> Identity:
+        """The identity behind a live token; Unauthenticated otherwise."""
+        match = _TOKEN_RE.match(token)
+        row = None
+        if match:
+            rows = self.store.query(
+                "SELECT t.token_hash, t.revoked_at, c.name, c.role FROM tokens t "
+                "JOIN contributors c ON c.name = t.contributor WHERE t.token_id = ?",
+                (match.group(1),))
+            row = rows[0] if rows else None
+        # Compare even when the id is unknown, so timing does not tell ids apart.
+        expected = row["token_hash"] if row else "0" * 64
+        if not hmac.compare_digest(_hash(token), expected) or row is None:
+            raise Unauthenticated("the token is not valid: check --token or $GAGGLE_TOKEN, "
+                                  "or ask the coordinator's operator for a new one",
+                                  field="authorization")
+        if row["revoked_at"] is not None:
+            raise Unauthenticated("the token was revoked: ask the coordinator's operator "
+                                  "for a new one", field="authorization")
+        return Identity(row["name"], row["role"])
+
+
+def bearer_token(metadata: tuple) -> str | None:
+    """The token of an `authorization: Bearer TOKEN` metadata entry, if any."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Check the bearer token of every RPC but health; expose the caller to handlers."""
+
+    def __init__(self, book: TokenBook,
+                 on_failure: Callable[[str, str], None] | None = None) -> None:
+        self.book = book
+        # Called with (peer, reason) after each refused call: logging, rate limiting.
+        self.on_failure = on_failure
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method in OPEN_METHODS:
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        try:
+            if token is None:
+                raise Unauthenticated(
+                    "this call needs 'authorization: Bearer TOKEN' metadata: pass --token or "
+                    "set GAGGLE_TOKEN", field="authorization")
+            identity = self.book.verify(token)
+        except Unauthenticated as err:
+            refusal = err
+            return _rebuild(handler, lambda _behavior, streaming: self._deny(refusal, streaming))
+        return _rebuild(handler, lambda behavior, streaming:
+                        _with_identity(behavior, identity, streaming))
+
+    def _deny(self, err: Unauthenticated, streaming: bool) -> Callable:
+        def deny(_request, context: grpc.ServicerContext):
+            log.warning("refused call from %s: %s", context.peer(), err)
+            if self.on_failure is not None:
+                self.on_failure(context.peer(), str(err))
+            abort(context, err)
+
+        def deny_stream(request, context: grpc.ServicerContext):
+            deny(request, context)
+            yield  # never reached: makes this a generator, as streaming handlers must be
+        return deny_stream if streaming else deny
+
+
+def _with_identity(behavior: Callable, identity: Identity, streaming: bool) -> Callable:
+    if streaming:
+        # A streaming response runs after the behaviour returns its generator, so the
+        # identity is set inside the generator, for as long as it runs.
+        def stream(request, context):
+            token = _current.set(identity)
+            try:
+                yield from behavior(request, context)
+            finally:
+                _current.reset(token)
+        return stream
+
+    def call(request, context):
+        token = _current.set(identity)
+        try:
+            return behavior(request, context)
+        finally:
+            _current.reset(token)
+    return call
+
+
+def _rebuild(handler: grpc.RpcMethodHandler,
+             wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped, keeping its kind and serializers."""
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+             ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    for attribute, factory in kinds:
+        behavior = getattr(handler, attribute)
+        if behavior is not None:
+            return factory(wrap(behavior, handler.response_streaming),
+                           request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+    return handler
+
+
+def run_token_command(args: argparse.Namespace) -> int:
+    """`gaggle-coordinator token add|revoke|list --store DIR`."""
+    book = TokenBook(Store(args.store))
+    if args.token_command == "add":
+        token = book.add(args.name, role="admin" if getattr(args, "admin", False)
+                         else "contributor")
+        print(f"token for {args.name} (shown once; store it safely):")
+        print(token)
+    elif args.token_command == "revoke":
+        count = book.revoke(args.name)
+        print(f"revoked {count} token(s) of {args.name}")
+    else:
+        rows = book.list()
+        if not rows:
+            print("no contributors yet: add one with `gaggle-coordinator token add NAME`")
+        for name, role, live, revoked in rows:
+            print(f"{name:<24} {role:<12} live tokens: {live}  revoked: {revoked}")
+    return 0

@@ -1,0 +1,196 @@
+"""`gaggle-coordinator serve`: the gRPC server with TLS, token auth, health and reflection.
+
+Settings come from a TOML file (`--config`, keys named like ServerConfig's fields) and are
+overridden by command-line flags. SIGTERM or SIGINT drains in-flight calls and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.auth import AuthInterceptor, TokenBook
+from coordinator.servicer import CoordinatorServicer, OnAccepted
+from coordinator.store import Store
+from coordinator.uploads import UploadLimits, Uploads
+from protocol.errors import InvalidArgument
+from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gaggle_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `serve` needs; flags and the TOML file map onto these fields."""
+
+    store: Path  # the store folder (created if missing)
+    base: str  # the federation's base model: 'tiny-llama', 'smollm2-135m' or a folder
+    host: str = "127.0.0.1"  # address to bind; loopback unless you mean to expose it
+    port: int = 50051  # 0 picks a free port (printed on start)
+    tls_cert: Path | None = None  # server certificate (PEM); enables TLS
+    tls_key: Path | None = None  # its private key (PEM)
+    tls_client_ca: Path | None = None  # when set, clients must present a cert signed by it
+    max_bundle_bytes: int = 512 * 1024 * 1024  # largest archive accepted
+    max_concurrent_uploads: int = 4  # unfinished uploads per contributor
+    upload_idle_timeout_s: float = 3600.0  # uploads idle this long expire
+    store_quota_bytes: int | None = None  # total archive bytes the store may hold
+    max_workers: int = 16  # concurrent RPCs (threads)
+    grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
+    tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
+    ray_address: str | None = None  # Ray cluster to join (used by assembly)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("TLS needs both --tls-cert and --tls-key", field="tls")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key",
+                                  field="tls_client_ca")
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port {self.port} is out of range 0-65535", field="port")
+
+    @property
+    def limits(self) -> UploadLimits:
+        return UploadLimits(max_bundle_bytes=self.max_bundle_bytes,
+                            max_concurrent_uploads=self.max_concurrent_uploads,
+                            idle_timeout_s=self.upload_idle_timeout_s,
+                            quota_bytes=self.store_quota_bytes)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        """The TOML file's settings (if any), overridden by the flags that were given."""
+        settings: dict = {}
+        if getattr(args, "config", None):
+            with open(args.config, "rb") as handle:
+                settings = {k.replace("-", "_"): v for k, v in tomllib.load(handle).items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise InvalidArgument(f"{args.config}: unknown settings {unknown}; known: "
+                                  f"{sorted(known)}", field="config")
+        for name in known:
+            value = getattr(args, name, None)
+            if value is not None:
+                settings[name] = value
+        missing = [n for n in ("store", "base") if not settings.get(n)]
+        if missing:
+            raise InvalidArgument(f"serve needs {', '.join('--' + m for m in missing)} "
+                                  "(as flags or in --config)", field=missing[0])
+        for name in ("store", "tls_cert", "tls_key", "tls_client_ca"):
+            if settings.get(name) is not None:
+                settings[name] = Path(settings[name])
+        return cls(**settings)
+
+
+class CoordinatorServer:
+    """A started gRPC server and what it owns; `stop()` drains and closes it."""
+
+    def __init__(self, config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:
+        self.config = config
+        self.store = Store(config.store)
+        self.store.recover()
+        self.uploads = Uploads(self.store, self.store.base_spec(config.base), config.limits)
+        self.uploads.expire()
+        self.servicer = CoordinatorServicer(self.uploads, on_accepted)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.max_workers),
+            interceptors=[AuthInterceptor(TokenBook(self.store))],
+            # One server per port: without this, a second server would silently share it.
+            options=[("grpc.so_reuseport", 0)],
+        )
+        gaggle_pb2_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self._bind()
+        self._stopped = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="upload-expiry", daemon=True)
+
+    def _bind(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert is None:
+            return self.server.add_insecure_port(address)
+        client_ca = self.config.tls_client_ca.read_bytes() if self.config.tls_client_ca \
+            else None
+        credentials = grpc.ssl_server_credentials(
+            [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
+            root_certificates=client_ca, require_client_auth=client_ca is not None)
+        return self.server.add_secure_port(address, credentials)
+
+    def start(self) -> None:
+        self.server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper.start()
+        scheme = "tls" if self.config.tls_cert else "insecure"
+        log.info("serving %s on %s:%d (%s), store %s", self.uploads.base.name,
+                 self.config.host, self.port, scheme, self.store.root)
+
+    def stop(self) -> None:
+        """Report NOT_SERVING, let in-flight calls finish (up to grace_s), then close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.grace_s).wait()
+        self.servicer.close()
+        self.store.close()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def _sweep(self) -> None:
+        interval = min(60.0, self.config.upload_idle_timeout_s / 4)
+        while not self._stopped.wait(interval):
+            try:
+                self.uploads.expire()
+            except Exception:
+                log.exception("upload expiry failed; will retry")
+
+
+def accepted_hook(config: ServerConfig) -> OnAccepted | None:
+    """What runs after each newly accepted expert (off the RPC path, in order).
+
+    Assembly and version tracking plug in here; with nothing plugged in, experts are only
+    stored.
+    """
+    return None
+
+
+def serve(config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:
+    """Run the coordinator until SIGTERM or SIGINT."""
+    server = CoordinatorServer(config, on_accepted)
+    done = threading.Event()
+
+    def shutdown(signum: int, _frame) -> None:
+        log.info("received %s: draining", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    server.start()
+    # Printed for people and scripts alike: with --port 0 this is how to learn the port.
+    print(f"gaggle-coordinator serving on {config.host}:{server.port}", flush=True)
+    while not done.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+        pass
+    server.stop()
+    log.info("stopped")
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig.from_args(args)
+    serve(config, accepted_hook(config))
+    return 0

@@ -1,0 +1,336 @@
+"""The coordinator's durable store: expert bundle folders addressed by expert id, a SQLite index.
+
+Layout of a store folder::
+
+    index.sqlite          contributors, tokens, experts, uploads (WAL, synchronous=FULL)
+    base.json             the federation's BaseSpec, cached so the server starts fast
+    experts/<expert_id>/  one validated bundle folder per expert (protocol.bundle layout)
+    uploads/<id>.part     bytes of an upload in progress (coordinator.uploads)
+    staging/<id>/         an upload being unpacked and validated
+
+An expert folder appears by one atomic rename, and its index row in one transaction right
+after; `recover()` (run when the server starts) finishes or undoes whatever a crash
+interrupted, so the store holds either nothing or a complete expert, and never loses an
+acknowledged one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.bundle import BaseSpec, Bundle
+from protocol.errors import FailedPrecondition, GaggleError, NotFound
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS contributors (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL DEFAULT 'contributor',  -- 'contributor' or 'admin'
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,                 -- public part of the token, for lookup
+    contributor TEXT NOT NULL REFERENCES contributors(name),
+    token_hash TEXT NOT NULL,                  -- sha256 of the whole token; never the token
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS experts (
+    expert_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    contributor TEXT NOT NULL,
+    method TEXT NOT NULL,
+    archive_sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    num_modules INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS experts_by_archive ON experts(archive_sha256);
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY,
+    contributor TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    committing_expert_id TEXT  -- set just before the rename into experts/, for recovery
+);
+"""
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    """One stored expert, as the index knows it."""
+
+    expert_id: str  # sha256 of the canonical manifest (protocol.bundle.Bundle.expert_id)
+    name: str
+    contributor: str  # from the uploader's token, never from the manifest
+    method: str  # "lora" or "ia3"
+    archive_sha256: str  # sha256 of the uploaded archive
+    size_bytes: int  # archive size
+    created_at: float  # unix time of acceptance
+    path: Path  # the bundle folder: load it with protocol.bundle.load_bundle
+    num_modules: int = 0
+
+
+class Store:
+    """A store folder: its index, its expert folders and the cached base spec. Thread-safe."""
+
+    def __init__(self, path: str | os.PathLike, *, recover: bool = False) -> None:
+        """Open (creating if needed) the store at `path`.
+
+        `recover=True` cleans staging and reconciles interrupted commits: only the serving
+        coordinator may do that, since it would discard another process's uploads in flight.
+        """
+        self.root = Path(path)
+        self.experts_dir = self.root / "experts"
+        self.uploads_dir = self.root / "uploads"
+        self.staging_dir = self.root / "staging"
+        for folder in (self.experts_dir, self.uploads_dir, self.staging_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.root / "index.sqlite", timeout=30,
+                                     isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives power loss, not only a killed process.
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        with self.transaction() as conn:
+            for statement in _statements():
+                conn.execute(statement)
+        if recover:
+            self.recover()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE), committed on exit, rolled back on error."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # -- experts -----------------------------------------------------------------------
+
+    def list_experts(self, contributor: str | None = None) -> list[ExpertRecord]:
+        """Stored experts, oldest first; only `contributor`'s when given."""
+        if contributor:
+            rows = self.query("SELECT * FROM experts WHERE contributor = ? "
+                              "ORDER BY created_at, expert_id", (contributor,))
+        else:
+            rows = self.query("SELECT * FROM experts ORDER BY created_at, expert_id")
+        return [self._record(row) for row in rows]
+
+    def get_expert(self, expert_id: str) -> ExpertRecord:
+        rows = self.query("SELECT * FROM experts WHERE expert_id = ?", (expert_id,))
+        if not rows:
+            raise NotFound(f"no expert {expert_id!r} in this store: list them with "
+                           "`gaggle-coordinator experts` or ListExperts", field="expert_id")
+        return self._record(rows[0])
+
+    def find_expert(self, *, expert_id: str | None = None,
+                    archive_sha256: str | None = None) -> ExpertRecord | None:
+        column, value = ("expert_id", expert_id) if expert_id else \
+            ("archive_sha256", archive_sha256)
+        rows = self.query(f"SELECT * FROM experts WHERE {column} = ? LIMIT 1", (value,))
+        return self._record(rows[0]) if rows else None
+
+    def stored_bytes(self) -> int:
+        """Archive bytes of every stored expert plus the declared size of live uploads."""
+        rows = self.query("SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM experts) + "
+                          "(SELECT COALESCE(SUM(size_bytes), 0) FROM uploads)")
+        return int(rows[0][0])
+
+    def _record(self, row: sqlite3.Row) -> ExpertRecord:
+        return ExpertRecord(
+            expert_id=row["expert_id"], name=row["name"], contributor=row["contributor"],
+            method=row["method"], archive_sha256=row["archive_sha256"],
+            size_bytes=row["size_bytes"], created_at=row["created_at"],
+            path=self.experts_dir / row["expert_id"], num_modules=row["num_modules"],
+        )
+
+    def commit_expert(self, bundle: Bundle, staged: Path, *, contributor: str,
+                      archive_sha256: str, size_bytes: int, upload_id: str) -> ExpertRecord:
+        """Move a validated, staged bundle folder into place and index it, atomically.
+
+        The upload row is marked first, so that a crash between the rename and the index
+        commit can be finished by `recover()` with the right contributor.
+        """
+        expert_id = bundle.expert_id
+        target = self.experts_dir / expert_id
+        with self.transaction() as conn:
+            conn.execute("UPDATE uploads SET committing_expert_id = ? WHERE upload_id = ?",
+                         (expert_id, upload_id))
+        for child in staged.iterdir():
+            _fsync(child)
+        os.rename(staged, target)
+        _fsync(self.experts_dir)
+        record = ExpertRecord(
+            expert_id=expert_id, name=bundle.name, contributor=contributor,
+            method=bundle.manifest.method, archive_sha256=archive_sha256,
+            size_bytes=size_bytes, created_at=time.time(), path=target,
+            num_modules=len(bundle.manifest.modules),
+        )
+        with self.transaction() as conn:
+            _insert_expert(conn, record)
+            conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+        return record
+
+    # -- base model --------------------------------------------------------------------
+
+    def cache_base_spec(self, spec: BaseSpec) -> None:
+        """Remember the federation's base model, refusing to switch once experts exist."""
+        cached = self.cached_base_spec()
+        if cached and cached.fingerprint != spec.fingerprint and self.list_experts():
+            raise FailedPrecondition(
+                f"store {self.root} holds experts for base model {cached.name!r} "
+                f"(fingerprint {cached.fingerprint[:12]}...), not {spec.name!r} "
+                f"({spec.fingerprint[:12]}...): serve it with --base {cached.name}, or use "
+                "a new --store folder",
+                field="base",
+            )
+        data = {"name": spec.name, "fingerprint": spec.fingerprint,
+                "linears": {k: list(v) for k, v in spec.linears.items()}}
+        _atomic_write(self.root / "base.json", json.dumps(data, indent=1).encode())
+
+    def cached_base_spec(self) -> BaseSpec | None:
+        path = self.root / "base.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return BaseSpec(name=data["name"], fingerprint=data["fingerprint"],
+                        linears={k: (v[0], v[1]) for k, v in data["linears"].items()})
+
+    def base_spec(self, name: str) -> BaseSpec:
+        """The spec of base model `name`: cached in base.json, else loaded once and cached."""
+        cached = self.cached_base_spec()
+        if cached is not None and cached.name == name:
+            return cached
+        from routing.base import load_base  # heavy (transformers): only on first use
+
+        log.info("loading base model %s to compute its fingerprint", name)
+        spec = load_base(name).spec()
+        self.cache_base_spec(spec)
+        return spec
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish or undo what a crash interrupted; see the module docstring."""
+        with self._lock:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            self.staging_dir.mkdir(exist_ok=True)
+            indexed = {r["expert_id"] for r in self.query("SELECT expert_id FROM experts")}
+            for folder in self.experts_dir.iterdir():
+                if folder.name not in indexed:
+                    self._reconcile_expert_folder(folder)
+            live = {r["upload_id"] for r in self.query("SELECT upload_id FROM uploads")}
+            for part in self.uploads_dir.iterdir():
+                if part.name.removesuffix(".part") not in live:
+                    part.unlink(missing_ok=True)
+
+    def _reconcile_expert_folder(self, folder: Path) -> None:
+        """An expert folder without its index row: index it if its upload says so, or drop it."""
+        rows = self.query("SELECT * FROM uploads WHERE committing_expert_id = ?",
+                          (folder.name,))
+        base = self.cached_base_spec()
+        if rows and base is not None:
+            from protocol.bundle import load_bundle
+
+            upload = rows[0]
+            try:
+                bundle = load_bundle(folder, base)
+            except GaggleError as err:
+                log.warning("dropping unindexed expert folder %s: %s", folder.name, err)
+            else:
+                if bundle.expert_id == folder.name:
+                    record = ExpertRecord(
+                        expert_id=folder.name, name=bundle.name,
+                        contributor=upload["contributor"], method=bundle.manifest.method,
+                        archive_sha256=upload["sha256"], size_bytes=upload["size_bytes"],
+                        created_at=time.time(), path=folder,
+                        num_modules=len(bundle.manifest.modules))
+                    with self.transaction() as conn:
+                        _insert_expert(conn, record)
+                        conn.execute("DELETE FROM uploads WHERE upload_id = ?",
+                                     (upload["upload_id"],))
+                    log.info("recovered expert %s interrupted before indexing", folder.name)
+                    return
+        log.warning("removing expert folder %s: no index row and no upload committing it",
+                    folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _statements() -> list[str]:
+    # executescript would COMMIT our open transaction, so run the schema one statement each.
+    lines = [line.split("--", 1)[0] for line in SCHEMA.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _insert_expert(conn: sqlite3.Connection, record: ExpertRecord) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO experts (expert_id, name, contributor, method, archive_sha256, "
+        "size_bytes, num_modules, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (record.expert_id, record.name, record.contributor, record.method,
+         record.archive_sha256, record.size_bytes, record.num_modules, record.created_at),
+    )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    _fsync(path.parent)
+
+
+def run_experts_command(args: argparse.Namespace) -> int:
+    """`gaggle-coordinator experts --store DIR`: one line per stored expert."""
+    store = Store(args.store)
+    experts = store.list_experts()
+    if not experts:
+        print(f"no experts in {store.root}")
+        return 0
+    print(f"{'expert id':<16} {'name':<24} {'contributor':<16} {'method':<6} "
+          f"{'size':>10}  accepted (UTC)")
+    for e in experts:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.created_at))
+        print(f"{e.expert_id[:16]:<16} {e.name[:24]:<24} {e.contributor[:16]:<16} "
+              f"{e.method:<6} {e.size_bytes:>10}  {when}")
+    print(f"{len(experts)} experts")
+    return 0

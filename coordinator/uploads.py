@@ -1,0 +1,337 @@
+"""Resumable uploads of bundle archives: start, append at the committed offset, finish.
+
+In the style of google.bytestream: an upload has a declared size and sha256; its bytes go to
+`uploads/<id>.part`, whose size is the committed offset (fsynced before it is reported, so an
+acknowledged offset survives a crash). Finishing verifies the hash, unpacks into staging,
+validates against the base model and hands the bundle to `Store.commit_expert`. A failed
+finish discards the upload, so a rejected bundle leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.store import ExpertRecord, Store
+from protocol.archive import unpack_bundle
+from protocol.bundle import BaseSpec, load_bundle
+from protocol.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidBundle,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_LOCK_WAIT_S = 10.0  # how long a second stream waits for the upload's current one to end
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one contributor may send. Defaults suit a laptop-sized federation."""
+
+    max_bundle_bytes: int = 512 * 1024 * 1024  # largest archive accepted
+    max_concurrent_uploads: int = 4  # live (unfinished) uploads per contributor
+    idle_timeout_s: float = 3600.0  # an upload with no bytes for this long expires
+    quota_bytes: int | None = None  # total stored + in-flight archive bytes; None: no quota
+
+    def __post_init__(self) -> None:
+        if self.max_bundle_bytes <= 0 or self.max_concurrent_uploads <= 0:
+            raise InvalidArgument("max_bundle_bytes and max_concurrent_uploads must be "
+                                  "positive", field="limits")
+        if self.idle_timeout_s <= 0:
+            raise InvalidArgument("idle_timeout_s must be positive", field="limits")
+
+
+@dataclass(frozen=True)
+class UploadState:
+    upload_id: str
+    contributor: str
+    name: str
+    size_bytes: int  # declared archive size
+    sha256: str  # declared archive sha256
+    committed_bytes: int  # durable bytes so far: resume from here
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    expert: ExpertRecord
+    already_stored: bool  # the same content was stored before; nothing new was written
+
+
+class UploadWriter:
+    """Appends one stream's chunks to an upload's part file, hashing as it goes."""
+
+    def __init__(self, state: UploadState, path: Path, hasher: hashlib._Hash) -> None:
+        self.state = state
+        self.hasher = hasher
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.offset = os.fstat(self._fd).st_size
+
+    def append(self, offset: int, data: bytes) -> None:
+        if offset != self.offset:
+            raise OutOfRange(
+                f"chunk at offset {offset}, but upload {self.state.upload_id} has "
+                f"{self.offset} bytes committed: resume from offset {self.offset}",
+                field="offset")
+        if self.offset + len(data) > self.state.size_bytes:
+            raise InvalidArgument(
+                f"chunk at offset {offset} of {len(data)} bytes goes past the declared size "
+                f"{self.state.size_bytes}: declare the archive's exact size in StartUpload",
+                field="data")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self.hasher.update(data)
+        self.offset += len(data)
+
+    def close(self) -> None:
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+
+class Uploads:
+    """All uploads of one store, checked against one base model. Thread-safe."""
+
+    def __init__(self, store: Store, base: BaseSpec, limits: UploadLimits) -> None:
+        self.store = store
+        self.base = base
+        self.limits = limits
+        self._guard = threading.Lock()  # protects the dicts below and upload creation
+        self._locks: dict[str, threading.Lock] = {}
+        self._hashers: dict[str, tuple[hashlib._Hash, int]] = {}  # id -> (state, offset)
+        self._commit = threading.Lock()  # one rename-and-index at a time
+
+    def part_path(self, upload_id: str) -> Path:
+        return self.store.uploads_dir / f"{upload_id}.part"
+
+    def start(self, contributor: str, size_bytes: int, sha256: str,
+              name: str) -> UploadState | ExpertRecord:
+        """Open an upload, resume the contributor's live one for the same archive, or answer
+        the stored expert when this archive is already stored."""
+        self._check_declaration(size_bytes, sha256, name)
+        existing = self.store.find_expert(archive_sha256=sha256)
+        if existing is not None:
+            return existing
+        with self._guard:
+            rows = self.store.query("SELECT * FROM uploads WHERE contributor = ?",
+                                    (contributor,))
+            for row in rows:
+                if row["sha256"] == sha256 and row["size_bytes"] == size_bytes:
+                    self._touch(row["upload_id"])
+                    return self._state(row)
+            self._check_capacity(contributor, len(rows), size_bytes)
+            upload_id = secrets.token_hex(16)
+            self.part_path(upload_id).touch()
+            now = time.time()
+            with self.store.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO uploads (upload_id, contributor, name, size_bytes, sha256, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (upload_id, contributor, name, size_bytes, sha256, now, now))
+        log.info("upload %s started by %s: %s, %d bytes", upload_id, contributor, name,
+                 size_bytes)
+        return UploadState(upload_id, contributor, name, size_bytes, sha256, 0)
+
+    def status(self, upload_id: str, contributor: str) -> UploadState:
+        return self._state(self._row(upload_id, contributor))
+
+    @contextmanager
+    def writer(self, upload_id: str, contributor: str) -> Iterator[UploadWriter]:
+        """Hold the upload for one stream; the bytes are fsynced when the stream ends."""
+        with self._hold(upload_id):
+            state = self.status(upload_id, contributor)
+            writer = UploadWriter(state, self.part_path(upload_id), self._hasher(state))
+            try:
+                yield writer
+            finally:
+                writer.close()
+                with self._guard:
+                    self._hashers[upload_id] = (writer.hasher, writer.offset)
+                self._touch(upload_id)
+
+    def finish(self, upload_id: str, contributor: str) -> FinishResult:
+        """Verify, validate and commit the upload; see the module docstring."""
+        with self._hold(upload_id):
+            state = self.status(upload_id, contributor)
+            if state.committed_bytes != state.size_bytes:
+                raise FailedPrecondition(
+                    f"upload {upload_id} holds {state.committed_bytes} of {state.size_bytes} "
+                    f"bytes: send the rest from offset {state.committed_bytes}, then finish",
+                    field="upload_id")
+            try:
+                return self._verify_and_commit(state)
+            except BaseException:
+                self._discard(upload_id)
+                raise
+
+    def _verify_and_commit(self, state: UploadState) -> FinishResult:
+        digest = self._hasher(state).hexdigest()
+        if digest != state.sha256:
+            raise InvalidBundle(
+                f"the uploaded archive's sha256 is {digest[:12]}..., not the declared "
+                f"{state.sha256[:12]}...: it changed or was corrupted on the way; pack it "
+                "again and resubmit", field="sha256")
+        existing = self.store.find_expert(archive_sha256=state.sha256)
+        if existing is not None:
+            self._discard(state.upload_id)
+            return FinishResult(existing, True)
+        staged = self.store.staging_dir / state.upload_id
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            unpack_bundle(self.part_path(state.upload_id), staged,
+                          max_bytes=self.limits.max_bundle_bytes)
+            bundle = load_bundle(staged, self.base)
+            with self._commit:
+                existing = self.store.find_expert(expert_id=bundle.expert_id)
+                if existing is not None:
+                    self._discard(state.upload_id)
+                    return FinishResult(existing, True)
+                record = self.store.commit_expert(
+                    bundle, staged, contributor=state.contributor,
+                    archive_sha256=state.sha256, size_bytes=state.size_bytes,
+                    upload_id=state.upload_id)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        self._forget(state.upload_id)
+        log.info("expert %s (%s) accepted from %s", record.expert_id, record.name,
+                 record.contributor)
+        return FinishResult(record, False)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Discard uploads idle for longer than the limit and not being written now."""
+        cutoff = (time.time() if now is None else now) - self.limits.idle_timeout_s
+        rows = self.store.query("SELECT upload_id FROM uploads WHERE updated_at < ? AND "
+                                "committing_expert_id IS NULL", (cutoff,))
+        expired = []
+        for row in rows:
+            lock = self._lock_for(row["upload_id"])
+            if lock.acquire(blocking=False):
+                try:
+                    self._discard(row["upload_id"])
+                finally:
+                    lock.release()
+                expired.append(row["upload_id"])
+        if expired:
+            log.info("expired %d idle uploads", len(expired))
+        return expired
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _check_declaration(self, size_bytes: int, sha256: str, name: str) -> None:
+        if not _SHA_RE.match(sha256):
+            raise InvalidArgument("sha256 must be the archive's sha256 as 64 lowercase hex "
+                                  "digits", field="sha256")
+        if size_bytes <= 0:
+            raise InvalidArgument(f"size_bytes must be the archive's size, got {size_bytes}",
+                                  field="size_bytes")
+        if size_bytes > self.limits.max_bundle_bytes:
+            raise ResourceExhausted(
+                f"the archive is {size_bytes} bytes, over this coordinator's limit of "
+                f"{self.limits.max_bundle_bytes}: use a lower rank or fewer modules",
+                field="size_bytes")
+        if len(name) > 64 or not name.isprintable():
+            raise InvalidArgument("name must be at most 64 printable characters",
+                                  field="name")
+
+    def _check_capacity(self, contributor: str, live: int, size_bytes: int) -> None:
+        if live >= self.limits.max_concurrent_uploads:
+            raise ResourceExhausted(
+                f"contributor {contributor} already has {live} unfinished uploads (limit "
+                f"{self.limits.max_concurrent_uploads}): finish them, or wait "
+                f"{self.limits.idle_timeout_s:.0f} s for idle ones to expire",
+                field="uploads")
+        quota = self.limits.quota_bytes
+        if quota is not None and self.store.stored_bytes() + size_bytes > quota:
+            raise ResourceExhausted(
+                f"the store is full: {size_bytes} more bytes would pass its quota of {quota}; "
+                "ask the coordinator's operator", field="size_bytes")
+
+    def _row(self, upload_id: str, contributor: str):
+        rows = self.store.query("SELECT * FROM uploads WHERE upload_id = ? AND "
+                                "contributor = ?", (upload_id, contributor))
+        if not rows:
+            raise NotFound(f"no upload {upload_id[:40]!r} of yours is open: it finished, "
+                           "failed or expired; start it again", field="upload_id")
+        return rows[0]
+
+    def _state(self, row) -> UploadState:
+        return UploadState(row["upload_id"], row["contributor"], row["name"],
+                           row["size_bytes"], row["sha256"],
+                           self._committed(row["upload_id"]))
+
+    def _committed(self, upload_id: str) -> int:
+        """The part file's size, fsynced first so that the answer stays true after a crash."""
+        path = self.part_path(upload_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            os.fsync(fd)
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def _hasher(self, state: UploadState) -> hashlib._Hash:
+        """A sha256 over the part file's bytes so far: the cached one, or recomputed."""
+        with self._guard:
+            cached = self._hashers.get(state.upload_id)
+        if cached is not None and cached[1] == state.committed_bytes:
+            return cached[0].copy()
+        hasher = hashlib.sha256()
+        with open(self.part_path(state.upload_id), "ab+") as handle:
+            handle.seek(0)
+            while block := handle.read(1 << 20):
+                hasher.update(block)
+        return hasher
+
+    def _lock_for(self, upload_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(upload_id, threading.Lock())
+
+    @contextmanager
+    def _hold(self, upload_id: str) -> Iterator[None]:
+        lock = self._lock_for(upload_id)
+        if not lock.acquire(timeout=_LOCK_WAIT_S):
+            raise Unavailable(f"upload {upload_id} is being written by another stream: "
+                              "retry in a moment", field="upload_id")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _touch(self, upload_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE uploads SET updated_at = ? WHERE upload_id = ?",
+                         (time.time(), upload_id))
+
+    def _discard(self, upload_id: str) -> None:
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+        self.part_path(upload_id).unlink(missing_ok=True)
+        shutil.rmtree(self.store.staging_dir / upload_id, ignore_errors=True)
+        self._forget(upload_id)
+
+    def _forget(self, upload_id: str) -> None:
+        self.part_path(upload_id).unlink(missing_ok=True)
+        with self._guard:
+            self._hashers.pop(upload_id, None)
+            self._locks.pop(upload_id, None)
+

@@ -1,0 +1,1 @@
+"""Generated gRPC code for gaggle (see gaggle.proto)."""

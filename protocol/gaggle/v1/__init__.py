@@ -1,0 +1,1 @@
+"""Generated gRPC code for v1 (see gaggle.proto)."""
