@@ -1,0 +1,272 @@
+"""Assembling a router version on Ray: re-verify and load every bundle in parallel, stack the
+experts module by module, and commit an immutable, content-addressed version folder.
+
+Store layout (beside the expert store's own files)::
+
+    versions/<version_id>/version.json   the version manifest (experts, parent, base, files)
+    versions/<version_id>/router/        the stacked router, as `routing.save_router` writes it
+    versions/CURRENT                     id of the current version (replaced atomically)
+
+The version id hashes the base fingerprint and the ordered expert ids, so assembling the same
+expert set again finds the existing version instead of making a new one. A version is written
+into a staging folder and renamed into place; CURRENT moves only after that, so a failed
+assembly leaves the previous version current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.version_store import (
+    ROUTER_DIR,
+    VERSION_FILE,
+    VersionStore,
+    one_line_diff,
+)
+from protocol.errors import FailedPrecondition, GaggleError, InvalidBundle
+
+FORMAT = 1
+_RAY_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class AssemblyConfig:
+    """How assembly runs; the defaults suit a laptop."""
+
+    ray_address: str | None = None  # join this Ray cluster; None starts a local one
+    num_cpus: int = 2  # CPUs of the local Ray instance (ignored with ray_address)
+    chunk_size: int = 256  # bundles loaded per Ray task: amortises task overhead
+    modules_per_task: int = 8  # modules stacked per Ray task
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    """One expert of a version, as the version manifest records it."""
+
+    expert_id: str  # the store's id of the expert
+    name: str  # the name the router knows it by (unique within the version)
+    contributor: str
+    method: str
+    archive_sha256: str
+    path: str  # the expert's bundle folder in the store
+
+    def to_json(self) -> dict:
+        return {"expert_id": self.expert_id, "name": self.name, "contributor": self.contributor,
+                "method": self.method, "archive_sha256": self.archive_sha256}
+
+
+def ensure_ray(config: AssemblyConfig | None = None) -> None:
+    """Start (or join) Ray once per process, on loopback unless an address is given."""
+    import ray
+
+    config = config or AssemblyConfig()
+    with _RAY_LOCK:
+        if ray.is_initialized():
+            return
+        # Keep a local Ray on 127.0.0.1 and quiet about tokens (see the project's ENV notes).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if config.ray_address:
+            ray.init(address=config.ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def select_experts(records: list) -> list[ExpertEntry]:
+    """The expert set of a new version: the newest expert per (contributor, name).
+
+    A contributor re-submitting a name replaces that expert. When contributors share a name,
+    each keeps its own expert, named `contributor.name` inside the router.
+    """
+    newest: dict[tuple[str, str], object] = {}
+    for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
+        newest[(record.contributor, record.name)] = record
+    shared = {name for (_, name) in newest if sum(n == name for (_, n) in newest) > 1}
+    entries = [
+        ExpertEntry(
+            expert_id=r.expert_id,
+            name=f"{r.contributor}.{r.name}" if r.name in shared else r.name,
+            contributor=r.contributor, method=r.method, archive_sha256=r.archive_sha256,
+            path=str(r.path),
+        )
+        for r in newest.values()
+    ]
+    return sorted(entries, key=lambda e: (e.name, e.expert_id))
+
+
+def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:
+    """Content address of a version: its base and its ordered experts (16 hex digits)."""
+    text = json.dumps({"format": FORMAT, "base": fingerprint,
+                       "experts": [[e.name, e.expert_id] for e in entries]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_chunk(entries: list[ExpertEntry], fingerprint: str | None) -> dict:
+    """Ray task: load (re-verifying every file hash) and split a chunk of bundles by module.
+
+    Returns {"fingerprint", "base_model", "pieces": {module: [(position, piece)]},
+    "shapes": {module: (d_in, d_out)}}, positions being indices into `entries`' caller list.
+    """
+    from protocol.bundle import load_bundle
+    from routing.stack import module_pieces
+
+    out: dict = {"pieces": {}, "shapes": {}, "fingerprint": None, "base_model": None}
+    for position, entry in entries:
+        bundle = load_bundle(entry.path)
+        if bundle.expert_id != entry.expert_id:
+            raise InvalidBundle(
+                f"expert folder {entry.path} holds content {bundle.expert_id[:12]}..., not "
+                f"expert {entry.expert_id[:12]}...: the store was changed on disk",
+                field="expert_id")
+        manifest = bundle.manifest
+        expected = fingerprint or out["fingerprint"] or manifest.base_fingerprint
+        if manifest.base_fingerprint != expected:
+            raise InvalidBundle(
+                f"expert {entry.expert_id} ({entry.name}) was trained on base fingerprint "
+                f"{manifest.base_fingerprint[:12]}..., the others on {expected[:12]}...",
+                field="base_model.fingerprint")
+        out["fingerprint"], out["base_model"] = expected, manifest.base_model
+        for module, piece in module_pieces(bundle).items():
+            piece.expert = entry.name
+            out["pieces"].setdefault(module, []).append((position, piece))
+            spec = bundle.modules[module]
+            out["shapes"][module] = (spec.d_in, spec.d_out)
+    return out
+
+
+def _stack_modules(jobs: list[tuple[str, int, int, list]]) -> list:
+    """Ray task: stack several modules; each job is (name, d_in, d_out, pieces in order)."""
+    from routing.stack import stack_module
+
+    return [stack_module(name, d_in, d_out, pieces) for name, d_in, d_out, pieces in jobs]
+
+
+def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
+                 fingerprint: str | None = None):
+    """Load and stack `entries` on Ray into `routing.stack.RouterWeights`."""
+    import ray
+
+    from routing.stack import RouterWeights
+
+    ensure_ray(config)
+    load = ray.remote(_load_chunk)
+    stack = ray.remote(_stack_modules)
+    indexed = list(enumerate(entries))
+    chunks = [indexed[i:i + config.chunk_size]
+              for i in range(0, len(indexed), config.chunk_size)]
+    loaded = _get(ray, [load.remote(chunk, fingerprint) for chunk in chunks])
+    fingerprints = {part["fingerprint"] for part in loaded}
+    if len(fingerprints) != 1:
+        raise InvalidBundle(f"experts were trained on {len(fingerprints)} different base "
+                            "models; a version routes experts of one base only",
+                            field="base_model.fingerprint")
+    by_module: dict[str, list] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for part in loaded:
+        shapes.update(part["shapes"])
+        for module, pieces in part["pieces"].items():
+            by_module.setdefault(module, []).extend(pieces)
+    jobs = [(name, *shapes[name], [p for _, p in sorted(by_module[name], key=_position)])
+            for name in sorted(by_module)]
+    batches = [jobs[i:i + config.modules_per_task]
+               for i in range(0, len(jobs), config.modules_per_task)]
+    stacked = [m for batch in _get(ray, [stack.remote(b) for b in batches]) for m in batch]
+    return RouterWeights(base_model=loaded[0]["base_model"], fingerprint=fingerprints.pop(),
+                         experts=[e.name for e in entries],
+                         modules={m.name: m for m in stacked})
+
+
+def _position(item: tuple) -> int:
+    return item[0]
+
+
+def _get(ray, refs: list) -> list:
+    """ray.get, re-raising a task's GaggleError as itself (its message names the expert)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, GaggleError):
+            raise err.cause from None
+        raise
+
+
+@dataclass(frozen=True)
+class AssemblyResult:
+    """The outcome of one assembly."""
+
+    version_id: str
+    manifest: dict  # the version manifest (version.json)
+    created: bool  # False when the expert set matched an existing version
+    seconds: float  # wall time of the assembly
+
+
+def assemble(store_root: str | os.PathLike, records: list,
+             config: AssemblyConfig | None = None,
+             fingerprint: str | None = None) -> AssemblyResult:
+    """Assemble an expert set (`records`: the store's ExpertRecords) into the current version.
+
+    fingerprint: the federation's base fingerprint; every expert must match it (default: the
+    first expert's). Raises FailedPrecondition when there are no experts and InvalidBundle when
+    a bundle fails its re-verification; then nothing changes.
+    """
+    started = time.perf_counter()
+    config = config or AssemblyConfig()
+    versions = VersionStore(store_root)
+    entries = select_experts(records)
+    if not entries:
+        raise FailedPrecondition("the store holds no experts yet: submit one before assembling",
+                                 field="experts")
+    fingerprint = fingerprint or _declared_fingerprint(entries[0])
+    version_id = version_id_for(fingerprint, entries)
+    parent = versions.current_id()
+    if versions.exists(version_id):  # same expert set as an existing version: reuse it
+        versions.set_current(version_id)
+        return AssemblyResult(version_id, versions.manifest(version_id), False,
+                              time.perf_counter() - started)
+    weights = build_router(entries, config, fingerprint)
+    manifest = {
+        "format": FORMAT, "version_id": version_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at_unix": time.time(), "parent": parent,
+        "base": {"name": weights.base_model, "fingerprint": weights.fingerprint},
+        "experts": [e.to_json() for e in entries], "modules": len(weights.modules),
+    }
+    manifest["diff"] = one_line_diff(versions.manifest(parent) if parent else None, manifest)
+    versions.commit(version_id, lambda folder: _write_version(folder, weights, manifest))
+    versions.set_current(version_id)
+    return AssemblyResult(version_id, manifest, True, time.perf_counter() - started)
+
+
+def assemble_store(store_root: str | os.PathLike,
+                   config: AssemblyConfig | None = None) -> AssemblyResult:
+    """Assemble every expert of a store, checked against the store's base model."""
+    from coordinator.store import Store
+
+    store = Store(store_root)
+    try:
+        base = store.cached_base_spec()
+        return assemble(store_root, store.list_experts(), config,
+                        base.fingerprint if base else None)
+    finally:
+        store.close()
+
+
+def _write_version(folder: Path, weights, manifest: dict) -> None:
+    from routing.version import save_router
+
+    save_router(weights, folder / ROUTER_DIR, metadata={"gaggle_version": manifest})
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    (folder / VERSION_FILE).write_text(text, encoding="utf-8")
+
+
+def _declared_fingerprint(entry: ExpertEntry) -> str:
+    from protocol.bundle import MANIFEST, Manifest
+
+    raw = json.loads((Path(entry.path) / MANIFEST).read_text(encoding="utf-8"))
+    return Manifest.from_json(raw).base_fingerprint

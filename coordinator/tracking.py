@@ -1,0 +1,299 @@
+"""Version history in MLflow: one run per expert, one `gaggle-router` model version per router
+version, all sent through a durable on-disk queue so that an unreachable MLflow never blocks
+the coordinator.
+
+mlflow is imported only here and in `coordinator.pyfunc`, and only when a call is replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.tracking_queue import Op, OpQueue
+from protocol.errors import Unavailable
+
+EXPERIMENT = "gaggle"
+REGISTERED_MODEL = "gaggle-router"
+CHAMPION = "champion"
+MODEL_NAME = "router"  # the logged model's name inside MLflow
+TAG_OP = "gaggle.op_id"  # written on every object a replay creates, to recognise it later
+TAG_VERSION = "gaggle.version_id"
+MAX_TAG_CHARS = 4000  # MLflow limits tag values; long expert lists are cut with a count
+# MLflow errors that mean "try again later" rather than "this call is wrong".
+_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
+                    "DEADLINE_EXCEEDED", "ABORTED"}
+_MLFLOW_LOCK = threading.Lock()  # mlflow's fluent API keeps a process-global tracking URI
+log = logging.getLogger(__name__)
+
+
+def default_tracking_uri(store: Path) -> str:
+    """The embedded SQLite tracking store inside the coordinator's store folder."""
+    return f"sqlite:///{(Path(store) / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one replay pass did."""
+
+    replayed: int  # operations sent to MLflow (or found already there) in this pass
+    pending: int  # operations still waiting, because MLflow is unreachable
+    error: str | None = None  # why the pass stopped early
+
+
+class Tracker:
+    """Queues tracking calls in `<store>/tracking/` and replays them into MLflow in order."""
+
+    def __init__(self, store: str | os.PathLike, tracking_uri: str | None = None) -> None:
+        self.store = Path(store)
+        self.uri = tracking_uri or default_tracking_uri(self.store)
+        self.queue = OpQueue(self.store / "tracking")
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    # ----- recording (cheap, local, never touches MLflow) -----
+
+    def record_expert(self, payload: dict) -> bool:
+        """Queue the MLflow run of an accepted expert (see `expert_payload`)."""
+        queued = self.queue.enqueue(f"expert:{payload['expert_id']}", "expert_run", payload)
+        self.wake()
+        return queued
+
+    def record_version(self, payload: dict) -> bool:
+        """Queue the registered model version of a router version (see `version_payload`)."""
+        queued = self.queue.enqueue(f"version:{payload['version_id']}", "router_version",
+                                    payload)
+        self.wake()
+        return queued
+
+    def record_promotion(self, version_id: str, sequence: int) -> bool:
+        """Queue moving alias `champion` to a version; `sequence` tells promotions apart."""
+        op_id = f"promote:{sequence}:{version_id}"
+        queued = self.queue.enqueue(op_id, "promotion", {"version_id": version_id})
+        self.wake()
+        return queued
+
+    # ----- replay -----
+
+    def replay(self) -> ReplayResult:
+        """Send every pending call to MLflow in order; stop at the first unreachable moment."""
+        with self.queue.replay_lock() as held:
+            if not held:
+                return ReplayResult(0, len(self.queue.pending()), "another replay is running")
+            ops = self.queue.pending()
+            if not ops:
+                return ReplayResult(0, 0)
+            return self._replay_ops(ops)
+
+    def _replay_ops(self, ops: list[Op]) -> ReplayResult:
+        from mlflow.exceptions import MlflowException
+
+        done = 0
+        for index, op in enumerate(ops):
+            try:
+                with _MLFLOW_LOCK:
+                    client = self._client()
+                    _HANDLERS[op.kind](self, client, op)
+            except MlflowException as err:
+                if err.error_code in _TRANSIENT_CODES:
+                    self.queue.note_attempt(op, str(err))
+                    return ReplayResult(done, len(ops) - index, _short(err))
+                log.error("MLflow rejected tracking call %s for good: %s", op.op_id, err)
+                self.queue.mark_failed(op, str(err))
+                continue
+            except OSError as err:  # connection refused, reset, timeout below mlflow
+                self.queue.note_attempt(op, str(err))
+                return ReplayResult(done, len(ops) - index, _short(err))
+            self.queue.mark_done(op)
+            done += 1
+        return ReplayResult(done, 0)
+
+    def _client(self):
+        """An MlflowClient on this tracker's URI; the fluent API points there too."""
+        _fail_fast_on_unreachable_server()
+        import mlflow
+        from mlflow import MlflowClient
+
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def experiment_id(self, client) -> str:
+        """The id of experiment `gaggle`, created (artifacts inside the store when embedded)."""
+        found = client.get_experiment_by_name(EXPERIMENT)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:"):
+            location = (self.store / "mlflow" / "artifacts").resolve().as_uri()
+        return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+    # ----- background thread -----
+
+    def start(self, retry_s: float = 5.0) -> None:
+        """Replay in a background thread: when woken, and every `retry_s` while calls wait."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, args=(retry_s,),
+                                        name="gaggle-tracking", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def _loop(self, retry_s: float) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                result = self.replay()
+            except Exception:  # keep the thread alive: a bug here must not stop accepting
+                log.exception("tracking replay failed")
+                result = ReplayResult(0, 1, "error")
+            if result.pending == 0 and not self._wake.is_set():
+                self._idle.set()
+            elif result.error:
+                log.warning("MLflow at %s unreachable, %d calls queued: %s", self.uri,
+                            result.pending, result.error)
+            self._wake.wait(None if result.pending == 0 else retry_s)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is pending (True) or `timeout` seconds pass (False)."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ----- reading back (for `versions`) -----
+
+    def model_versions(self) -> dict[str, dict]:
+        """version id -> {"number", "aliases", "metrics"} from the registry; Unavailable if down."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _MLFLOW_LOCK:
+                client = self._client()
+                versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+                aliases = _aliases(client)
+        except (MlflowException, OSError) as err:
+            raise Unavailable(f"MLflow at {self.uri} is unreachable ({_short(err)}); "
+                              "start it or pass the right --tracking-uri") from None
+        out = {}
+        for mv in versions:
+            version_id = mv.tags.get(TAG_VERSION)
+            if version_id:
+                out[version_id] = {
+                    "number": int(mv.version),
+                    "aliases": sorted(aliases.get(mv.version, [])),
+                    "metrics": {k.removeprefix("eval."): _number(v) for k, v in mv.tags.items()
+                                if k.startswith("eval.")},
+                }
+        return out
+
+
+def expert_payload(record) -> dict:
+    """The run of an accepted expert (a store ExpertRecord): params, metrics and tags.
+
+    Step counts and the LoRA rank become params; every other training figure a metric (a
+    list of numbers, such as a loss curve, a metric series by step).
+    """
+    from protocol.bundle import MANIFEST, Manifest
+
+    manifest = Manifest.from_json(json.loads((Path(record.path) / MANIFEST).read_text()))
+    params: dict[str, object] = {"contributor": record.contributor, "name": record.name,
+                                 "method": record.method}
+    if manifest.method == "lora":
+        params["rank"] = manifest.peft.get("rank")
+    metrics: dict[str, list[float]] = {}
+    for key, value in sorted(manifest.training.items()):
+        if key.endswith("steps") and not isinstance(value, list):
+            params[key] = value
+        else:
+            metrics[key] = value if isinstance(value, list) else [value]
+    return {"expert_id": record.expert_id, "name": record.name,
+            "contributor": record.contributor, "sha256": record.archive_sha256,
+            "created_at_ms": int(float(record.created_at) * 1000),
+            "params": params, "metrics": metrics}
+
+
+def version_payload(manifest: dict, folder: Path) -> dict:
+    """The model version of a router version, from its version.json and folder."""
+    experts = manifest["experts"]
+    return {"version_id": manifest["version_id"], "folder": str(Path(folder).resolve()),
+            "n_experts": len(experts), "expert_ids": [e["expert_id"] for e in experts],
+            "expert_names": [e["name"] for e in experts],
+            "contributors": [e["contributor"] for e in experts],
+            "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
+            "base": manifest["base"]["name"]}
+
+
+def _aliases(client) -> dict[str, list[str]]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(REGISTERED_MODEL)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return {}
+        raise
+    out: dict[str, list[str]] = {}
+    for alias, number in model.aliases.items():
+        out.setdefault(str(number), []).append(alias)
+    return out
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _short(err: BaseException) -> str:
+    return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+
+
+def _fail_fast_on_unreachable_server() -> None:
+    # mlflow retries an unreachable server with exponential backoff for minutes by default;
+    # the queue already retries, so one quick attempt per call is what we want.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def _replay_expert_run(tracker: Tracker, client, op: Op) -> None:
+    from coordinator.tracking_ops import replay_expert_run
+
+    replay_expert_run(client, tracker.experiment_id(client), op)
+
+
+def _replay_router_version(tracker: Tracker, client, op: Op) -> None:
+    from coordinator.tracking_ops import replay_router_version
+
+    replay_router_version(client, tracker.experiment_id(client), op)
+
+
+def _replay_promotion(tracker: Tracker, client, op: Op) -> None:
+    from coordinator.tracking_ops import replay_promotion
+
+    replay_promotion(client, op)
+
+
+_HANDLERS: dict[str, Callable[[Tracker, object, Op], None]] = {
+    "expert_run": _replay_expert_run,
+    "router_version": _replay_router_version,
+    "promotion": _replay_promotion,
+}

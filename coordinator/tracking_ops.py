@@ -1,0 +1,148 @@
+"""The MLflow side of each queued tracking call, written so that replaying a call is harmless.
+
+Each function first looks in MLflow for what an earlier attempt of the same call created
+(tagged with the call's id) and only does the part that is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from coordinator.tracking import (
+    CHAMPION,
+    MAX_TAG_CHARS,
+    MODEL_NAME,
+    REGISTERED_MODEL,
+    TAG_OP,
+    TAG_VERSION,
+)
+from coordinator.tracking_queue import Op
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")  # logged as an MLflow model from code
+_REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "mlflow")
+_MAX_METRICS_PER_BATCH = 1000
+
+
+def replay_expert_run(client, experiment_id: str, op: Op) -> None:
+    """One finished run per expert: params, loss curves as metrics, id and hash as tags."""
+    from mlflow.entities import Metric, Param
+
+    payload = op.payload
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_OP}` = '{op.op_id}'",
+                               max_results=1)
+    if found and found[0].info.status == "FINISHED":
+        return
+    run = found[0] if found else client.create_run(
+        experiment_id, run_name=payload["name"],
+        tags={TAG_OP: op.op_id, "expert_id": payload["expert_id"],
+              "sha256": payload["sha256"], "contributor": payload["contributor"]},
+    )
+    run_id = run.info.run_id
+    if not run.data.params:
+        params = [Param(k, str(v)) for k, v in sorted(payload["params"].items())]
+        client.log_batch(run_id, params=params)
+    if not run.data.metrics:
+        stamp = int(payload.get("created_at_ms") or time.time() * 1000)
+        metrics = [Metric(key, float(value), stamp, step)
+                   for key, values in sorted(payload["metrics"].items())
+                   for step, value in enumerate(values)]
+        for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS_PER_BATCH])
+    client.set_terminated(run_id, "FINISHED")
+
+
+def find_model_version(client, version_id: str):
+    """The `gaggle-router` model version of a router version, or None."""
+    found = client.search_model_versions(
+        f"name = '{REGISTERED_MODEL}' and tags.`{TAG_VERSION}` = '{version_id}'")
+    return found[0] if found else None
+
+
+def replay_router_version(client, experiment_id: str, op: Op) -> None:
+    """Log the version folder as a pyfunc model and register it as a `gaggle-router` version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    payload = op.payload
+    if find_model_version(client, payload["version_id"]) is not None:
+        return
+    folder = Path(payload["folder"])
+    if not folder.is_dir():
+        raise MlflowException(f"router version folder {folder} is gone; cannot log it",
+                              error_code="RESOURCE_DOES_NOT_EXIST")
+    try:
+        client.create_registered_model(REGISTERED_MODEL, description=(
+            "PHATGOOSE routers assembled by the gaggle coordinator; alias 'champion' marks the "
+            "promoted version, 'latest' resolves to the newest."))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model = _logged_model(client, experiment_id, op)
+    if model is None:
+        mlflow.set_experiment(experiment_id=experiment_id)
+        # params in the signature, so predict(..., params={"max_new_tokens": 8}) is honoured
+        signature = mlflow.models.infer_signature(
+            ["a prompt"], ["a completion"], params={"max_new_tokens": 32,
+                                                    "method": "phatgoose", "top_k": 2})
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={"version": str(folder)},
+            pip_requirements=_requirements(), tags={TAG_OP: op.op_id}, signature=signature,
+        )
+        model_id, source = info.model_id, info.model_uri
+    else:
+        model_id, source = model.model_id, f"models:/{model.model_id}"
+    client.create_model_version(REGISTERED_MODEL, source=source, tags=version_tags(payload),
+                                model_id=model_id)
+
+
+def _logged_model(client, experiment_id: str, op: Op):
+    """A model an interrupted earlier attempt already logged (uploaded and ready), or None."""
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"tags.`{TAG_OP}` = '{op.op_id}'")
+    ready = [m for m in found if str(m.status).endswith("READY")]
+    return ready[0] if ready else None
+
+
+def replay_promotion(client, op: Op) -> None:
+    """Point alias `champion` at the model version of a router version."""
+    from mlflow.exceptions import MlflowException
+
+    model_version = find_model_version(client, op.payload["version_id"])
+    if model_version is None:
+        raise MlflowException(
+            f"router version {op.payload['version_id']} has no model version in "
+            f"{REGISTERED_MODEL}", error_code="RESOURCE_DOES_NOT_EXIST")
+    client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, model_version.version)
+
+
+def version_tags(payload: dict) -> dict[str, str]:
+    """The model version's tags: size, members, lineage and a one-line diff."""
+    return {
+        TAG_VERSION: payload["version_id"],
+        "n_experts": str(payload["n_experts"]),
+        "expert_ids": _cut(",".join(payload["expert_ids"])),
+        "expert_names": _cut(",".join(payload["expert_names"])),
+        "contributors": _cut(",".join(sorted(set(payload["contributors"])))),
+        "parent_version": payload["parent"] or "",
+        "diff": _cut(payload["diff"]),
+        "base_model": payload["base"],
+    }
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_TAG_CHARS:
+        return text
+    kept = text[:MAX_TAG_CHARS - 40]
+    return f"{kept} ... (+{len(text) - len(kept)} more characters)"
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for name in _REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins

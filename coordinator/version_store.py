@@ -1,0 +1,137 @@
+"""Router versions on disk: immutable folders under `<store>/versions/`, the CURRENT and
+CHAMPION pointers, and the expert-level comparison of two version manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from protocol.errors import InvalidArgument, NotFound
+
+VERSIONS_DIR = "versions"
+VERSION_FILE = "version.json"
+ROUTER_DIR = "router"
+CURRENT = "CURRENT"
+CHAMPION = "CHAMPION"
+PROMOTIONS = "promotions.jsonl"
+
+
+class VersionStore:
+    """The version folders of one coordinator store."""
+
+    def __init__(self, store_root: str | os.PathLike) -> None:
+        self.root = Path(store_root) / VERSIONS_DIR
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, version_id: str) -> Path:
+        return self.root / version_id
+
+    def exists(self, version_id: str) -> bool:
+        return (self.folder(version_id) / VERSION_FILE).is_file()
+
+    def manifest(self, version_id: str) -> dict:
+        path = self.folder(version_id) / VERSION_FILE
+        if not path.is_file():
+            raise NotFound(f"no router version {version_id!r} in {self.root}: list them with "
+                           "`gaggle-coordinator versions`", field="version")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def all(self) -> list[dict]:
+        """Every version manifest, oldest first."""
+        found = [json.loads(p.read_text(encoding="utf-8"))
+                 for p in self.root.glob(f"*/{VERSION_FILE}")]
+        return sorted(found, key=lambda m: (m["created_at"], m["version_id"]))
+
+    def resolve(self, prefix: str) -> str:
+        """A full version id from a unique prefix (like a short git hash)."""
+        if self.exists(prefix):
+            return prefix
+        matches = [p.name for p in self.root.iterdir()
+                   if p.name.startswith(prefix) and (p / VERSION_FILE).is_file()]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches or not prefix:
+            raise NotFound(f"no router version {prefix!r}: list them with "
+                           "`gaggle-coordinator versions`", field="version")
+        raise InvalidArgument(f"version prefix {prefix!r} is ambiguous: {sorted(matches)}",
+                              field="version")
+
+    def commit(self, version_id: str, write: Callable[[Path], None]) -> Path:
+        """Create a version folder atomically: `write` fills a staging folder, then a rename."""
+        target = self.folder(version_id)
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{version_id}.", dir=self.root))
+        try:
+            write(staging)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+        return target
+
+    def current_id(self) -> str | None:
+        return self._read_pointer(CURRENT)
+
+    def set_current(self, version_id: str) -> None:
+        self._write_pointer(CURRENT, version_id)
+
+    def champion_id(self) -> str | None:
+        return self._read_pointer(CHAMPION)
+
+    def promote(self, version_id: str) -> int:
+        """Make a version the champion; returns the promotion's sequence number."""
+        log = self.root / PROMOTIONS
+        with open(log, "a+", encoding="utf-8") as handle:
+            handle.seek(0)
+            sequence = sum(1 for line in handle if line.strip()) + 1
+            handle.write(json.dumps({"sequence": sequence, "version_id": version_id}) + "\n")
+        self._write_pointer(CHAMPION, version_id)
+        return sequence
+
+    def _read_pointer(self, name: str) -> str | None:
+        try:
+            value = (self.root / name).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return value or None
+
+    def _write_pointer(self, name: str, version_id: str) -> None:
+        staging = self.root / f".{name}.tmp"
+        staging.write_text(version_id + "\n", encoding="utf-8")
+        os.replace(staging, self.root / name)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def expert_changes(old: dict | None, new: dict) -> dict[str, list]:
+    """Experts added, removed and changed (same name, new content) between two manifests.
+
+    Returns {"added": [name], "removed": [name], "changed": [(name, old_id, new_id)]}.
+    """
+    before = {e["name"]: e for e in (old or {}).get("experts", [])}
+    after = {e["name"]: e for e in new["experts"]}
+    return {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": [(name, before[name]["expert_id"], after[name]["expert_id"])
+                    for name in sorted(set(before) & set(after))
+                    if before[name]["expert_id"] != after[name]["expert_id"]],
+    }
+
+
+def one_line_diff(old: dict | None, new: dict) -> str:
+    """`+added ~changed -removed` in one line, for a model version tag."""
+    changes = expert_changes(old, new)
+    words = ([f"+{n}" for n in changes["added"]] + [f"~{n}" for n, _, _ in changes["changed"]]
+             + [f"-{n}" for n in changes["removed"]])
+    return " ".join(words) if words else "no expert changes"
