@@ -67,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     versions = sub.add_parser("versions", help="list router versions")
     _store(versions)
     _tracking(versions)
+    versions.add_argument("--json", action="store_true", help="print the list as JSON")
     versions.set_defaults(handler="coordinator.versions:run_versions_command")
 
     diff = sub.add_parser("diff", help="experts added, removed and changed between versions")
     diff.add_argument("old", help="older version id")
     diff.add_argument("new", help="newer version id")
     _store(diff)
+    diff.add_argument("--json", action="store_true", help="print the diff as JSON")
     diff.set_defaults(handler="coordinator.versions:run_diff_command")
 
     promote = sub.add_parser("promote", help="move the 'champion' alias to a version")
