@@ -67,12 +67,19 @@ class RoutedLinear(nn.Module):
         self.single = single  # local position of the fixed expert for method "single"
         count = len(router.experts)
         self.rank = router.rank
-        self.dense = dispatch == "dense" or (dispatch == "auto" and
-                                             count * self.rank <= DENSE_MAX_COLUMNS)
+        # grouped_mm wants 16-byte aligned strides: feature sizes that are multiples of 4
+        groupable = base.in_features % 4 == 0 and base.out_features % 4 == 0
+        self.dense = dispatch == "dense" or not groupable or (
+            dispatch == "auto" and count * self.rank <= DENSE_MAX_COLUMNS)
         self._buffer("collection", torch.tensor(collection_index, dtype=torch.long))
         self._buffer("scaling", router.scaling)
-        self._buffer("lora_A", router.lora_A)  # (E, r, d_in)
-        self._buffer("lora_B", router.lora_B)  # (E, d_out, r)
+        lora_A, lora_B = router.lora_A, router.lora_B
+        if lora_A is not None and not self.dense and self.rank % 4:
+            pad = 4 - self.rank % 4  # zero rank columns add nothing; copies only odd ranks
+            lora_A = F.pad(lora_A, (0, 0, 0, pad))
+            lora_B = F.pad(lora_B, (0, pad))
+        self._buffer("lora_A", lora_A)  # (E, r, d_in)
+        self._buffer("lora_B", lora_B)  # (E, d_out, r)
         if router.lora_A is not None and self.dense:
             # (E*r, d_out): row e*r + j is column j of B_e, matching lora_A.view(E*r, d_in)
             rows = router.lora_B.transpose(1, 2).reshape(-1, base.out_features)

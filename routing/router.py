@@ -23,7 +23,7 @@ from protocol.errors import FailedPrecondition, FingerprintMismatch, InvalidArgu
 from routing.base import BaseModel
 from routing.base import fingerprint as model_fingerprint
 from routing.layers import RoutedLinear, RoutingState
-from routing.stack import ModuleRouter, RouterWeights, ia3_prototype, stack_experts
+from routing.stack import ModuleRouter, RouterWeights, stack_experts, with_ia3_prototypes
 
 METHODS = ("phatgoose", "arrow", "average_activation", "uniform_merge", "retrieval", "smear",
            "single:<expert name>")
@@ -64,7 +64,7 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
                 continue  # this expert does not adapt the module: the base layer stays
             local_single = module_router.experts.index(single)
         if mode == "arrow":
-            module_router = _with_ia3_prototypes(module_router, linear.weight)
+            module_router = with_ia3_prototypes(module_router, linear.weight)
         layer = RoutedLinear(
             linear, module_router, method=mode, top_k=top_k, state=state,
             collection_index=[weights.expert_index(e) for e in module_router.experts],
@@ -173,17 +173,3 @@ def _linear(model: nn.Module, router: ModuleRouter) -> nn.Linear:
             f"module {router.name} is ({linear.in_features} -> {linear.out_features}) but the "
             f"router expects ({router.d_in} -> {router.d_out})", field="modules")
     return linear
-
-
-def _with_ia3_prototypes(router: ModuleRouter, weight: torch.Tensor) -> ModuleRouter:
-    """A copy whose (IA)^3 prototype rows are filled in: they depend on the base weight."""
-    rows = [i for i, kind in enumerate(router.kinds) if kind != "lora"]
-    if not rows:
-        return router
-    prototypes = router.prototypes.clone()
-    for i in rows:  # once per (IA)^3 expert at build time, not on the inference path
-        kind = router.kinds[i]
-        vector = (router.ia3_out if kind == "ia3_out" else router.ia3_in)[i]
-        prototypes[i] = ia3_prototype(vector, weight.detach(), kind)
-    return ModuleRouter(**{**router.__dict__, "prototypes": prototypes})
-

@@ -195,3 +195,16 @@ def ia3_prototype(vector: torch.Tensor, weight: torch.Tensor, kind: str) -> torc
         else weight * vector.double().unsqueeze(0)
     _, _, vh = torch.linalg.svd(delta, full_matrices=False)
     return _fix_sign(vh[0]).float()
+
+
+def with_ia3_prototypes(router: ModuleRouter, weight: torch.Tensor) -> ModuleRouter:
+    """A copy whose (IA)^3 prototype rows are filled in: they depend on the base weight."""
+    rows = [i for i, kind in enumerate(router.kinds) if kind != "lora"]
+    if not rows:
+        return router
+    prototypes = router.prototypes.clone()
+    for i in rows:  # once per (IA)^3 expert at build time, not on the inference path
+        kind = router.kinds[i]
+        vector = (router.ia3_out if kind == "ia3_out" else router.ia3_in)[i]
+        prototypes[i] = ia3_prototype(vector, weight.detach(), kind)
+    return ModuleRouter(**{**router.__dict__, "prototypes": prototypes})
