@@ -7,9 +7,12 @@ MLflow. Tracking calls go through `Tracker`'s on-disk queue and its own thread.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from coordinator.assemble import AssemblyConfig, AssemblyResult, assemble, select_experts
@@ -24,8 +27,9 @@ class Assembler:
     """Owns the assembly thread of a serving coordinator (and its tracker, when given)."""
 
     def __init__(self, store, *, config: AssemblyConfig | None = None,
-                 tracker: Tracker | None = None) -> None:
-        """store: the serving coordinator's `coordinator.store.Store`."""
+                 tracker: Tracker | None = None, reconcile_s: float = 60.0) -> None:
+        """store: the serving coordinator's `coordinator.store.Store`; reconcile_s: how often
+        to look for stored experts missing from the current version."""
         self.store = store
         self.root = Path(store.root)
         self.config = config or AssemblyConfig()
@@ -34,6 +38,8 @@ class Assembler:
         self.last_result: AssemblyResult | None = None
         self.last_error: str | None = None
         self.assemblies = 0  # finished attempts, successful or not
+        self.reconcile_s = reconcile_s
+        self._failed: frozenset[str] = frozenset()  # expert set whose assembly last failed
         self._accepted: list = []
         self._lock = threading.Lock()
         self._wanted = threading.Event()
@@ -56,55 +62,83 @@ class Assembler:
         self._wanted.set()
 
     def start(self) -> Assembler:
-        """Start the thread; catch up on experts accepted while no assembler ran."""
+        """Start the thread, which first catches up on what happened while none ran."""
         if self._thread is None:
             if self.tracker is not None:
                 self.tracker.start()
-            self._catch_up()
+            self.versions.clean_staging()
+            self._busy = True  # until the catch-up has looked
             self._thread = threading.Thread(target=self._loop, name="gaggle-assembler",
                                             daemon=True)
             self._thread.start()
         return self
 
     def _catch_up(self) -> None:
-        """Queue runs of stored experts never tracked, and assemble if CURRENT is stale."""
+        """Queue runs of stored experts never tracked, and assemble if CURRENT is stale.
+
+        Runs at start and every `reconcile_s`, so an expert committed without the hook (a
+        crash between commit and hook, a recovery) still reaches a version.
+        """
         records = self.store.list_experts()
         if self.tracker is not None:
             for record in records:
                 if not self.tracker.queue.has(f"expert:{record.expert_id}"):
                     self.tracker.record_expert(expert_payload(record))
+            for manifest in self.versions.all():  # a crash after commit, before queueing
+                if not self.tracker.queue.has(f"version:{manifest['version_id']}"):
+                    folder = self.versions.folder(manifest["version_id"])
+                    self.tracker.record_version(version_payload(manifest, folder))
+        wanted = frozenset(e.expert_id for e in select_experts(records))
         current = self.versions.current_id()
-        wanted = {e.expert_id for e in select_experts(records)}
         have = ({e["expert_id"] for e in self.versions.manifest(current)["experts"]}
                 if current else set())
-        if records and wanted != have:
+        if records and wanted != have and wanted != self._failed:
             self.request()
 
     def _loop(self) -> None:
+        self._guarded(self._catch_up)
+        self._settle()
         while True:
-            self._wanted.wait()
+            woken = self._wanted.wait(self.reconcile_s)
             with self._lock:
                 if self._stop:
                     return
                 self._wanted.clear()
                 accepted, self._accepted = self._accepted, []
-            self._run_once(accepted)
-            with self._lock:
-                if not self._wanted.is_set():
-                    self._busy = False
-                    self._idle.notify_all()
+            if woken:
+                self._run_once(accepted)
+            else:
+                self._guarded(self._catch_up)
+            self._settle()
+
+    def _settle(self) -> None:
+        with self._lock:
+            if not self._wanted.is_set():
+                self._busy = False
+                self._idle.notify_all()
+
+    def _guarded(self, step) -> None:
+        try:
+            step()
+        except Exception:  # keep the thread alive; the next reconcile tries again
+            log.exception("assembler catch-up failed")
 
     def _run_once(self, accepted: list) -> None:
+        attempted: frozenset[str] = frozenset()
         try:
             if self.tracker is not None:
                 for record in accepted:
                     self.tracker.record_expert(expert_payload(record))
-            result = self._assemble()
+            records = self.store.list_experts()
+            attempted = frozenset(e.expert_id for e in select_experts(records))
+            result = self._assemble(records)
         except GaggleError as err:
+            self._failed = attempted
             self.last_error = str(err)
             log.error("assembly failed, version %s stays current: %s",
                       self.versions.current_id(), err)
         except Exception as err:  # a bug must not kill the thread that serves later experts
+            self._failed = attempted
             self.last_error = f"{type(err).__name__}: {err}"
             log.exception("assembly failed, version %s stays current",
                           self.versions.current_id())
@@ -120,10 +154,9 @@ class Assembler:
         finally:
             self.assemblies += 1
 
-    def _assemble(self) -> AssemblyResult:
+    def _assemble(self, records: list) -> AssemblyResult:
         base = self.store.cached_base_spec()
-        return assemble(self.root, self.store.list_experts(), self.config,
-                        base.fingerprint if base else None)
+        return assemble(self.root, records, self.config, base.fingerprint if base else None)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no assembly is running or wanted (True), or `timeout` passes (False)."""
@@ -158,3 +191,18 @@ def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str 
     config = AssemblyConfig(ray_address=ray_address)
     tracker = Tracker(store.root, tracking_uri) if tracking else None
     return Assembler(store, config=config, tracker=tracker).start()
+
+
+def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = None,
+                ray_address: str | None = None) -> Callable[[object], None]:
+    """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
+
+    It opens its own handle on the store (never the recovering one) and stops with the
+    process, after the assembly in flight.
+    """
+    from coordinator.store import Store
+
+    assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
+                                ray_address=ray_address)
+    atexit.register(assembler.close)
+    return assembler.on_accepted

@@ -67,11 +67,21 @@ class VersionStore:
         try:
             write(staging)
             os.rename(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.exists(version_id):  # another process committed the same content first
+                return target
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         _fsync_dir(self.root)
         return target
+
+    def clean_staging(self) -> None:
+        """Remove staging folders an interrupted assembly left behind."""
+        for folder in self.root.glob(".staging-*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def current_id(self) -> str | None:
         return self._read_pointer(CURRENT)

@@ -1,0 +1,198 @@
+"""The version commands of `gaggle-coordinator`: assemble, versions, diff, promote, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from coordinator.version_store import ROUTER_DIR, VERSION_FILE, VersionStore
+from protocol.errors import AlreadyExists, FailedPrecondition, GaggleError, NotFound
+
+# Metrics where a higher value is better; promote refuses a worse candidate without --force.
+_HIGHER_IS_BETTER = ("accuracy", "mean_accuracy")
+
+
+def _store_root(args: argparse.Namespace) -> Path:
+    root = Path(args.store)
+    if not root.is_dir():
+        raise NotFound(f"store folder {root} does not exist: pass the coordinator's --store",
+                       field="store")
+    return root
+
+
+def _replay(tracker) -> str:
+    """Replay queued tracking calls now; one line saying how it went."""
+    result = tracker.replay()
+    if result.pending:
+        return (f"MLflow at {tracker.uri} unreachable ({result.error}): {result.pending} "
+                "tracking calls stay queued and are replayed when it is back")
+    return f"MLflow at {tracker.uri}: up to date ({result.replayed} calls sent)"
+
+
+def run_assemble_command(args: argparse.Namespace) -> int:
+    """`assemble --store DIR`: a version from every stored expert, tracked in MLflow."""
+    from coordinator.assemble import AssemblyConfig, assemble_store
+    from coordinator.store import Store
+    from coordinator.tracking import Tracker, expert_payload, version_payload
+
+    root = _store_root(args)
+    result = assemble_store(root, AssemblyConfig(ray_address=args.ray_address))
+    manifest = result.manifest
+    state = "new" if result.created else "unchanged, already"
+    print(f"version {result.version_id} ({state}): {len(manifest['experts'])} experts, "
+          f"{manifest.get('diff', '')}; {result.seconds:.1f} s")
+    tracker = Tracker(root, args.tracking_uri)
+    store = Store(root)
+    try:
+        for record in store.list_experts():
+            if not tracker.queue.has(f"expert:{record.expert_id}"):
+                tracker.record_expert(expert_payload(record))
+    finally:
+        store.close()
+    tracker.record_version(version_payload(manifest, VersionStore(root).folder(result.version_id)))
+    print(_replay(tracker))
+    return 0
+
+
+def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str | None]:
+    """One dict per version (oldest first), with MLflow's view when reachable; and a note."""
+    from coordinator.tracking import Tracker, default_tracking_uri
+
+    versions = VersionStore(root)
+    current, champion = versions.current_id(), versions.champion_id()
+    registry: dict[str, dict] = {}
+    note = None
+    embedded = Path(default_tracking_uri(root).removeprefix("sqlite:///"))
+    if tracking_uri or embedded.exists():
+        try:
+            registry = Tracker(root, tracking_uri).model_versions()
+        except GaggleError as err:
+            note = str(err)
+    rows = []
+    manifests = versions.all()
+    for manifest in manifests:
+        vid = manifest["version_id"]
+        tracked = registry.get(vid, {})
+        aliases = set(tracked.get("aliases", []))
+        aliases |= {name for name, pointer in (("current", current), ("champion", champion))
+                    if pointer == vid}
+        if manifest is manifests[-1]:
+            aliases.add("latest")
+        rows.append({
+            "version_id": vid, "created_at": manifest["created_at"],
+            "n_experts": len(manifest["experts"]),
+            "experts": [e["name"] for e in manifest["experts"]],
+            "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
+            "aliases": sorted(aliases), "mlflow_version": tracked.get("number"),
+            "metrics": tracked.get("metrics", {}),
+        })
+    return rows, note
+
+
+def run_versions_command(args: argparse.Namespace) -> int:
+    """`versions --store DIR`: id, time, experts, aliases, eval metrics (oldest first)."""
+    rows, note = version_rows(_store_root(args), args.tracking_uri)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no router versions yet: submit experts or run `gaggle-coordinator assemble`")
+        return 0
+    print(f"{'version':<17} {'created (UTC)':<21} {'mlflow':>6} {'experts':>7}  "
+          f"{'aliases':<24} metrics / diff")
+    for row in rows:
+        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in sorted(row["metrics"].items()))
+        number = row["mlflow_version"] if row["mlflow_version"] is not None else "-"
+        print(f"{row['version_id']:<17} {row['created_at']:<21} {number:>6} "
+              f"{row['n_experts']:>7}  {','.join(row['aliases']):<24} "
+              f"{metrics or row['diff']}")
+    return 0
+
+
+def run_diff_command(args: argparse.Namespace) -> int:
+    """`diff OLD NEW --store DIR`: experts added, removed, changed, and how much per module."""
+    from coordinator.version_diff import diff_versions
+
+    diff = diff_versions(_store_root(args), args.old, args.new)
+    if getattr(args, "json", False):
+        print(json.dumps(diff.to_json(), indent=1))
+        return 0
+    print(f"diff {diff.old} -> {diff.new}")
+    for name in diff.added:
+        print(f"+ {name}  (expert {diff.expert_ids[name][1][:12]})")
+    for name in diff.removed:
+        print(f"- {name}  (expert {diff.expert_ids[name][0][:12]})")
+    for name, modules in diff.changed.items():
+        old_id, new_id = diff.expert_ids[name]
+        moved = [m for m in modules if m.status != "unchanged"]
+        print(f"~ {name}  (expert {old_id[:12]} -> {new_id[:12]}): {len(moved)} of "
+              f"{len(modules)} modules changed")
+        for m in moved:
+            delta = "n/a" if m.delta is None else f"{m.delta:.4f}"
+            gate = "n/a" if m.gate is None else f"{m.gate:.4f}"
+            print(f"    {m.status:<8} {m.module:<48} delta {delta:>8}  gate {gate:>8}  "
+                  f"{m.kinds}")
+    if not (diff.added or diff.removed or diff.changed):
+        print("no expert changes")
+    return 0
+
+
+def run_promote_command(args: argparse.Namespace) -> int:
+    """`promote V --store DIR`: move alias `champion` (an older version rolls back)."""
+    from coordinator.tracking import Tracker
+
+    root = _store_root(args)
+    versions = VersionStore(root)
+    version_id = versions.resolve(args.version)
+    tracker = Tracker(root, args.tracking_uri)
+    if not args.force:
+        _check_not_worse(tracker, version_id, versions.champion_id())
+    sequence = versions.promote(version_id)
+    tracker.record_promotion(version_id, sequence)
+    print(f"champion -> {version_id}")
+    print(_replay(tracker))
+    return 0
+
+
+def _check_not_worse(tracker, candidate: str, champion: str | None) -> None:
+    """Refuse a candidate whose recorded evaluation is below the champion's."""
+    if champion is None or champion == candidate:
+        return
+    try:
+        registry = tracker.model_versions()
+    except GaggleError:
+        return  # no evaluation to compare against: nothing to refuse on
+    new = registry.get(candidate, {}).get("metrics", {})
+    old = registry.get(champion, {}).get("metrics", {})
+    for key in _HIGHER_IS_BETTER:
+        if isinstance(new.get(key), float) and isinstance(old.get(key), float) \
+                and new[key] < old[key]:
+            raise FailedPrecondition(
+                f"version {candidate} has {key} {new[key]:.4g}, below champion {champion}'s "
+                f"{old[key]:.4g}: pass --force to promote it anyway", field="version")
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    """`export V --out DIR`: a router folder `routing.version.load_router` reads alone."""
+    from routing.version import load_router
+
+    versions = VersionStore(_store_root(args))
+    version_id = versions.resolve(args.version)
+    out = Path(args.out)
+    if out.exists():
+        raise AlreadyExists(f"--out {out} already exists: choose a new folder", field="out")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(versions.folder(version_id) / ROUTER_DIR, staging)
+    shutil.copy2(versions.folder(version_id) / VERSION_FILE, staging / VERSION_FILE)
+    weights = load_router(staging)  # proves the export is whole before it appears
+    staging.rename(out)
+    print(f"exported version {version_id} ({len(weights.experts)} experts, "
+          f"{len(weights.modules)} modules) to {out}")
+    return 0

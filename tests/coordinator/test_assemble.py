@@ -1,0 +1,134 @@
+"""Assembly on a real local Ray: versions hold the right experts, are content-addressed and
+immutable, and a failed assembly leaves the previous version current."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from coordinator.assemble import assemble, select_experts
+from coordinator.assembler import Assembler
+from coordinator.version_store import ROUTER_DIR, VersionStore
+from protocol.bundle import GATES, load_bundle
+from protocol.errors import FailedPrecondition, InvalidBundle
+from routing.version import load_router
+from tests.coordinator.assembly_helpers import add_expert, make_store, ray_local  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _experts(store_root, version_id: str) -> dict[str, str]:
+    manifest = VersionStore(store_root).manifest(version_id)
+    return {e["name"]: e["expert_id"] for e in manifest["experts"]}
+
+
+def test_assembly_stacks_every_expert_and_records_lineage(tmp_path, tiny_spec):
+    store = make_store(tmp_path / "store", tiny_spec)
+    a = add_expert(store, tiny_spec, "a", seed=1)
+    b = add_expert(store, tiny_spec, "b", seed=2, method="ia3", contributor="bob")
+    first = assemble(store.root, store.list_experts())
+    assert first.created and _experts(store.root, first.version_id) == {
+        "a": a.expert_id, "b": b.expert_id}
+    assert first.manifest["parent"] is None and first.manifest["diff"] == "+a +b"
+    weights = load_router(VersionStore(store.root).folder(first.version_id) / ROUTER_DIR)
+    bundle = load_bundle(a.path)
+    module = "model.layers.1.mlp.down_proj"  # adapted by both the LoRA and the (IA)^3 expert
+    stacked = weights.modules[module]
+    assert stacked.experts == ["a", "b"]
+    assert torch.equal(stacked.keys[0], bundle.gates[module])
+    assert torch.equal(stacked.lora_A[0], bundle.adapter[f"{module}.lora_A"])
+
+    a2 = add_expert(store, tiny_spec, "a", seed=3)  # alice replaces her expert "a"
+    c = add_expert(store, tiny_spec, "c", seed=4)
+    second = assemble(store.root, store.list_experts())
+    assert _experts(store.root, second.version_id) == {
+        "a": a2.expert_id, "b": b.expert_id, "c": c.expert_id}
+    assert second.manifest["parent"] == first.version_id
+    assert second.manifest["diff"] == "+c ~a"
+    assert VersionStore(store.root).current_id() == second.version_id
+
+
+def test_same_expert_set_gives_the_same_version(tmp_path, tiny_spec):
+    store = make_store(tmp_path / "store", tiny_spec)
+    add_expert(store, tiny_spec, "a", seed=1)
+    first = assemble(store.root, store.list_experts())
+    again = assemble(store.root, store.list_experts())
+    assert not again.created and again.version_id == first.version_id
+    assert len(VersionStore(store.root).all()) == 1
+
+
+def test_contributors_sharing_a_name_keep_both_experts(tmp_path, tiny_spec):
+    store = make_store(tmp_path / "store", tiny_spec)
+    add_expert(store, tiny_spec, "sentiment", seed=1, contributor="alice")
+    add_expert(store, tiny_spec, "sentiment", seed=2, contributor="bob")
+    names = [e.name for e in select_experts(store.list_experts())]
+    assert names == ["alice.sentiment", "bob.sentiment"]
+
+
+def test_failed_assembly_leaves_the_previous_version_current(tmp_path, tiny_spec):
+    store = make_store(tmp_path / "store", tiny_spec)
+    add_expert(store, tiny_spec, "a", seed=1)
+    good = assemble(store.root, store.list_experts())
+    broken = add_expert(store, tiny_spec, "b", seed=2)
+    gates = broken.path / GATES
+    gates.write_bytes(gates.read_bytes()[:-4] + b"\0\0\0\0")  # changed after acceptance
+    with pytest.raises(InvalidBundle, match="sha256"):
+        assemble(store.root, store.list_experts())
+    versions = VersionStore(store.root)
+    assert versions.current_id() == good.version_id
+    assert [p.name for p in versions.root.iterdir() if not p.name.isupper()] == [
+        good.version_id]
+
+
+def test_assembly_of_an_empty_store_is_refused(tmp_path, tiny_spec):
+    store = make_store(tmp_path / "store", tiny_spec)
+    with pytest.raises(FailedPrecondition, match="no experts"):
+        assemble(store.root, store.list_experts())
+
+
+class _SlowAssembler(Assembler):
+    """Records how many assemblies overlap; the first one is slow so others arrive during it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.running = 0
+        self.most_running = 0
+        self.counted = threading.Lock()
+        self.sizes: list[int] = []
+
+    def _assemble(self, records):
+        with self.counted:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            if not self.sizes:
+                time.sleep(1.5)
+            result = super()._assemble(records)
+            self.sizes.append(len(result.manifest["experts"]))
+            return result
+        finally:
+            with self.counted:
+                self.running -= 1
+
+
+def test_experts_accepted_during_an_assembly_go_into_the_next_one(tmp_path, tiny_spec):
+    store = make_store(tmp_path / "store", tiny_spec)
+    assembler = _SlowAssembler(store).start()
+    try:
+        assert assembler.wait_idle(60)
+        started = time.perf_counter()
+        assembler.on_accepted(add_expert(store, tiny_spec, "a", seed=1))
+        assert time.perf_counter() - started < 0.5  # the hook never waits for assembly
+        time.sleep(0.3)  # the first assembly is now running (it sleeps 1.5 s)
+        for name, seed in (("b", 2), ("c", 3)):
+            assembler.on_accepted(add_expert(store, tiny_spec, name, seed=seed))
+        assert assembler.wait_idle(120), assembler.last_error
+    finally:
+        assembler.close()
+    assert assembler.most_running == 1
+    assert assembler.sizes == [1, 3]  # b and c went together into the second assembly
+    current = VersionStore(store.root).current_id()
+    assert sorted(_experts(store.root, current)) == ["a", "b", "c"]
