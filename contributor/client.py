@@ -141,12 +141,8 @@ class _Upload:
         self.name, self.chunk_bytes, self.limit_rate = name, chunk_bytes, limit_rate
         self.sent = 0
         self.resumed_from = 0
+        self.progress = progress
         self._bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=f"uploading {name}", file=sys.stderr)
 
     def run(self, retry: RetryPolicy) -> SubmitResult:
         delay = retry.first_delay_s
@@ -172,9 +168,7 @@ class _Upload:
         if start.HasField("existing"):
             return self._result(start.existing, True, attempt)
         self.resumed_from = start.committed_bytes
-        if self._bar is not None:
-            self._bar.n = start.committed_bytes
-            self._bar.refresh()
+        self._show_progress(start.committed_bytes)
         if start.committed_bytes < self.size:
             try:
                 self.client._stub.WriteUpload(self._chunks(start.upload_id,
@@ -185,6 +179,17 @@ class _Upload:
         done = self.client._call("FinishUpload",
                                  pb.FinishUploadRequest(upload_id=start.upload_id))
         return self._result(done.expert, done.already_stored, attempt)
+
+    def _show_progress(self, committed: int) -> None:
+        if not self.progress:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.size, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=f"uploading {self.name}", file=sys.stderr)
+        self._bar.n = committed
+        self._bar.refresh()
 
     def _chunks(self, upload_id: str, offset: int) -> Iterator[pb.WriteUploadRequest]:
         began, sent_here = time.monotonic(), 0

@@ -1,0 +1,106 @@
+"""Bundles and uploads for coordinator tests: valid, tampered, and sent by hand.
+
+`raw_upload` talks to the coordinator with the bare generated stub, bypassing the client's
+own checks, so tests can send what a hostile or broken client would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from safetensors.torch import load_file, save_file
+
+from protocol.archive import pack_bundle_bytes
+from protocol.bundle import MANIFEST, BaseSpec, save_bundle, sha256_file
+from protocol.gaggle.v1 import gaggle_pb2 as pb
+from protocol.gaggle.v1 import gaggle_pb2_grpc
+from routing.synthetic import random_bundle
+
+
+def make_bundle(folder: Path, spec: BaseSpec, name: str, *, seed: int = 0,
+                method: str = "lora", rank: int = 4) -> Path:
+    """A valid random bundle folder for `spec`."""
+    return save_bundle(random_bundle(spec, name, method=method, seed=seed, rank=rank), folder)
+
+
+def tamper(bundle_dir: Path, file: str, edit) -> Path:
+    """Rewrite one safetensors file with `edit(tensors)` and refresh the manifest's hash,
+    so only the tensor check (not the hash check) can catch the change."""
+    path = bundle_dir / file
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest["files"][file] = sha256_file(path)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return bundle_dir
+
+
+def set_manifest(bundle_dir: Path, **changes) -> Path:
+    """Change top-level manifest fields (e.g. base_model) by hand."""
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest.update(changes)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return bundle_dir
+
+
+def nan_first(tensors: dict[str, torch.Tensor]) -> None:
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+
+
+@dataclass
+class RawOutcome:
+    code: grpc.StatusCode  # OK when the expert was stored
+    details: str
+    expert_id: str = ""
+
+
+def raw_upload(channel: grpc.Channel, token: str, archive: bytes, *,
+               declared_size: int | None = None, declared_sha256: str | None = None,
+               send: bytes | None = None, chunk: int = 1 << 20) -> RawOutcome:
+    """Start, write (`send`, default the archive) and finish an upload with the bare stub."""
+    stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),)
+    data = archive if send is None else send
+    try:
+        start = stub.StartUpload(pb.StartUploadRequest(
+            size_bytes=len(archive) if declared_size is None else declared_size,
+            sha256=declared_sha256 or hashlib.sha256(archive).hexdigest(), name="raw"),
+            metadata=metadata, timeout=30)
+        if start.HasField("existing"):
+            return RawOutcome(grpc.StatusCode.OK, "existing", start.existing.expert_id)
+        requests = (pb.WriteUploadRequest(upload_id=start.upload_id, offset=i,
+                                          data=data[i:i + chunk])
+                    for i in range(0, len(data), chunk))
+        if data:
+            stub.WriteUpload(requests, metadata=metadata, timeout=30)
+        done = stub.FinishUpload(pb.FinishUploadRequest(upload_id=start.upload_id),
+                                 metadata=metadata, timeout=60)
+    except grpc.RpcError as err:
+        return RawOutcome(err.code(), err.details() or "")
+    return RawOutcome(grpc.StatusCode.OK, "stored", done.expert.expert_id)
+
+
+def archive_of(bundle_dir: Path) -> bytes:
+    return pack_bundle_bytes(bundle_dir)
+
+
+def store_snapshot(store: Path) -> tuple[list, list]:
+    """What a rejected upload must not change: the experts' index rows and their files."""
+    with sqlite3.connect(store / "index.sqlite") as conn:
+        rows = sorted(conn.execute("SELECT expert_id, name, contributor, archive_sha256 "
+                                   "FROM experts").fetchall())
+    files = sorted(str(p.relative_to(store)) for p in (store / "experts").rglob("*"))
+    return rows, files
+
+
+def staging_is_empty(store: Path) -> bool:
+    return not any((store / "staging").iterdir())

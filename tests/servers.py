@@ -1,0 +1,157 @@
+"""Real server processes for tests: start a coordinator on a free loopback port, stop it by PID.
+
+Usage::
+
+    server = start_coordinator(tmp_path / "store")           # waits for health SERVING
+    token = add_token(server.store, "alice")
+    ... grpc calls to server.address ...
+    server.stop()                                           # SIGTERM, then SIGKILL
+
+`seed_base_spec(store, spec)` writes the base model's cached spec first, so the server skips
+loading the model (seconds per start) when a test does not need that path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+_READY_RE = re.compile(r"gaggle-coordinator serving on [^\s:]+:(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    """A coordinator started by `start_coordinator`."""
+
+    process: subprocess.Popen
+    port: int
+    store: Path
+    log_path: Path
+    args: list[str] = field(default_factory=list)  # the serve arguments, for restarts
+    credentials: grpc.ChannelCredentials | None = None  # TLS, when the server uses it
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (graceful), SIGKILL if it does not exit in time; the exit code."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like a crash."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def start_coordinator(store: Path, *, base: str = "tiny-llama", port: int = 0,
+                      extra_args: tuple[str, ...] = (), timeout: float = 120.0,
+                      credentials: grpc.ChannelCredentials | None = None,
+                      log_path: Path | None = None) -> ServerProcess:
+    """Start `gaggle-coordinator serve` and wait until its health check answers SERVING."""
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    args = ["--store", str(store), "--base", base, "--host", "127.0.0.1", *extra_args]
+    log_path = log_path or store.parent / f"{store.name}-coordinator.log"
+    return _launch(args, port, store, log_path, credentials, timeout)
+
+
+def restart(server: ServerProcess, timeout: float = 120.0) -> ServerProcess:
+    """Start the same coordinator again on the same port (after stop or kill)."""
+    return _launch(server.args, server.port, server.store, server.log_path,
+                   server.credentials, timeout)
+
+
+def _launch(args: list[str], port: int, store: Path, log_path: Path,
+            credentials: grpc.ChannelCredentials | None, timeout: float) -> ServerProcess:
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "serve", *args, "--port", str(port)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    server = ServerProcess(process, port, store, log_path, args, credentials)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"coordinator exited with {process.returncode}:\n"
+                               f"{server.log()[offset:]}")
+        match = _READY_RE.search(server.log()[offset:])
+        if match:
+            server.port = int(match.group(1))
+            wait_serving(server, deadline - time.monotonic())
+            return server
+        time.sleep(0.1)
+    server.kill()
+    raise TimeoutError(f"coordinator did not start in {timeout} s:\n{server.log()[offset:]}")
+
+
+def wait_serving(server: ServerProcess, timeout: float = 30.0) -> None:
+    """Poll the standard health service until it answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with server.channel() as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{server.address} is not SERVING after {timeout} s")
+            time.sleep(0.1)
+
+
+def add_token(store: Path, name: str) -> str:
+    """Issue a contributor token directly in the store's index (as `token add` does)."""
+    from coordinator.auth import TokenBook
+    from coordinator.store import Store
+
+    store_handle = Store(store)
+    try:
+        return TokenBook(store_handle).add(name)
+    finally:
+        store_handle.close()
+
+
+def seed_base_spec(store: Path, spec) -> None:
+    """Cache the base model's spec in a store, so the server need not load the model."""
+    from coordinator.store import Store
+
+    store_handle = Store(store)
+    try:
+        store_handle.cache_base_spec(spec)
+    finally:
+        store_handle.close()
