@@ -1,0 +1,188 @@
+"""`gaggle-contributor train` and `gate` end to end on the tiny model, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from contributor.train import TrainConfig
+from protocol.bundle import ACTIVATIONS, load_bundle
+from protocol.errors import InvalidArgument
+from tests.contributor.conftest import FAST, GATE_FAST
+
+MODULES = {"lora": 14, "ia3": 6}  # tiny-llama: 7 linears per block x 2; (IA)^3: k, v, down
+
+
+def test_train_writes_a_bundle_that_validates(cli, tmp_path, data_file, tiny_spec, method):
+    out = tmp_path / "expert"
+    code, stdout, _ = cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out,
+                          "--method", method, *FAST)
+    assert code == 0
+    assert str(out) in stdout
+    bundle = load_bundle(out, tiny_spec)
+    manifest = bundle.manifest
+    assert (manifest.name, manifest.method) == ("expert", method)
+    assert len(manifest.modules) == MODULES[method]
+    assert manifest.training["expert_steps"] == 3 and manifest.training["gate_steps"] == 3
+    assert manifest.training["examples"] == 16
+    assert all(isinstance(v, int | float) for v in manifest.training.values())
+    assert bundle.activations is not None
+    assert all(gate.abs().sum() > 0 for gate in bundle.gates.values())
+    if method == "lora":
+        assert manifest.peft["rank"] == TrainConfig.rank
+        assert manifest.peft["scaling"] == pytest.approx(TrainConfig.alpha / TrainConfig.rank)
+        # B starts at zero in peft; after training the expert is no longer the identity.
+        assert any(t.abs().sum() > 0 for k, t in bundle.adapter.items() if k.endswith("lora_B"))
+    else:
+        assert any(not torch.all(t == 1.0) for t in bundle.adapter.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "expert"]
+
+
+def test_no_activations_flag_leaves_the_file_out(cli, tmp_path, data_file, tiny_spec):
+    out = tmp_path / "expert"
+    code, _, _ = cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out,
+                     "--no-activations", *FAST)
+    assert code == 0
+    assert not (out / ACTIVATIONS).exists()
+    assert load_bundle(out, tiny_spec).activations is None
+
+
+def _saved_adapter(folder, method: str):
+    """Save a peft adapter with random weights, trained on nothing, as a contributor might."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from routing.base import load_base
+
+    base = load_base("tiny-llama")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]) \
+        if method == "lora" else IA3Config()
+    model = get_peft_model(base.model, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param) + 0.05)
+    model.save_pretrained(folder)
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_gate_recycles_a_saved_peft_adapter(cli, tmp_path, data_file, tiny_spec, method):
+    saved = _saved_adapter(tmp_path / "adapter", method)
+    out = tmp_path / "recycled"
+    code, _, _ = cli("gate", "--adapter", tmp_path / "adapter", "--base", "tiny-llama",
+                     "--data", data_file, "--out", out, *GATE_FAST)
+    assert code == 0
+    bundle = load_bundle(out, tiny_spec)
+    assert bundle.manifest.training["expert_steps"] == 0
+    assert bundle.manifest.training["gate_steps"] == 3
+    for key, tensor in saved.items():
+        module = key.removeprefix("base_model.model.")
+        if method == "lora":
+            module, part = module.rsplit(".", 2)[0], module.rsplit(".", 2)[1]
+            assert torch.equal(bundle.adapter[f"{module}.{part}"], tensor)
+        else:
+            module = module.removesuffix(".ia3_l")
+            assert torch.equal(bundle.adapter[f"{module}.ia3"], tensor.flatten())
+    if method == "lora":
+        assert len(bundle.manifest.modules) == 4
+        assert bundle.manifest.peft["scaling"] == pytest.approx(4 / 2)
+    assert all(gate.abs().sum() > 0 for gate in bundle.gates.values())
+
+
+def _misfit_adapter(folder):
+    tensors = _saved_adapter(folder, "lora")
+    key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+    tensors[key] = torch.zeros(2, 48)  # tiny-llama's hidden size is 32
+    save_file(tensors, folder / "adapter_model.safetensors")
+
+
+def _bin_only_adapter(folder):
+    _saved_adapter(folder, "lora")
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+
+
+BAD_DATA = {
+    "missing file": (None, "does not exist"),
+    "empty file": ("", "holds no records"),
+    "malformed line": ('{"input": "a", "target": "b"}\n{"input": \n', "line 2: not valid JSON"),
+    "no target": ('{"input": "a"}\n', "line 1: the record needs string field(s) ['target']"),
+    "no input": ('{"target": "a"}\n', "line 1: the record needs string field(s) ['input']"),
+}
+
+
+def _assert_clean_failure(code: int, err: str, expected: str, tmp_path, out) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_fails_in_one_line_and_writes_nothing(cli, tmp_path, case):
+    content, expected = BAD_DATA[case]
+    data = tmp_path / "data.jsonl"
+    if content is not None:
+        data.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    code, _, err = cli("train", "--base", "tiny-llama", "--data", data, "--out", out, *FAST)
+    _assert_clean_failure(code, err, expected, tmp_path, out)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (_misfit_adapter, "has shape (2, 48), but base model 'tiny-llama' needs (2, 32)"),
+    (_bin_only_adapter, "only safetensors adapters are read"),
+    (lambda folder: folder.mkdir(), "adapter_config.json is missing"),
+])
+def test_bad_adapter_fails_in_one_line_and_writes_nothing(cli, tmp_path, data_file, make,
+                                                          expected):
+    make(tmp_path / "adapter")
+    out = tmp_path / "out"
+    code, _, err = cli("gate", "--adapter", tmp_path / "adapter", "--base", "tiny-llama",
+                       "--data", data_file, "--out", out, *GATE_FAST)
+    _assert_clean_failure(code, err, expected, tmp_path, out)
+
+
+def test_unknown_base_fails_in_one_line(cli, tmp_path, data_file):
+    out = tmp_path / "out"
+    code, _, err = cli("train", "--base", "no-such-model", "--data", data_file, "--out", out)
+    _assert_clean_failure(code, err, "unknown base model 'no-such-model'", tmp_path, out)
+
+
+def test_existing_out_is_refused_before_training(cli, tmp_path, data_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out)
+    assert code != 0 and "already exists" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_diverging_training_leaves_nothing(cli, tmp_path, data_file):
+    out = tmp_path / "out"
+    code, _, err = cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out,
+                       *FAST, "--lr", "1e30")
+    assert code != 0 and "lower the learning rate" in err.splitlines()[-1]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("setting, field", [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"),
+                                            ({"gate_lr": float("nan")}, "gate-lr"),
+                                            ({"max_length": 1}, "max-length"),
+                                            ({"method": "dora"}, "method")])
+def test_bad_settings_are_refused(setting, field):
+    with pytest.raises(InvalidArgument) as info:
+        TrainConfig(**setting)
+    assert info.value.field == field
+
+
+def test_manifest_is_json_numbers_only(cli, tmp_path, data_file):
+    out = tmp_path / "expert"
+    assert cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out, *FAST)[0] == 0
+    raw = json.loads((out / "manifest.json").read_text())
+    assert all(isinstance(v, int | float) for v in raw["training"].values())
