@@ -20,11 +20,12 @@ from tests.coordinator.bundles import (
     nan_first,
     raw_upload,
     set_manifest,
+    spawn_contributors,
     staging_is_empty,
     store_snapshot,
     tamper,
 )
-from tests.servers import ROOT, add_token, start_coordinator
+from tests.servers import ROOT, add_token, seed_base_spec, start_coordinator
 
 MAX_BUNDLE = 1 << 20  # small, so the oversized case is cheap
 
@@ -41,9 +42,9 @@ def submit_cli(bundle, server, token: str | None, *extra: str,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # No seeded base spec: this server loads tiny-llama itself and caches its spec.
+def server(tmp_path_factory, tiny_spec):
     root = tmp_path_factory.mktemp("coordinator")
+    seed_base_spec(root / "store", tiny_spec)
     config = root / "coordinator.toml"
     config.write_text(f"max_bundle_bytes = {MAX_BUNDLE}\nmax_concurrent_uploads = 4\n")
     process = start_coordinator(root / "store", extra_args=("--config", str(config)))
@@ -169,14 +170,11 @@ def test_sixteen_concurrent_submissions_all_land(server, tmp_path, tiny_spec):
     tokens = [add_token(server.store, f"crowd{i}") for i in range(4)]
     bundles = [make_bundle(tmp_path / f"b{i}", tiny_spec, f"crowd-{i}", seed=100 + i,
                            method="lora" if i % 2 else "ia3") for i in range(16)]
-    args = [[sys.executable, "-m", "contributor.cli", "submit", str(b), "--coordinator",
-             server.address, "--quiet", "--token", tokens[i % 4]]
-            for i, b in enumerate(bundles)]
-    processes = [subprocess.Popen(a, cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for a in args]
-    outputs = [p.communicate(timeout=240) for p in processes]
-    assert [p.returncode for p in processes] == [0] * 16, [o[1] for o in outputs]
-    ids = {out.strip().splitlines()[-1] for out, _ in outputs}
+    argvs = [["submit", str(b), "--coordinator", server.address, "--quiet", "--token",
+              tokens[i % 4]] for i, b in enumerate(bundles)]
+    results = spawn_contributors(argvs, tmp_path)
+    assert [code for code, _ in results] == [0] * 16, [out for _, out in results]
+    ids = {out.strip().splitlines()[-1] for _, out in results}
     assert ids == {load_bundle(b).expert_id for b in bundles}
 
     store = Store(server.store)
