@@ -98,8 +98,9 @@ class CoordinatorServer:
     def __init__(self, config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:
         self.config = config
         self.store = Store(config.store)
-        self.store.recover()
-        self.uploads = Uploads(self.store, self.store.base_spec(config.base), config.limits)
+        base = self.store.base_spec(config.base)
+        self.store.recover(base)
+        self.uploads = Uploads(self.store, base, config.limits)
         self.uploads.expire()
         self.servicer = CoordinatorServicer(self.uploads, on_accepted)
         self.health = health.HealthServicer()

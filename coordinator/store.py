@@ -92,8 +92,8 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, recover: bool = False) -> None:
         """Open (creating if needed) the store at `path`.
 
-        `recover=True` cleans staging and reconciles interrupted commits: only the serving
-        coordinator may do that, since it would discard another process's uploads in flight.
+        `recover=True` runs `recover()`: only the serving coordinator may do that, since it
+        would discard another process's uploads in flight.
         """
         self.root = Path(path)
         self.experts_dir = self.root / "experts"
@@ -240,26 +240,33 @@ class Store:
 
     # -- recovery ----------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Finish or undo what a crash interrupted; see the module docstring."""
+    def recover(self, base: BaseSpec | None = None) -> None:
+        """Finish or undo what a crash interrupted; see the module docstring.
+
+        `base` (default: the cached spec) is what an interrupted expert is re-validated
+        against before it is indexed.
+        """
+        base = base or self.cached_base_spec()
         with self._lock:
             shutil.rmtree(self.staging_dir, ignore_errors=True)
             self.staging_dir.mkdir(exist_ok=True)
             indexed = {r["expert_id"] for r in self.query("SELECT expert_id FROM experts")}
             for folder in self.experts_dir.iterdir():
                 if folder.name not in indexed:
-                    self._reconcile_expert_folder(folder)
+                    self._reconcile_expert_folder(folder, base)
+            with self.transaction() as conn:
+                # Commits that crashed before their rename: the upload can be finished again.
+                conn.execute("UPDATE uploads SET committing_expert_id = NULL")
             live = {r["upload_id"] for r in self.query("SELECT upload_id FROM uploads")}
             for part in self.uploads_dir.iterdir():
                 if part.name.removesuffix(".part") not in live:
                     part.unlink(missing_ok=True)
 
-    def _reconcile_expert_folder(self, folder: Path) -> None:
+    def _reconcile_expert_folder(self, folder: Path, base: BaseSpec | None) -> None:
         """An expert folder without its index row: index it if its upload says so, or drop it."""
         rows = self.query("SELECT * FROM uploads WHERE committing_expert_id = ?",
                           (folder.name,))
-        base = self.cached_base_spec()
-        if rows and base is not None:
+        if rows:
             from protocol.bundle import load_bundle
 
             upload = rows[0]

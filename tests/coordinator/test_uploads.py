@@ -1,0 +1,198 @@
+"""The upload state machine and the store's crash recovery, in-process on a real store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+
+import pytest
+
+from coordinator.store import Store
+from coordinator.uploads import FinishResult, UploadLimits, Uploads, UploadState
+from protocol.archive import unpack_bundle
+from protocol.bundle import load_bundle
+from protocol.errors import (
+    FailedPrecondition,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from tests.coordinator.bundles import archive_of, make_bundle, store_snapshot
+
+LIMITS = UploadLimits(max_bundle_bytes=1 << 20, max_concurrent_uploads=2, idle_timeout_s=60)
+
+
+@pytest.fixture
+def uploads(tmp_path, tiny_spec) -> Uploads:
+    store = Store(tmp_path / "store")
+    yield Uploads(store, tiny_spec, LIMITS)
+    store.close()
+
+
+@pytest.fixture
+def archive(tmp_path, tiny_spec) -> bytes:
+    return archive_of(make_bundle(tmp_path / "bundle", tiny_spec, "unit", seed=7))
+
+
+def begin(uploads: Uploads, archive: bytes, who: str = "alice") -> UploadState:
+    state = uploads.start(who, len(archive), hashlib.sha256(archive).hexdigest(), "unit")
+    assert isinstance(state, UploadState)
+    return state
+
+
+def write(uploads: Uploads, state: UploadState, data: bytes, offset: int,
+          who: str = "alice", chunk: int = 4096) -> int:
+    with uploads.writer(state.upload_id, who) as writer:
+        for start in range(0, len(data), chunk):
+            writer.append(offset + start, data[start:start + chunk])
+    return writer.offset
+
+
+def test_upload_in_chunks_is_stored_under_its_expert_id(uploads, archive, tmp_path):
+    state = begin(uploads, archive)
+    assert write(uploads, state, archive, 0) == len(archive)
+    result = uploads.finish(state.upload_id, "alice")
+    assert isinstance(result, FinishResult) and not result.already_stored
+    assert load_bundle(result.expert.path, uploads.base).expert_id == result.expert.expert_id
+    assert [e.expert_id for e in uploads.store.list_experts()] == [result.expert.expert_id]
+    assert uploads.store.query("SELECT COUNT(*) FROM uploads")[0][0] == 0
+    assert not list(uploads.store.uploads_dir.iterdir())
+
+
+def test_chunk_at_another_offset_is_out_of_range_and_names_the_committed_one(uploads,
+                                                                            archive):
+    state = begin(uploads, archive)
+    write(uploads, state, archive[:5000], 0)
+    with pytest.raises(OutOfRange, match="resume from offset 5000"):
+        write(uploads, state, archive[6000:7000], 6000)
+    assert uploads.status(state.upload_id, "alice").committed_bytes == 5000
+
+
+def test_finishing_an_incomplete_upload_keeps_it_resumable(uploads, archive):
+    state = begin(uploads, archive)
+    write(uploads, state, archive[:1000], 0)
+    with pytest.raises(FailedPrecondition, match="from offset 1000"):
+        uploads.finish(state.upload_id, "alice")
+    write(uploads, state, archive[1000:], 1000)
+    assert not uploads.finish(state.upload_id, "alice").already_stored
+
+
+def test_restarted_coordinator_resumes_an_upload_from_its_committed_bytes(uploads, archive,
+                                                                          tiny_spec):
+    state = begin(uploads, archive)
+    write(uploads, state, archive[:9000], 0)
+    # A fresh store and uploads object, as after a crash: no in-memory state survives.
+    restarted = Uploads(Store(uploads.store.root, recover=True), tiny_spec, LIMITS)
+    again = begin(restarted, archive)
+    assert (again.upload_id, again.committed_bytes) == (state.upload_id, 9000)
+    write(restarted, again, archive[9000:], 9000)
+    assert not restarted.finish(again.upload_id, "alice").already_stored
+
+
+def test_uploads_are_private_to_their_contributor(uploads, archive):
+    state = begin(uploads, archive)
+    with pytest.raises(NotFound):
+        uploads.status(state.upload_id, "mallory")
+    with pytest.raises(NotFound):
+        write(uploads, state, archive, 0, who="mallory")
+
+
+def test_limits_on_concurrent_uploads_and_store_quota(uploads, tmp_path, tiny_spec):
+    archives = [archive_of(make_bundle(tmp_path / f"b{i}", tiny_spec, f"b{i}", seed=i))
+                for i in range(3)]
+    begin(uploads, archives[0])
+    begin(uploads, archives[1])
+    with pytest.raises(ResourceExhausted, match="unfinished uploads"):
+        begin(uploads, archives[2])
+    begin(uploads, archives[2], who="bob")  # the limit is per contributor
+    quota = Uploads(uploads.store, uploads.base,
+                    UploadLimits(quota_bytes=uploads.store.stored_bytes() + 10))
+    with pytest.raises(ResourceExhausted, match="quota"):
+        begin(quota, archives[0], who="carol")
+
+
+def test_idle_uploads_expire_and_free_their_slot(uploads, archive):
+    state = begin(uploads, archive)
+    write(uploads, state, archive[:100], 0)
+    assert uploads.expire(now=time.time() + 30) == []
+    assert uploads.expire(now=time.time() + LIMITS.idle_timeout_s + 1) == [state.upload_id]
+    assert not uploads.part_path(state.upload_id).exists()
+    with pytest.raises(NotFound, match="expired"):
+        uploads.status(state.upload_id, "alice")
+
+
+def test_same_content_in_another_archive_returns_the_stored_expert(uploads, archive):
+    first = begin(uploads, archive)
+    write(uploads, first, archive, 0)
+    stored = uploads.finish(first.upload_id, "alice").expert
+    # Same files, another tar dialect: other archive bytes, same expert.
+    members = tarfile.open(fileobj=io.BytesIO(archive))
+    other = io.BytesIO()
+    with tarfile.open(fileobj=other, mode="w", format=tarfile.GNU_FORMAT) as out:
+        for member in members.getmembers():
+            member.mtime = 12345
+            out.addfile(member, members.extractfile(member))
+    other_bytes = other.getvalue()
+    assert other_bytes != archive
+    before = store_snapshot(uploads.store.root)
+    second = begin(uploads, other_bytes, who="bob")
+    write(uploads, second, other_bytes, 0, who="bob")
+    result = uploads.finish(second.upload_id, "bob")
+    assert result.already_stored and result.expert.expert_id == stored.expert_id
+    assert result.expert.contributor == "alice"
+    assert store_snapshot(uploads.store.root) == before
+
+
+def _crash_after_rename(uploads: Uploads, archive: bytes) -> str:
+    """Play a commit up to the rename into experts/, then stop as a crash would."""
+    state = begin(uploads, archive)
+    write(uploads, state, archive, 0)
+    staged = uploads.store.staging_dir / state.upload_id
+    unpack_bundle(uploads.part_path(state.upload_id), staged, max_bytes=1 << 20)
+    expert_id = load_bundle(staged, uploads.base).expert_id
+    with uploads.store.transaction() as conn:
+        conn.execute("UPDATE uploads SET committing_expert_id = ? WHERE upload_id = ?",
+                     (expert_id, state.upload_id))
+    staged.rename(uploads.store.experts_dir / expert_id)
+    return expert_id
+
+
+def test_recovery_indexes_an_expert_renamed_before_its_index_commit(uploads, archive,
+                                                                    tiny_spec):
+    expert_id = _crash_after_rename(uploads, archive)
+    assert uploads.store.list_experts() == []
+    recovered = Store(uploads.store.root)
+    recovered.recover(tiny_spec)
+    [record] = recovered.list_experts()
+    assert (record.expert_id, record.contributor) == (expert_id, "alice")
+    assert recovered.query("SELECT COUNT(*) FROM uploads")[0][0] == 0
+    assert not list(recovered.uploads_dir.iterdir())
+
+
+def test_recovery_removes_unclaimed_folders_orphan_parts_and_staging(uploads, archive):
+    stray = uploads.store.experts_dir / ("f" * 64)
+    stray.mkdir()
+    (stray / "manifest.json").write_text("{}")
+    (uploads.store.uploads_dir / "orphan.part").write_bytes(b"x" * 10)
+    (uploads.store.staging_dir / "half").mkdir()
+    live = begin(uploads, archive)
+    recovered = Store(uploads.store.root, recover=True)
+    assert not stray.exists()
+    assert not (recovered.uploads_dir / "orphan.part").exists()
+    assert not any(recovered.staging_dir.iterdir())
+    assert uploads.part_path(live.upload_id).exists()  # a live upload is kept
+
+
+def test_base_spec_is_cached_and_a_switch_is_refused_once_experts_exist(uploads, archive,
+                                                                        tiny_spec):
+    store = uploads.store
+    assert store.base_spec("tiny-llama") == tiny_spec  # loaded once, then from base.json
+    assert store.cached_base_spec() == tiny_spec
+    state = begin(uploads, archive)
+    write(uploads, state, archive, 0)
+    uploads.finish(state.upload_id, "alice")
+    other = type(tiny_spec)(name="other", fingerprint="0" * 64, linears=tiny_spec.linears)
+    with pytest.raises(FailedPrecondition, match="--base tiny-llama"):
+        store.cache_base_spec(other)
