@@ -1,0 +1,51 @@
+"""GaggleError <-> gRPC status: every error class survives the round trip with its message."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from protocol import errors
+from protocol.status import ERROR_CLASS_KEY, ERROR_FIELD_KEY, from_rpc_error, status_code
+
+CLASSES = [c for c in vars(errors).values()
+           if isinstance(c, type) and issubclass(c, errors.GaggleError)]
+
+
+class FailedCall(grpc.RpcError):
+    """What a grpc stub raises, reduced to the three things from_rpc_error reads."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailers=()) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_every_error_round_trips_with_its_class_status_and_field(cls):
+    err = cls("what went wrong and how to fix it", field="some.field")
+    code = status_code(err)
+    assert code.name == cls.status
+    back = from_rpc_error(FailedCall(code, str(err), (
+        (ERROR_CLASS_KEY, cls.__name__), (ERROR_FIELD_KEY, "some.field"))))
+    assert type(back) is cls
+    assert str(back) == "what went wrong and how to fix it" and back.field == "some.field"
+
+
+def test_fingerprint_mismatch_is_failed_precondition():
+    assert status_code(errors.FingerprintMismatch("x")) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_transport_failures_get_a_typed_error_and_a_hint():
+    back = from_rpc_error(FailedCall(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    assert isinstance(back, errors.Unavailable)
+    assert "connection refused" in str(back) and "--coordinator" in str(back)
+    unknown = from_rpc_error(FailedCall(grpc.StatusCode.DATA_LOSS, ""))
+    assert type(unknown) is errors.GaggleError and "DATA_LOSS" in str(unknown)
