@@ -29,6 +29,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-lr", type=float, help="gate learning rate")
     parser.add_argument("--gate-accumulation", type=int,
                         help="micro-batches accumulated per gate step")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads (default 0: all cores, or 1 if the machine is busy)")
     parser.add_argument("--no-activations", action="store_true",
                         help="do not ship activations.safetensors (mean module inputs)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from contributor.data import (
+    IGNORE_INDEX,
     TokenizedExample,
     batches,
     one_pass,
@@ -36,6 +39,7 @@ from protocol.errors import GaggleError, InvalidArgument
 from routing.base import BaseModel, load_base
 from routing.gate import gate_vectors, gated_experts, mean_input_activations
 
+_ACTIVATION_BATCH = 16  # no-grad passes afford larger batches than training steps
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the bundle format's name rule
 
 
@@ -61,8 +65,9 @@ class TrainConfig:
     gate_lr: float = 5e-3  # gate AdamW learning rate (weight decay 0), PHATGOOSE's
     gate_accumulation: int = 1  # micro-batches per gate step
     activations: bool = True  # ship mean module inputs for the Average Activation baseline
-    activation_examples: int = 256  # examples averaged for those means (no-grad passes)
+    activation_examples: int = 128  # examples averaged for those means (no-grad passes)
     seed: int = 0  # data order and LoRA initialisation
+    threads: int = 0  # torch CPU threads; 0 = all cores, or 1 when the machine is busy
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "ia3"):
@@ -78,6 +83,9 @@ class TrainConfig:
             if not (math.isfinite(value) and value > 0):
                 raise InvalidArgument(f"--{flag} must be a positive number, got {value}",
                                       field=flag)
+        if self.threads < 0:
+            raise InvalidArgument(f"--threads must be 0 (automatic) or more, got {self.threads}",
+                                  field="threads")
         if self.max_length < 2:
             raise InvalidArgument(f"--max-length must be at least 2, got {self.max_length}",
                                   field="max-length")
@@ -91,6 +99,42 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "no_activations", False):
         given["activations"] = False
     return TrainConfig(**given)
+
+
+def set_threads(requested: int) -> int:
+    """Set torch's CPU threads; with 0, use every core unless the machine is already busy.
+
+    OpenMP threads spin at each barrier: on cores oversubscribed by other processes a 2-thread
+    step was measured 10x slower than a 1-thread one, so a busy machine gets one thread.
+    """
+    if requested == 0:
+        cores = os.cpu_count() or 1
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
+        requested = 1 if busy else cores
+    torch.set_num_threads(requested)
+    return requested
+
+
+# Architectures whose logits are exactly lm_head(final hidden state): no logit scaling or
+# soft-capping, so the loss may apply the head to the target positions only.
+_PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over target positions (labels != -100).
+
+    batch: input_ids, attention_mask, labels (batch, seq). Equal to the transformers loss;
+    for plain-head models the vocabulary projection runs on target positions only, which
+    saves about a fifth of a SmolLM2 step (its head is 49152 x 576).
+    """
+    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_MODELS:
+        return model(**batch).loss
+    hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = labels != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (targets, vocab)
+    return F.cross_entropy(logits.float(), labels[keep])
 
 
 def _optimise(model: nn.Module, params: list[nn.Parameter],
@@ -108,7 +152,7 @@ def _optimise(model: nn.Module, params: list[nn.Parameter],
         for _ in range(steps):
             total = 0.0
             for _ in range(accumulation):
-                loss = model(**next(data)).loss / accumulation
+                loss = target_loss(model, next(data)) / accumulation
                 loss.backward()
                 total += float(loss.detach())
             if not math.isfinite(total):
@@ -141,7 +185,9 @@ def train_expert(base: BaseModel, examples: list[TokenizedExample],
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         data = batches(examples, config.batch_size, base.tokenizer.pad_token_id, config.seed)
-        losses = _optimise(peft_model, params, data, config.steps, config.lr, config, "expert")
+        # The peft layers sit inside the transformers model, so train through it directly.
+        losses = _optimise(peft_model.get_base_model(), params, data, config.steps, config.lr,
+                           config, "expert")
         expert = expert_from_peft(peft_model)
     finally:
         peft_model.unload()  # removes the peft layers without merging: base weights untouched
@@ -154,6 +200,8 @@ def train_gates(base: BaseModel, expert: Expert, examples: list[TokenizedExample
 
     Returns gates (module -> (d_in,)), mean activations (or None) and summary numbers.
     """
+    from tqdm import tqdm
+
     pad = base.tokenizer.pad_token_id
     summary: dict[str, float | int] = {}
     with gated_experts(base.model, expert.modules, expert.adapter, expert.scaling) as layers:
@@ -166,8 +214,10 @@ def train_gates(base: BaseModel, expert: Expert, examples: list[TokenizedExample
         activations = None
         if config.activations:
             subset = examples[:config.activation_examples]
-            activations, tokens = mean_input_activations(
-                base.model, layers, one_pass(subset, config.batch_size, pad))
+            passes = tqdm(one_pass(subset, _ACTIVATION_BATCH, pad), desc="activations",
+                          unit="batch", total=-(-len(subset) // _ACTIVATION_BATCH),
+                          file=sys.stderr, dynamic_ncols=True)
+            activations, tokens = mean_input_activations(base.model, layers, passes)
             summary["activation_tokens"] = tokens
     return gates, activations, summary
 
@@ -206,6 +256,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     """`gaggle-contributor train`: expert, then gate, then an atomic bundle write."""
     config = config_from_args(args)
     out, name = _check_output(args.out, args.name)
+    set_threads(config.threads)
     records = read_jsonl(args.data)
     base = load_base(args.base)
     started = time.perf_counter()
@@ -224,6 +275,7 @@ def run_gate_command(args: argparse.Namespace) -> int:
     """`gaggle-contributor gate`: recycle a saved peft adapter, train only its gate."""
     config = config_from_args(args)
     out, name = _check_output(args.out, args.name)
+    set_threads(config.threads)
     records = read_jsonl(args.data)
     base = load_base(args.base)
     expert = load_peft_adapter(args.adapter, base)

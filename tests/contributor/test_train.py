@@ -186,3 +186,31 @@ def test_manifest_is_json_numbers_only(cli, tmp_path, data_file):
     assert cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out, *FAST)[0] == 0
     raw = json.loads((out / "manifest.json").read_text())
     assert all(isinstance(v, int | float) for v in raw["training"].values())
+
+
+def test_target_loss_matches_the_transformers_loss(tiny_base):
+    from contributor.data import Example, collate, tokenize
+    from contributor.train import target_loss
+
+    examples = tokenize([Example("abc def", " ghi"), Example("x", " yz w"),
+                         Example("a longer prompt", " t")], tiny_base.tokenizer, 32)
+    batch = collate(examples, tiny_base.tokenizer.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(target_loss(tiny_base.model, batch),
+                                   tiny_base.model(**batch).loss)
+
+
+def test_threads_auto_uses_all_cores_or_one(monkeypatch):
+    import os
+
+    from contributor.train import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (1000.0, 0.0, 0.0))
+        assert set_threads(0) == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert set_threads(0) == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
