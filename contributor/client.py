@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -71,6 +71,7 @@ class SubmitResult:
     bytes_sent: int  # archive bytes sent over all attempts
     resumed_from: int  # offset the last attempt started from (0: not resumed)
     attempts: int
+    seconds: dict[str, float] = field(default_factory=dict)  # pack, transfer, finish
 
 
 class CoordinatorClient:
@@ -119,6 +120,7 @@ class CoordinatorClient:
         federation = self.federation()
         check_compatible(manifest, federation)
         with tempfile.TemporaryDirectory(prefix="gaggle-submit-") as scratch:
+            began = time.perf_counter()
             archive = pack_bundle(bundle_dir, Path(scratch) / "bundle.tar")
             size = archive.stat().st_size
             if size > federation.max_bundle_bytes:
@@ -128,6 +130,7 @@ class CoordinatorClient:
                     field="size_bytes")
             upload = _Upload(self, archive, size, sha256_file(archive), manifest.name,
                              federation.chunk_bytes, limit_rate, progress)
+            upload.seconds["pack"] = time.perf_counter() - began
             return upload.run(retry)
 
 
@@ -142,6 +145,7 @@ class _Upload:
         self.sent = 0
         self.resumed_from = 0
         self.progress = progress
+        self.seconds: dict[str, float] = {"transfer": 0.0}
         self._bar = None
 
     def run(self, retry: RetryPolicy) -> SubmitResult:
@@ -169,6 +173,7 @@ class _Upload:
             return self._result(start.existing, True, attempt)
         self.resumed_from = start.committed_bytes
         self._show_progress(start.committed_bytes)
+        began = time.perf_counter()
         if start.committed_bytes < self.size:
             try:
                 self.client._stub.WriteUpload(self._chunks(start.upload_id,
@@ -176,8 +181,12 @@ class _Upload:
                                               metadata=self.client._metadata)
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
+            finally:
+                self.seconds["transfer"] += time.perf_counter() - began
+        began = time.perf_counter()
         done = self.client._call("FinishUpload",
                                  pb.FinishUploadRequest(upload_id=start.upload_id))
+        self.seconds["finish"] = time.perf_counter() - began
         return self._result(done.expert, done.already_stored, attempt)
 
     def _show_progress(self, committed: int) -> None:
@@ -212,7 +221,7 @@ class _Upload:
         return SubmitResult(expert_id=expert.expert_id, name=expert.name,
                             already_stored=already, size_bytes=self.size,
                             bytes_sent=self.sent, resumed_from=self.resumed_from,
-                            attempts=attempt)
+                            attempts=attempt, seconds=dict(self.seconds))
 
 
 def _resumable(err: GaggleError, sent: int) -> bool:

@@ -1,0 +1,150 @@
+"""Upload throughput: `submit` of a ~200 MB bundle against a raw gRPC byte stream of the same size.
+
+Both servers run as their own processes on 127.0.0.1: a real `gaggle-coordinator serve` and a
+bare bench-only servicer that only counts the bytes of a client stream (no protobuf, no disk,
+no hashing). `submit` is timed end to end as a contributor sees it: pack the archive, hash it,
+stream it, and wait for the coordinator to verify, validate and commit it. The runs alternate
+and the median of each is reported, with the ratio (target: submit >= 0.8 of raw).
+
+    python bench/transport.py [--megabytes 200] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RAW_METHOD = "/bench.Raw/Push"
+CHUNK = 1 << 20  # the same chunk size the coordinator asks for
+
+
+def serve_raw(port_file: Path) -> None:
+    """The bench-only servicer: one client-streaming call that counts the bytes it gets."""
+    def push(chunks, _context) -> bytes:
+        return str(sum(len(chunk) for chunk in chunks)).encode()
+
+    handler = grpc.method_handlers_generic_handler("bench.Raw", {
+        "Push": grpc.stream_unary_rpc_method_handler(push)})  # bytes in, bytes out
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_file.write_text(str(port))
+    server.wait_for_termination()
+
+
+def raw_upload(address: str, archive: Path) -> float:
+    """Seconds to stream the archive's bytes to the raw servicer."""
+    def chunks():
+        with open(archive, "rb") as handle:
+            while data := handle.read(CHUNK):
+                yield data
+
+    with grpc.insecure_channel(address) as channel:
+        push = channel.stream_unary(RAW_METHOD)
+        began = time.perf_counter()
+        received = int(push(chunks(), timeout=600))
+        elapsed = time.perf_counter() - began
+    assert received == archive.stat().st_size, (received, archive.stat().st_size)
+    return elapsed
+
+
+def make_bundles(folder: Path, megabytes: int, count: int) -> tuple[list[Path], object]:
+    """`count` distinct LoRA bundles of about `megabytes` each on the tiny base, and its spec."""
+    from protocol.bundle import save_bundle
+    from routing.base import load_base
+    from routing.synthetic import random_bundle
+
+    spec = load_base("tiny-llama").spec()
+    bytes_per_rank = 4 * sum(d_in + d_out for d_in, d_out in spec.linears.values())
+    rank = megabytes * 1_000_000 // bytes_per_rank
+    return [save_bundle(random_bundle(spec, f"bench-{i}", rank=rank, seed=i),
+                        folder / f"bundle-{i}") for i in range(count)], spec
+
+
+def start_raw_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    port_file = folder / "raw.port"
+    process = subprocess.Popen([sys.executable, __file__, "--raw-server", str(port_file)],
+                               cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text():
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError("the raw bench server did not start")
+        time.sleep(0.05)
+    return process, f"127.0.0.1:{port_file.read_text()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=int, default=200, help="bundle size (MB)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each kind")
+    parser.add_argument("--raw-server", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.raw_server:
+        serve_raw(Path(args.raw_server))
+        return 0
+
+    from contributor.client import Connection, CoordinatorClient
+    from protocol.archive import pack_bundle
+    from tests.servers import add_token, seed_base_spec, start_coordinator
+
+    with tempfile.TemporaryDirectory(prefix="gaggle-bench-") as scratch:
+        folder = Path(scratch)
+        bundles, spec = make_bundles(folder, args.megabytes, args.repeats)
+        archive = pack_bundle(bundles[0], folder / "raw.tar")
+        size = archive.stat().st_size
+        store = folder / "store"
+        seed_base_spec(store, spec)
+        config = folder / "coordinator.toml"
+        config.write_text(f"max_bundle_bytes = {4 * size}\n")
+        coordinator = start_coordinator(store, extra_args=("--config", str(config)))
+        raw_process, raw_address = start_raw_server(folder)
+        token = add_token(store, "bench")
+        raw_times, submit_times, phases = [], [], []
+        try:
+            with CoordinatorClient(Connection(coordinator.address, token)) as client:
+                for bundle in bundles:
+                    raw_times.append(raw_upload(raw_address, archive))
+                    began = time.perf_counter()
+                    result = client.submit(bundle)
+                    submit_times.append(time.perf_counter() - began)
+                    assert not result.already_stored and result.bytes_sent == size
+                    phases.append(result.seconds)
+        finally:
+            coordinator.stop()
+            raw_process.terminate()
+            raw_process.wait()
+    report(size, raw_times, submit_times, phases)
+    return 0
+
+
+def report(size: int, raw_times: list[float], submit_times: list[float],
+           phases: list[dict[str, float]]) -> None:
+    mb = size / 1e6
+    raw, submit = statistics.median(raw_times), statistics.median(submit_times)
+    print(f"archive: {mb:.1f} MB, {len(raw_times)} runs each, median; "
+          f"{os.cpu_count()} CPUs, 127.0.0.1")
+    print(f"raw gRPC stream    : {raw:6.2f} s  {mb / raw:7.1f} MB/s   "
+          f"(runs: {', '.join(f'{t:.2f}' for t in raw_times)})")
+    print(f"submit (end-to-end): {submit:6.2f} s  {mb / submit:7.1f} MB/s   "
+          f"(runs: {', '.join(f'{t:.2f}' for t in submit_times)})")
+    print("submit phases (median s): " + ", ".join(
+        f"{name} {statistics.median(p[name] for p in phases):.2f}" for name in phases[0]))
+    transfer = statistics.median(p["transfer"] for p in phases)
+    print(f"ratio submit/raw: {raw / submit:.2f} end to end (target >= 0.80); "
+          f"{raw / transfer:.2f} for the byte stream alone")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
