@@ -72,7 +72,8 @@ def _encode(tokenizer, examples: Sequence[ChoiceExample], max_length: int) -> li
     """One row per (example, choice); the prompt is cut from the left if a row is too long."""
     rows = []
     for i, example in enumerate(examples):
-        prompt = list(tokenizer(example.input, add_special_tokens=True)["input_ids"])
+        # No special tokens, exactly as the contributor's training tokenises its prompts.
+        prompt = list(tokenizer(example.input, add_special_tokens=False)["input_ids"])
         if not prompt:  # the first choice token needs something to be predicted from
             prompt = [tokenizer.bos_token_id or tokenizer.eos_token_id]
         for j, choice in enumerate(example.choices):

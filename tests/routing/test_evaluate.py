@@ -28,7 +28,7 @@ EXAMPLES = [
 def _manual_score(base, prompt: str, choice: str) -> float:
     """Mean log-prob of the choice's tokens, from one unpadded forward pass."""
     tok = base.tokenizer
-    prompt_ids = tok(prompt)["input_ids"]
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     choice_ids = tok(" " + choice, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + choice_ids])
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_scores_do_not_depend_on_batch_size_or_padding(tiny_base):
 def _forced_example(base, prompt: str) -> Example:
     """Two one-letter answers: the letter the model likes most after the prompt, and least."""
     tok = base.tokenizer
-    ids = tok(prompt)["input_ids"] + tok(" ", add_special_tokens=False)["input_ids"]
+    ids = tok(prompt + " ", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logits = base.model(input_ids=torch.tensor([ids])).logits[0, -1]
     letters = {tok.convert_tokens_to_ids(ch): ch for ch in "abcdefghijklmnopqrstuvwxyz"}
