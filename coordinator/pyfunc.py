@@ -8,6 +8,7 @@ and `mlflow models serve` both need `routing` importable (the gaggle package ins
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -34,9 +35,12 @@ class RouterModel(PythonModel):
         self.routed = ("phatgoose", 2)
         route(self.base, self.weights, method="phatgoose", top_k=2)
 
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         """model_input: a list of prompts, a string, or a DataFrame whose first column holds
-        them. params: max_new_tokens (32), method ("phatgoose"), top_k (2)."""
+        them. params: max_new_tokens (32), method ("phatgoose"), top_k (2).
+
+        Not type-hinted on purpose: MLflow would then replace the logged signature, which
+        declares these params, with one inferred from the hint, which has none."""
         import torch
 
         from routing.router import route
@@ -70,4 +74,6 @@ def _prompts(model_input) -> list[str]:
     return [str(v) for v in model_input]
 
 
-mlflow.models.set_model(RouterModel())
+with warnings.catch_warnings():  # mlflow asks for type hints; see `predict` for why not
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    mlflow.models.set_model(RouterModel())

@@ -7,6 +7,7 @@ Each function first looks in MLflow for what an earlier attempt of the same call
 from __future__ import annotations
 
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -86,10 +87,15 @@ def replay_router_version(client, experiment_id: str, op: Op) -> None:
         signature = mlflow.models.infer_signature(
             ["a prompt"], ["a completion"], params={"max_new_tokens": 32,
                                                     "method": "phatgoose", "top_k": 2})
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={"version": str(folder)},
-            pip_requirements=_requirements(), tags={TAG_OP: op.op_id}, signature=signature,
-        )
+        with warnings.catch_warnings():
+            # No input example (it would load the whole routed model while logging) and no
+            # type hints (see coordinator.pyfunc): mlflow's advice on both does not apply.
+            warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(PYFUNC_CODE),
+                artifacts={"version": str(folder)}, pip_requirements=_requirements(),
+                tags={TAG_OP: op.op_id}, signature=signature,
+            )
         model_id, source = info.model_id, info.model_uri
     else:
         model_id, source = model.model_id, f"models:/{model.model_id}"

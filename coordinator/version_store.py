@@ -44,7 +44,8 @@ class VersionStore:
         """Every version manifest, oldest first."""
         found = [json.loads(p.read_text(encoding="utf-8"))
                  for p in self.root.glob(f"*/{VERSION_FILE}")]
-        return sorted(found, key=lambda m: (m["created_at"], m["version_id"]))
+        return sorted(found, key=lambda m: (m.get("created_at_unix", 0.0), m["created_at"],
+                                            m["version_id"]))
 
     def resolve(self, prefix: str) -> str:
         """A full version id from a unique prefix (like a short git hash)."""

@@ -75,6 +75,11 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (it takes seconds to answer)."""
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         with open(self.root / "server.log", "ab") as log:
@@ -84,6 +89,8 @@ class MlflowServer:
                  "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
