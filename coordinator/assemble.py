@@ -20,7 +20,8 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.version_store import (
@@ -41,8 +42,7 @@ class AssemblyConfig:
 
     ray_address: str | None = None  # join this Ray cluster; None starts a local one
     num_cpus: int = 2  # CPUs of the local Ray instance (ignored with ray_address)
-    chunk_size: int = 256  # bundles loaded per Ray task: amortises task overhead
-    modules_per_task: int = 8  # modules stacked per Ray task
+    chunk_size: int = 256  # bundles loaded and stacked per Ray task: amortises task overhead
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,8 @@ def select_experts(records: list) -> list[ExpertEntry]:
     newest: dict[tuple[str, str], object] = {}
     for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
         newest[(record.contributor, record.name)] = record
-    shared = {name for (_, name) in newest if sum(n == name for (_, n) in newest) > 1}
+    holders = Counter(name for (_, name) in newest)
+    shared = {name for name, count in holders.items() if count > 1}
     entries = [
         ExpertEntry(
             expert_id=r.expert_id,
@@ -107,17 +108,21 @@ def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _load_chunk(entries: list[ExpertEntry], fingerprint: str | None) -> dict:
-    """Ray task: load (re-verifying every file hash) and split a chunk of bundles by module.
+def _stack_chunk(entries: list[ExpertEntry], fingerprint: str | None) -> dict:
+    """Ray task: load a contiguous chunk of bundles (re-verifying every file hash) and stack
+    them module by module.
 
-    Returns {"fingerprint", "base_model", "pieces": {module: [(position, piece)]},
-    "shapes": {module: (d_in, d_out)}}, positions being indices into `entries`' caller list.
+    Returns {"fingerprint", "base_model", "modules": {module: ModuleRouter of this chunk's
+    experts, in chunk order}}. Stacking here, not in the driver, keeps the work parallel and
+    sends a few stacked tensors per module back instead of every expert's small ones.
     """
     from protocol.bundle import load_bundle
-    from routing.stack import module_pieces
+    from routing.stack import module_pieces, stack_module
 
-    out: dict = {"pieces": {}, "shapes": {}, "fingerprint": None, "base_model": None}
-    for position, entry in entries:
+    pieces: dict[str, list] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    out: dict = {"fingerprint": fingerprint, "base_model": None}
+    for entry in entries:
         bundle = load_bundle(entry.path)
         if bundle.expert_id != entry.expert_id:
             raise InvalidBundle(
@@ -125,7 +130,7 @@ def _load_chunk(entries: list[ExpertEntry], fingerprint: str | None) -> dict:
                 f"expert {entry.expert_id[:12]}...: the store was changed on disk",
                 field="expert_id")
         manifest = bundle.manifest
-        expected = fingerprint or out["fingerprint"] or manifest.base_fingerprint
+        expected = out["fingerprint"] or manifest.base_fingerprint
         if manifest.base_fingerprint != expected:
             raise InvalidBundle(
                 f"expert {entry.expert_id} ({entry.name}) was trained on base fingerprint "
@@ -134,56 +139,91 @@ def _load_chunk(entries: list[ExpertEntry], fingerprint: str | None) -> dict:
         out["fingerprint"], out["base_model"] = expected, manifest.base_model
         for module, piece in module_pieces(bundle).items():
             piece.expert = entry.name
-            out["pieces"].setdefault(module, []).append((position, piece))
+            pieces.setdefault(module, []).append(piece)
             spec = bundle.modules[module]
-            out["shapes"][module] = (spec.d_in, spec.d_out)
+            shapes[module] = (spec.d_in, spec.d_out)
+    out["modules"] = {name: stack_module(name, *shapes[name], group)
+                      for name, group in pieces.items()}
     return out
 
 
-def _stack_modules(jobs: list[tuple[str, int, int, list]]) -> list:
-    """Ray task: stack several modules; each job is (name, d_in, d_out, pieces in order)."""
-    from routing.stack import stack_module
+def concat_modules(parts: list) -> object:
+    """One module's ModuleRouters from consecutive expert chunks, joined along the experts.
 
-    return [stack_module(name, d_in, d_out, pieces) for name, d_in, d_out, pieces in jobs]
+    LoRA factors are zero-padded to the largest rank, and kinds a chunk lacks are zero rows,
+    exactly as `routing.stack.stack_module` lays out a single stack.
+    """
+    import torch
+
+    from routing.stack import ModuleRouter
+
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    rank = max(p.rank for p in parts)
+
+    def joined(field: str, width: tuple[int, ...], pad_dim: int | None = None):
+        if all(getattr(p, field) is None for p in parts):
+            return None
+        blocks = []
+        for p in parts:
+            block = getattr(p, field)
+            if block is None:
+                block = torch.zeros(len(p.experts), *width)
+            elif pad_dim is not None and block.shape[pad_dim] < rank:
+                pad = [0, 0] * (block.dim() - 1 - pad_dim) + [0, rank - block.shape[pad_dim]]
+                block = torch.nn.functional.pad(block, pad)
+            blocks.append(block)
+        return torch.cat(blocks)
+
+    with_activations = all(p.activations is not None for p in parts)
+    return ModuleRouter(
+        name=first.name, d_in=first.d_in, d_out=first.d_out,
+        experts=[e for p in parts for e in p.experts],
+        kinds=[k for p in parts for k in p.kinds],
+        keys=torch.cat([p.keys for p in parts]),
+        prototypes=torch.cat([p.prototypes for p in parts]),
+        scaling=torch.cat([p.scaling for p in parts]),
+        activations=joined("activations", (first.d_in,)) if with_activations else None,
+        lora_A=joined("lora_A", (rank, first.d_in), pad_dim=1),
+        lora_B=joined("lora_B", (first.d_out, rank), pad_dim=2),
+        ia3_out=joined("ia3_out", (first.d_out,)),
+        ia3_in=joined("ia3_in", (first.d_in,)),
+    )
 
 
 def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
-                 fingerprint: str | None = None):
-    """Load and stack `entries` on Ray into `routing.stack.RouterWeights`."""
+                 fingerprint: str | None = None, stages: dict[str, float] | None = None):
+    """Load and stack `entries` on Ray into `routing.stack.RouterWeights`.
+
+    Chunks of bundles are loaded and stacked per module in parallel Ray tasks; the driver
+    joins each module's chunk stacks in order. stages: gets the seconds of both (tasks, join).
+    """
     import ray
 
     from routing.stack import RouterWeights
 
     ensure_ray(config)
-    load = ray.remote(_load_chunk)
-    stack = ray.remote(_stack_modules)
-    indexed = list(enumerate(entries))
-    chunks = [indexed[i:i + config.chunk_size]
-              for i in range(0, len(indexed), config.chunk_size)]
-    loaded = _get(ray, [load.remote(chunk, fingerprint) for chunk in chunks])
-    fingerprints = {part["fingerprint"] for part in loaded}
+    stages = {} if stages is None else stages
+    started = time.perf_counter()
+    task = ray.remote(_stack_chunk)
+    chunks = [entries[i:i + config.chunk_size]
+              for i in range(0, len(entries), config.chunk_size)]
+    parts = _get(ray, [task.remote(chunk, fingerprint) for chunk in chunks])
+    stages["tasks"] = time.perf_counter() - started
+    fingerprints = {part["fingerprint"] for part in parts}
     if len(fingerprints) != 1:
         raise InvalidBundle(f"experts were trained on {len(fingerprints)} different base "
                             "models; a version routes experts of one base only",
                             field="base_model.fingerprint")
     by_module: dict[str, list] = {}
-    shapes: dict[str, tuple[int, int]] = {}
-    for part in loaded:
-        shapes.update(part["shapes"])
-        for module, pieces in part["pieces"].items():
-            by_module.setdefault(module, []).extend(pieces)
-    jobs = [(name, *shapes[name], [p for _, p in sorted(by_module[name], key=_position)])
-            for name in sorted(by_module)]
-    batches = [jobs[i:i + config.modules_per_task]
-               for i in range(0, len(jobs), config.modules_per_task)]
-    stacked = [m for batch in _get(ray, [stack.remote(b) for b in batches]) for m in batch]
-    return RouterWeights(base_model=loaded[0]["base_model"], fingerprint=fingerprints.pop(),
-                         experts=[e.name for e in entries],
-                         modules={m.name: m for m in stacked})
-
-
-def _position(item: tuple) -> int:
-    return item[0]
+    for part in parts:  # chunk order is expert order
+        for name, module in part["modules"].items():
+            by_module.setdefault(name, []).append(module)
+    modules = {name: concat_modules(by_module[name]) for name in sorted(by_module)}
+    stages["join"] = time.perf_counter() - started - stages["tasks"]
+    return RouterWeights(base_model=parts[0]["base_model"], fingerprint=fingerprints.pop(),
+                         experts=[e.name for e in entries], modules=modules)
 
 
 def _get(ray, refs: list) -> list:
@@ -204,6 +244,7 @@ class AssemblyResult:
     manifest: dict  # the version manifest (version.json)
     created: bool  # False when the expert set matched an existing version
     seconds: float  # wall time of the assembly
+    stages: dict[str, float] = field(default_factory=dict)  # tasks, join, save: seconds
 
 
 def assemble(store_root: str | os.PathLike, records: list,
@@ -229,7 +270,9 @@ def assemble(store_root: str | os.PathLike, records: list,
         versions.set_current(version_id)
         return AssemblyResult(version_id, versions.manifest(version_id), False,
                               time.perf_counter() - started)
-    weights = build_router(entries, config, fingerprint)
+    stages: dict[str, float] = {}
+    weights = build_router(entries, config, fingerprint, stages)
+    saving = time.perf_counter()
     manifest = {
         "format": FORMAT, "version_id": version_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -240,7 +283,8 @@ def assemble(store_root: str | os.PathLike, records: list,
     manifest["diff"] = one_line_diff(versions.manifest(parent) if parent else None, manifest)
     versions.commit(version_id, lambda folder: _write_version(folder, weights, manifest))
     versions.set_current(version_id)
-    return AssemblyResult(version_id, manifest, True, time.perf_counter() - started)
+    stages["save"] = time.perf_counter() - saving
+    return AssemblyResult(version_id, manifest, True, time.perf_counter() - started, stages)
 
 
 def assemble_store(store_root: str | os.PathLike,

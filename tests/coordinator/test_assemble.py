@@ -9,13 +9,20 @@ import time
 import pytest
 import torch
 
-from coordinator.assemble import assemble, select_experts
+from coordinator.assemble import AssemblyConfig, assemble, build_router, select_experts
 from coordinator.assembler import Assembler
 from coordinator.version_store import ROUTER_DIR, VersionStore
 from protocol.bundle import GATES, load_bundle
 from protocol.errors import FailedPrecondition, InvalidBundle
+from routing.stack import stack_experts
+from routing.synthetic import random_bundle
 from routing.version import load_router
-from tests.coordinator.assembly_helpers import add_expert, make_store, ray_local  # noqa: F401
+from tests.coordinator.assembly_helpers import (  # noqa: F401
+    add_expert,
+    commit,
+    make_store,
+    ray_local,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -49,6 +56,32 @@ def test_assembly_stacks_every_expert_and_records_lineage(tmp_path, tiny_spec):
     assert second.manifest["parent"] == first.version_id
     assert second.manifest["diff"] == "+c ~a"
     assert VersionStore(store.root).current_id() == second.version_id
+
+
+def test_chunked_stacking_on_ray_equals_stacking_all_at_once(tmp_path, tiny_spec):
+    """Chunks of 2 experts with mixed kinds and ranks, joined, equal `stack_experts`."""
+    store = make_store(tmp_path / "store", tiny_spec)
+    down = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+    bundles = [random_bundle(tiny_spec, "e0", rank=2, seed=1, modules=down[:1]),
+               random_bundle(tiny_spec, "e1", method="ia3", seed=2, with_activations=True),
+               random_bundle(tiny_spec, "e2", rank=4, seed=3, modules=down),
+               random_bundle(tiny_spec, "e3", method="ia3", seed=4),
+               random_bundle(tiny_spec, "e4", rank=1, seed=5, with_activations=True)]
+    for bundle in bundles:
+        commit(store, bundle)
+    entries = select_experts(store.list_experts())
+    joined = build_router(entries, AssemblyConfig(chunk_size=2), tiny_spec.fingerprint)
+    reference = stack_experts([load_bundle(e.path) for e in entries])
+    assert joined.experts == reference.experts and set(joined.modules) == set(reference.modules)
+    for name, expected in reference.modules.items():
+        got = joined.modules[name]
+        assert (got.experts, got.kinds) == (expected.experts, expected.kinds), name
+        for field in ("keys", "prototypes", "scaling", "activations", "lora_A", "lora_B",
+                      "ia3_out", "ia3_in"):
+            want, have = getattr(expected, field), getattr(got, field)
+            assert (want is None) == (have is None), (name, field)
+            if want is not None:
+                assert torch.equal(want, have), (name, field)
 
 
 def test_same_expert_set_gives_the_same_version(tmp_path, tiny_spec):

@@ -1,0 +1,120 @@
+"""Assembly time against the number of experts: 10, 100, 1,000 and 10,000 experts.
+
+Tiny base (`tiny-llama`), gate-style synthetic experts (rank-1 LoRA on one or two modules, as
+experts that adapt few modules), tracking off, local Ray with 2 CPUs. The bundles are made once
+into a cache folder ($GAGGLE_CACHE/bench-assembly, minutes for 10,000) and only the assembly is
+timed: re-verification and loading of every bundle as Ray tasks, per-module stacking as Ray
+tasks, and the atomic write of the version folder. Each size assembles into a fresh versions
+folder, so no run can reuse an earlier version. Target: 10,000 experts in under 30 s, linear.
+
+    python bench/assembly.py [--sizes 10 100 1000 10000] [--repeats 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coordinator.assemble import AssemblyConfig, assemble, ensure_ray  # noqa: E402
+from protocol.bundle import MANIFEST, Manifest, save_bundle  # noqa: E402
+from routing.base import cache_dir, load_base  # noqa: E402
+from routing.synthetic import random_bundle  # noqa: E402
+
+
+@dataclass(frozen=True)
+class CachedExpert:
+    """The fields of a store ExpertRecord that assembly reads."""
+
+    expert_id: str
+    name: str
+    contributor: str
+    method: str
+    archive_sha256: str
+    created_at: float
+    path: Path
+
+
+def cached_experts(count: int, spec) -> list[CachedExpert]:
+    """`count` synthetic expert bundles in the cache folder, made on first use."""
+    folder = cache_dir() / "bench-assembly" / spec.fingerprint[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = sorted(spec.linears)
+    experts = []
+    started = time.perf_counter()
+    for i in range(count):
+        path = folder / f"e{i:05d}"
+        if not (path / MANIFEST).exists():
+            # Expert i adapts one module, every third expert a second one: many experts per
+            # module, as in a large federation of narrow experts.
+            chosen = [modules[i % len(modules)]]
+            if i % 3 == 0:
+                chosen.append(modules[(i * 7 + 3) % len(modules)])
+            bundle = random_bundle(spec, f"e{i:05d}", rank=1, seed=i,
+                                   modules=sorted(set(chosen)))
+            save_bundle(bundle, path, overwrite=True)
+            if i % 1000 == 999:
+                print(f"  made {i + 1} bundles ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+        manifest = Manifest.from_json(json.loads((path / MANIFEST).read_text()))
+        expert_id = _expert_id(manifest)
+        experts.append(CachedExpert(expert_id, manifest.name, "bench", manifest.method,
+                                    expert_id, float(i), path))
+    return experts
+
+
+def _expert_id(manifest: Manifest) -> str:
+    return hashlib.sha256(manifest.canonical_bytes()).hexdigest()
+
+
+def time_assembly(experts: list[CachedExpert], fingerprint: str, repeats: int) -> dict:
+    """Best-of-`repeats` assembly of `experts` into fresh version folders."""
+    best: dict | None = None
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="gaggle-bench-") as root:
+            result = assemble(root, experts, AssemblyConfig(), fingerprint)
+            row = {"experts": len(experts), "seconds": result.seconds,
+                   "modules": result.manifest["modules"], **result.stages}
+        if best is None or row["seconds"] < best["seconds"]:
+            best = row
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    spec = load_base("tiny-llama").spec()
+    print(f"preparing {max(args.sizes)} cached bundles ...", flush=True)
+    experts = cached_experts(max(args.sizes), spec)
+    ensure_ray()
+    time_assembly(experts[:10], spec.fingerprint, 1)  # warm-up: Ray workers import torch
+    rows = []
+    for size in sorted(args.sizes):
+        rows.append(time_assembly(experts[:size], spec.fingerprint, args.repeats))
+        print(f"  {size} experts: {rows[-1]['seconds']:.2f} s", flush=True)
+    print("\n| experts | assembly (s) | Ray tasks: verify + load + stack (s) | join (s) "
+          "| save (s) | ms / expert |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['experts']:,} | {row['seconds']:.2f} | {row['tasks']:.2f} | "
+              f"{row['join']:.2f} | {row['save']:.2f} | "
+              f"{1000 * row['seconds'] / row['experts']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
