@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -38,6 +39,7 @@ from protocol.errors import (
 log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _LOCK_WAIT_S = 10.0  # how long a second stream waits for the upload's current one to end
+_QUEUED_CHUNKS = 8  # chunks received but not yet on disk, per stream (~8 MiB)
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,23 @@ class FinishResult:
 
 
 class UploadWriter:
-    """Appends one stream's chunks to an upload's part file, hashing as it goes."""
+    """Appends one stream's chunks to an upload's part file, hashing as it goes.
+
+    Writing and hashing run on a helper thread (both release the GIL), so they overlap with
+    receiving the next chunk; `close()` waits for them and fsyncs before the offset is
+    reported.
+    """
 
     def __init__(self, state: UploadState, path: Path, hasher: hashlib._Hash) -> None:
         self.state = state
         self.hasher = hasher
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.offset = os.fstat(self._fd).st_size
+        self.offset = os.fstat(self._fd).st_size  # accepted so far (written or queued)
+        self.written = self.offset  # on disk and in `hasher`
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="upload-writer", daemon=True)
+        self._thread.start()
 
     def append(self, offset: int, data: bytes) -> None:
         if offset != self.offset:
@@ -93,17 +105,35 @@ class UploadWriter:
                 f"chunk at offset {offset} of {len(data)} bytes goes past the declared size "
                 f"{self.state.size_bytes}: declare the archive's exact size in StartUpload",
                 field="data")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        self.hasher.update(data)
+        if self._failure is not None:
+            raise self._failure
+        self._queue.put(data)
         self.offset += len(data)
 
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._failure is not None:
+                continue  # keep draining so that append() never blocks forever
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                self.hasher.update(data)
+                self.written += len(data)
+            except BaseException as err:
+                self._failure = err
+
     def close(self) -> None:
+        """Wait for queued chunks, fsync, close; raise what the writer thread hit, if any."""
+        self._queue.put(None)
+        self._thread.join()
         try:
             os.fsync(self._fd)
         finally:
             os.close(self._fd)
+        self.offset = self.written
+        if self._failure is not None:
+            raise self._failure
 
 
 class Uploads:
@@ -161,10 +191,12 @@ class Uploads:
             try:
                 yield writer
             finally:
-                writer.close()
-                with self._guard:
-                    self._hashers[upload_id] = (writer.hasher, writer.offset)
-                self._touch(upload_id)
+                try:
+                    writer.close()
+                finally:
+                    with self._guard:
+                        self._hashers[upload_id] = (writer.hasher, writer.written)
+                    self._touch(upload_id)
 
     def finish(self, upload_id: str, contributor: str) -> FinishResult:
         """Verify, validate and commit the upload; see the module docstring."""
