@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -75,6 +76,26 @@ def _expert_id(manifest: Manifest) -> str:
     return hashlib.sha256(manifest.canonical_bytes()).hexdigest()
 
 
+def _warm_worker() -> int:
+    """Ray task: import what assembly tasks import, and hold the worker a moment so that the
+    next one goes to another worker."""
+    import os
+
+    import protocol.bundle  # noqa: F401
+    import routing.stack  # noqa: F401
+
+    time.sleep(0.5)
+    return os.getpid()
+
+
+def warm_up(workers: int) -> int:
+    """Start and warm every Ray worker (a cold one spends seconds importing torch)."""
+    import ray
+
+    task = ray.remote(_warm_worker)
+    return len(set(ray.get([task.remote() for _ in range(2 * workers)])))
+
+
 def time_assembly(experts: list[CachedExpert], fingerprint: str, repeats: int) -> dict:
     """Best-of-`repeats` assembly of `experts` into fresh version folders."""
     best: dict | None = None
@@ -98,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_base("tiny-llama").spec()
     print(f"preparing {max(args.sizes)} cached bundles ...", flush=True)
     experts = cached_experts(max(args.sizes), spec)
-    ensure_ray()
-    time_assembly(experts[:10], spec.fingerprint, 1)  # warm-up: Ray workers import torch
+    config = AssemblyConfig()
+    ensure_ray(config)
+    print(f"warmed {warm_up(config.num_cpus)} Ray workers", flush=True)
+    time_assembly(experts[:10], spec.fingerprint, 1)
     rows = []
     for size in sorted(args.sizes):
         rows.append(time_assembly(experts[:size], spec.fingerprint, args.repeats))
@@ -111,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {row['experts']:,} | {row['seconds']:.2f} | {row['tasks']:.2f} | "
               f"{row['join']:.2f} | {row['save']:.2f} | "
               f"{1000 * row['seconds'] / row['experts']:.2f} |")
+    print(f"\n(load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+          "cores)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
