@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -194,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     demo = Demo(plan, workdir)
     started = time.monotonic()
-    loopback_env()  # fail fast on an odd environment before starting anything
+    # SIGTERM (e.g. from `timeout`) takes the same path as Ctrl-C, so the finally block
+    # below still stops every child.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         demo.start_services()
         experts = demo.contribute()
