@@ -185,3 +185,18 @@ def test_sixteen_concurrent_submissions_all_land(server, tmp_path, tiny_spec):
     for expert_id in ids:
         assert load_bundle(indexed[expert_id].path).expert_id == expert_id
     store.close()
+
+
+def test_status_shows_the_base_model_and_only_the_callers_experts(server, tmp_path,
+                                                                  tiny_spec):
+    dana = add_token(server.store, "dana")
+    bundle = make_bundle(tmp_path / "b", tiny_spec, "danas-expert", seed=42)
+    expert_id = submit_cli(bundle, server, dana).stdout.strip().splitlines()[-1]
+    result = subprocess.run(
+        [sys.executable, "-m", "contributor.cli", "status", "--coordinator", server.address],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "GAGGLE_TOKEN": dana})
+    assert result.returncode == 0, result.stderr
+    assert f"fingerprint {tiny_spec.fingerprint}" in result.stdout
+    assert "you are dana: 1 expert(s)" in result.stdout
+    assert expert_id in result.stdout and "danas-expert" in result.stdout

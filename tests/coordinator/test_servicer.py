@@ -1,0 +1,90 @@
+"""The servicer in a real in-process gRPC server: the on-accepted hook, lookups, status codes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from contributor.client import Connection, CoordinatorClient
+from coordinator.auth import TokenBook
+from coordinator.server import CoordinatorServer, ServerConfig
+from coordinator.store import ExpertRecord, Store
+from protocol.bundle import load_bundle
+from protocol.errors import NotFound
+from protocol.gaggle.v1 import gaggle_pb2 as pb
+from protocol.gaggle.v1 import gaggle_pb2_grpc
+from tests.coordinator.bundles import make_bundle
+
+
+@pytest.fixture
+def running(tmp_path, tiny_spec):
+    """A started CoordinatorServer whose on-accepted hook records what it is given."""
+    store = Store(tmp_path / "store")
+    store.cache_base_spec(tiny_spec)
+    token = TokenBook(store).add("alice")
+    store.close()
+    accepted: list[ExpertRecord] = []
+    called = threading.Event()
+
+    def hook(record: ExpertRecord) -> None:
+        accepted.append(record)
+        called.set()
+        if record.name == "explodes":
+            raise RuntimeError("a failing hook must not fail the submission")
+
+    server = CoordinatorServer(ServerConfig(store=tmp_path / "store", base="tiny-llama",
+                                            port=0), on_accepted=hook)
+    server.start()
+    yield server, token, accepted, called
+    server.stop()
+
+
+def test_on_accepted_gets_each_new_expert_once_after_commit(running, tmp_path, tiny_spec):
+    server, token, accepted, called = running
+    bundle = make_bundle(tmp_path / "b", tiny_spec, "hooked", seed=5)
+    with CoordinatorClient(Connection(f"127.0.0.1:{server.port}", token)) as client:
+        result = client.submit(bundle)
+        assert called.wait(10)
+        again = client.submit(bundle)
+    time.sleep(0.2)  # a second (wrong) call would have landed by now
+    assert again.already_stored and again.expert_id == result.expert_id
+    [record] = accepted
+    assert (record.expert_id, record.name, record.contributor) == \
+        (result.expert_id, "hooked", "alice")
+    assert load_bundle(record.path).expert_id == record.expert_id  # committed before the hook
+    assert server.store.get_expert(record.expert_id) == record
+
+
+def test_a_failing_hook_does_not_fail_the_submission(running, tmp_path, tiny_spec):
+    server, token, accepted, called = running
+    with CoordinatorClient(Connection(f"127.0.0.1:{server.port}", token)) as client:
+        result = client.submit(make_bundle(tmp_path / "b", tiny_spec, "explodes"))
+        assert called.wait(10)
+        assert client.get_expert(result.expert_id).name == "explodes"
+
+
+def test_lookups_of_unknown_things_are_not_found(running):
+    server, token, _, _ = running
+    with CoordinatorClient(Connection(f"127.0.0.1:{server.port}", token)) as client:
+        with pytest.raises(NotFound, match="gaggle-coordinator experts"):
+            client.get_expert("0" * 64)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.QueryUpload(pb.QueryUploadRequest(upload_id="nope"),
+                             metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_stream_without_upload_id_is_invalid_argument(running):
+    server, token, _, _ = running
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.WriteUpload(iter([pb.WriteUploadRequest(data=b"x")]),
+                             metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "upload_id" in failed.value.details()
