@@ -104,17 +104,22 @@ def module_pieces(bundle: Bundle) -> dict[str, ExpertPiece]:
 def arrow_prototype(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     """Top right singular vector of B A, from the factors: A (r, d_in), B (d_out, r) -> (d_in,).
 
-    B = Q R (thin QR, Q with orthonormal columns) so B A = Q (R A) and both share their right
-    singular vectors; only the small (r, d_in) product R A is decomposed. The sign is fixed so
-    the largest-magnitude entry is positive (Arrow scores use |x . proto| anyway).
+    Batched too: A (E, r, d_in), B (E, d_out, r) -> (E, d_in). With thin QRs B = Q1 R1 and
+    A^T = Q2 R2, B A = Q1 (R1 R2^T) Q2^T, so only the (r, r) core is decomposed and the
+    right singular vectors are Q2 V. The sign is fixed so the largest-magnitude entry is
+    positive (Arrow scores use |x . proto| anyway).
     """
-    _, upper = torch.linalg.qr(lora_B.double())
-    _, _, vh = torch.linalg.svd(upper @ lora_A.double(), full_matrices=False)
-    return _fix_sign(vh[0]).to(lora_A.dtype)
+    _, core_left = torch.linalg.qr(lora_B.double())  # (..., r, r)
+    basis, core_right = torch.linalg.qr(lora_A.double().transpose(-1, -2))  # (..., d_in, r)
+    _, _, vh = torch.linalg.svd(core_left @ core_right.transpose(-1, -2))
+    top = (basis @ vh[..., 0, :].unsqueeze(-1)).squeeze(-1)  # (..., d_in)
+    return _fix_sign(top).to(lora_A.dtype)
 
 
-def _fix_sign(vector: torch.Tensor) -> torch.Tensor:
-    return vector if vector[vector.abs().argmax()] >= 0 else -vector
+def _fix_sign(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each vector (last dim) so that its largest-magnitude entry is non-negative."""
+    peak = vectors.gather(-1, vectors.abs().argmax(-1, keepdim=True))
+    return torch.where(peak < 0, -vectors, vectors)
 
 
 def stack_module(name: str, d_in: int, d_out: int, pieces: list[ExpertPiece]) -> ModuleRouter:
@@ -141,7 +146,8 @@ def stack_module(name: str, d_in: int, d_out: int, pieces: list[ExpertPiece]) ->
             r = pieces[i].lora_A.shape[0]
             router.lora_A[i, :r] = pieces[i].lora_A
             router.lora_B[i, :, :r] = pieces[i].lora_B
-            prototypes[i] = arrow_prototype(pieces[i].lora_A, pieces[i].lora_B)
+        rows = torch.tensor(lora)
+        prototypes[rows] = arrow_prototype(router.lora_A[rows], router.lora_B[rows])
     for kind, size in (("ia3_out", d_out), ("ia3_in", d_in)):
         rows = [i for i, p in enumerate(pieces) if p.kind == kind]
         if rows:
