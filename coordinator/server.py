@@ -44,6 +44,7 @@ class ServerConfig:
     max_bundle_bytes: int = 512 * 1024 * 1024  # largest archive accepted
     max_concurrent_uploads: int = 4  # unfinished uploads per contributor
     upload_idle_timeout_s: float = 3600.0  # uploads idle this long expire
+    stream_idle_timeout_s: float = 60.0  # an upload stream silent this long is cancelled
     store_quota_bytes: int | None = None  # total archive bytes the store may hold
     max_workers: int = 16  # concurrent RPCs (threads)
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
@@ -64,6 +65,7 @@ class ServerConfig:
         return UploadLimits(max_bundle_bytes=self.max_bundle_bytes,
                             max_concurrent_uploads=self.max_concurrent_uploads,
                             idle_timeout_s=self.upload_idle_timeout_s,
+                            stream_idle_timeout_s=self.stream_idle_timeout_s,
                             quota_bytes=self.store_quota_bytes)
 
     @classmethod
@@ -152,9 +154,11 @@ class CoordinatorServer:
         self.server.wait_for_termination()
 
     def _sweep(self) -> None:
-        interval = min(60.0, self.config.upload_idle_timeout_s / 4)
+        interval = min(30.0, self.config.upload_idle_timeout_s / 4,
+                       self.config.stream_idle_timeout_s / 4)
         while not self._stopped.wait(interval):
             try:
+                self.uploads.cancel_stalled()
                 self.uploads.expire()
             except Exception:
                 log.exception("upload expiry failed; will retry")

@@ -100,7 +100,8 @@ class CoordinatorServicer(gaggle_pb2_grpc.CoordinatorServicer):
         if first is None or not first.upload_id:
             raise InvalidArgument("the first WriteUpload message must carry the upload_id "
                                   "from StartUpload", field="upload_id")
-        with self.uploads.writer(first.upload_id, current_identity().contributor) as writer:
+        contributor = current_identity().contributor
+        with self.uploads.writer(first.upload_id, contributor, context.cancel) as writer:
             writer.append(first.offset, first.data)
             for chunk in request_iterator:
                 writer.append(chunk.offset, chunk.data)

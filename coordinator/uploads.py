@@ -18,7 +18,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,14 +49,16 @@ class UploadLimits:
     max_bundle_bytes: int = 512 * 1024 * 1024  # largest archive accepted
     max_concurrent_uploads: int = 4  # live (unfinished) uploads per contributor
     idle_timeout_s: float = 3600.0  # an upload with no bytes for this long expires
+    stream_idle_timeout_s: float = 60.0  # a stream with no chunk for this long is cancelled
     quota_bytes: int | None = None  # total stored + in-flight archive bytes; None: no quota
 
     def __post_init__(self) -> None:
         if self.max_bundle_bytes <= 0 or self.max_concurrent_uploads <= 0:
             raise InvalidArgument("max_bundle_bytes and max_concurrent_uploads must be "
                                   "positive", field="limits")
-        if self.idle_timeout_s <= 0:
-            raise InvalidArgument("idle_timeout_s must be positive", field="limits")
+        if self.idle_timeout_s <= 0 or self.stream_idle_timeout_s <= 0:
+            raise InvalidArgument("idle_timeout_s and stream_idle_timeout_s must be positive",
+                                  field="limits")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class UploadWriter:
         self.hasher = hasher
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.offset = os.fstat(self._fd).st_size  # accepted so far (written or queued)
+        self.last_chunk_at = time.monotonic()  # a stalled stream is cancelled (slow drip)
         self.written = self.offset  # on disk and in `hasher`
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._failure: BaseException | None = None
@@ -109,6 +112,7 @@ class UploadWriter:
             raise self._failure
         self._queue.put(data)
         self.offset += len(data)
+        self.last_chunk_at = time.monotonic()
 
     def _drain(self) -> None:
         while (data := self._queue.get()) is not None:
@@ -147,6 +151,8 @@ class Uploads:
         self._locks: dict[str, threading.Lock] = {}
         self._hashers: dict[str, tuple[hashlib._Hash, int]] = {}  # id -> (state, offset)
         self._commit = threading.Lock()  # one rename-and-index at a time
+        # Streams being written now: id -> (writer, how to cancel its RPC).
+        self._streams: dict[str, tuple[UploadWriter, Callable[[], object]]] = {}
 
     def part_path(self, upload_id: str) -> Path:
         return self.store.uploads_dir / f"{upload_id}.part"
@@ -183,11 +189,18 @@ class Uploads:
         return self._state(self._row(upload_id, contributor))
 
     @contextmanager
-    def writer(self, upload_id: str, contributor: str) -> Iterator[UploadWriter]:
-        """Hold the upload for one stream; the bytes are fsynced when the stream ends."""
+    def writer(self, upload_id: str, contributor: str,
+               cancel: Callable[[], object] | None = None) -> Iterator[UploadWriter]:
+        """Hold the upload for one stream; the bytes are fsynced when the stream ends.
+
+        `cancel` ends the stream's RPC; `cancel_stalled` calls it when no chunk arrives for
+        `stream_idle_timeout_s`, so a slow drip cannot hold the upload forever.
+        """
         with self._hold(upload_id):
             state = self.status(upload_id, contributor)
             writer = UploadWriter(state, self.part_path(upload_id), self._hasher(state))
+            with self._guard:
+                self._streams[upload_id] = (writer, cancel or (lambda: None))
             try:
                 yield writer
             finally:
@@ -195,6 +208,7 @@ class Uploads:
                     writer.close()
                 finally:
                     with self._guard:
+                        self._streams.pop(upload_id, None)
                         self._hashers[upload_id] = (writer.hasher, writer.written)
                     self._touch(upload_id)
 
@@ -245,6 +259,18 @@ class Uploads:
         log.info("expert %s (%s) accepted from %s", record.expert_id, record.name,
                  record.contributor)
         return FinishResult(record, False)
+
+    def cancel_stalled(self, now: float | None = None) -> list[str]:
+        """Cancel streams that sent no chunk for `stream_idle_timeout_s` (monotonic time)."""
+        cutoff = (time.monotonic() if now is None else now) - self.limits.stream_idle_timeout_s
+        with self._guard:
+            stalled = [(upload_id, cancel) for upload_id, (writer, cancel)
+                       in self._streams.items() if writer.last_chunk_at < cutoff]
+        for upload_id, cancel in stalled:
+            log.warning("cancelling upload stream %s: no data for %.0f s", upload_id,
+                        self.limits.stream_idle_timeout_s)
+            cancel()
+        return [upload_id for upload_id, _ in stalled]
 
     def expire(self, now: float | None = None) -> list[str]:
         """Discard uploads idle for longer than the limit and not being written now."""

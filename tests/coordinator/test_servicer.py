@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -16,7 +17,7 @@ from protocol.bundle import load_bundle
 from protocol.errors import NotFound
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
-from tests.coordinator.bundles import make_bundle
+from tests.coordinator.bundles import archive_of, make_bundle
 
 
 @pytest.fixture
@@ -88,3 +89,41 @@ def test_a_stream_without_upload_id_is_invalid_argument(running):
                              metadata=(("authorization", f"Bearer {token}"),), timeout=10)
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "upload_id" in failed.value.details()
+
+
+def test_a_silent_stream_is_cancelled_and_the_upload_can_resume(tmp_path, tiny_spec):
+    store = Store(tmp_path / "store")
+    store.cache_base_spec(tiny_spec)
+    token = TokenBook(store).add("dripper")
+    store.close()
+    server = CoordinatorServer(ServerConfig(store=tmp_path / "store", base="tiny-llama",
+                                            port=0, stream_idle_timeout_s=0.5))
+    server.start()
+    archive = archive_of(make_bundle(tmp_path / "b", tiny_spec, "drip"))
+    metadata = (("authorization", f"Bearer {token}"),)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+            start = stub.StartUpload(pb.StartUploadRequest(
+                size_bytes=len(archive), sha256=hashlib.sha256(archive).hexdigest(),
+                name="drip"), metadata=metadata, timeout=10)
+
+            def drip():
+                yield pb.WriteUploadRequest(upload_id=start.upload_id, data=archive[:100])
+                time.sleep(4)  # then nothing: the server must not wait for us
+
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as stalled:
+                stub.WriteUpload(drip(), metadata=metadata, timeout=30)
+            assert stalled.value.code() == grpc.StatusCode.CANCELLED
+            assert time.monotonic() - began < 3.5
+            query = pb.QueryUploadRequest(upload_id=start.upload_id)
+            assert stub.QueryUpload(query, metadata=metadata, timeout=10).committed_bytes == 100
+            stub.WriteUpload(iter([pb.WriteUploadRequest(
+                upload_id=start.upload_id, offset=100, data=archive[100:])]),
+                metadata=metadata, timeout=10)
+            done = stub.FinishUpload(pb.FinishUploadRequest(upload_id=start.upload_id),
+                                     metadata=metadata, timeout=30)
+            assert done.expert.name == "drip" and not done.already_stored
+    finally:
+        server.stop()
