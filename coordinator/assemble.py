@@ -3,8 +3,9 @@ experts module by module, and commit an immutable, content-addressed version fol
 
 Store layout (beside the expert store's own files)::
 
-    versions/<version_id>/version.json   the version manifest (experts, parent, base, files)
-    versions/<version_id>/router/        the stacked router, as `routing.save_router` writes it
+    versions/<version_id>/version.json   the version manifest (experts, parent, base, diff)
+    versions/<version_id>/router/        the stacked router, as routing.version.save_router
+                                         writes it (a self-contained, exportable folder)
     versions/CURRENT                     id of the current version (replaced atomically)
 
 The version id hashes the base fingerprint and the ordered expert ids, so assembling the same

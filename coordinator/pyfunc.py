@@ -8,7 +8,6 @@ and `mlflow models serve` both need `routing` importable (the gaggle package ins
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -39,8 +38,8 @@ class RouterModel(PythonModel):
         """model_input: a list of prompts, a string, or a DataFrame whose first column holds
         them. params: max_new_tokens (32), method ("phatgoose"), top_k (2).
 
-        Not type-hinted on purpose: MLflow would then replace the logged signature, which
-        declares these params, with one inferred from the hint, which has none."""
+        model_input has no type hint on purpose: MLflow would replace the logged signature,
+        which declares these params, with one inferred from the hint, which has none."""
         import torch
 
         from routing.router import route
@@ -74,6 +73,4 @@ def _prompts(model_input) -> list[str]:
     return [str(v) for v in model_input]
 
 
-with warnings.catch_warnings():  # mlflow asks for type hints; see `predict` for why not
-    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-    mlflow.models.set_model(RouterModel())
+mlflow.models.set_model(RouterModel())

@@ -88,9 +88,8 @@ def replay_router_version(client, experiment_id: str, op: Op) -> None:
             ["a prompt"], ["a completion"], params={"max_new_tokens": 32,
                                                     "method": "phatgoose", "top_k": 2})
         with warnings.catch_warnings():
-            # No input example (it would load the whole routed model while logging) and no
-            # type hints (see coordinator.pyfunc): mlflow's advice on both does not apply.
-            warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+            # No input example: it would load the whole routed model while logging.
+            warnings.filterwarnings("ignore", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(PYFUNC_CODE),
                 artifacts={"version": str(folder)}, pip_requirements=_requirements(),

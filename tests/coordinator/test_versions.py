@@ -110,3 +110,26 @@ def test_unknown_version_is_a_clear_error(two_versions, capsys):
     store, _, _, _, _ = two_versions
     assert main(["diff", "ffff", "eeee", "--store", str(store.root)]) == 2
     assert "no router version 'ffff'" in capsys.readouterr().err
+
+
+def test_assemble_command_tracks_into_the_embedded_store(tmp_path, tiny_spec, capsys):
+    """Without --tracking-uri, MLflow is a SQLite file inside the store folder."""
+    from mlflow import MlflowClient
+
+    from coordinator.tracking import REGISTERED_MODEL, default_tracking_uri
+
+    store = make_store(tmp_path / "store", tiny_spec)
+    add_expert(store, tiny_spec, "a", seed=1)
+    assert main(["assemble", "--store", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert "(new): 1 experts, +a" in out and "up to date" in out
+    assert (store.root / "mlflow" / "mlflow.db").is_file()
+    uri = default_tracking_uri(store.root)
+    (model_version,) = MlflowClient(uri, uri).search_model_versions(
+        f"name = '{REGISTERED_MODEL}'")
+    assert model_version.tags["n_experts"] == "1"
+    assert main(["assemble", "--store", str(store.root)]) == 0  # nothing new: same version
+    assert "unchanged" in capsys.readouterr().out
+    assert main(["versions", "--store", str(store.root), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["mlflow_version"] == 1

@@ -1,0 +1,76 @@
+"""End to end through real processes: a coordinator (gRPC, local Ray) and an `mlflow server` on
+loopback; experts submitted one after another with the contributor client become router
+versions, runs and registered model versions."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+
+import coordinator.server
+from contributor.client import Connection, CoordinatorClient
+from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION
+from coordinator.version_store import VersionStore
+from protocol.bundle import save_bundle
+from routing.synthetic import random_bundle
+from tests.coordinator.assembly_helpers import MlflowServer
+from tests.servers import add_token, seed_base_spec, start_coordinator
+
+pytestmark = pytest.mark.skipif(
+    "server_hook" not in inspect.getsource(coordinator.server.accepted_hook),
+    reason="coordinator.server.accepted_hook does not start the assembler "
+           "(coordinator.assembler.server_hook) yet")
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"no {what} after {timeout} s")
+
+
+def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec):
+    import mlflow
+    from mlflow import MlflowClient
+
+    tracking = MlflowServer(tmp_path / "mlflow")
+    tracking.launch()
+    store = tmp_path / "store"
+    seed_base_spec(store, tiny_spec)
+    server = start_coordinator(store, extra_args=("--tracking-uri", tracking.uri))
+    try:
+        tracking.wait_ready()
+        token = add_token(store, "alice")
+        with CoordinatorClient(Connection(server.address, token)) as client:
+            for count, (name, method) in enumerate((("a", "lora"), ("b", "ia3"),
+                                                    ("c", "lora")), start=1):
+                bundle = random_bundle(tiny_spec, name, method=method, seed=count)
+                bundle.manifest.training = {"expert_steps": 5, "expert_loss": [2.0, 1.0]}
+                save_bundle(bundle, tmp_path / name)
+                client.submit(tmp_path / name)
+                wait_for(lambda n=count: len(VersionStore(store).all()) == n, 180,
+                         f"version {count}:\n{server.log()}")
+        sets = [sorted(e["name"] for e in m["experts"]) for m in VersionStore(store).all()]
+        assert sets == [["a"], ["a", "b"], ["a", "b", "c"]]
+        assert {e["contributor"] for e in VersionStore(store).all()[-1]["experts"]} == {"alice"}
+
+        registry = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
+        wait_for(lambda: len(registry.search_model_versions(
+            f"name = '{REGISTERED_MODEL}'")) == 3, 180, "three model versions")
+        experiment = registry.get_experiment_by_name(EXPERIMENT)
+        runs = registry.search_runs([experiment.experiment_id])
+        assert sorted(r.data.params["name"] for r in runs) == ["a", "b", "c"]
+        latest = registry.get_model_version_by_alias(REGISTERED_MODEL, "latest")
+        assert latest.tags[TAG_VERSION] == VersionStore(store).current_id()
+        mlflow.set_tracking_uri(tracking.uri)
+        model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@latest")
+        (text,) = model.predict(["Hello"], params={"max_new_tokens": 3})
+        assert isinstance(text, str)
+    finally:
+        assert server.stop(timeout=60) == 0, server.log()
+        tracking.stop()
