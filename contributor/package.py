@@ -69,9 +69,11 @@ def expert_from_peft(peft_model: nn.Module) -> Expert:
 
     adapter_name = peft_model.active_adapter
     config = peft_model.peft_config[adapter_name]
-    if getattr(config, "use_dora", False) or getattr(config, "fan_in_fan_out", False):
-        raise InvalidArgument("DoRA and fan_in_fan_out adapters are not supported: train a "
-                              "plain LoRA or (IA)^3 adapter", field="adapter")
+    unsupported = [key for key in ("use_dora", "fan_in_fan_out", "lora_bias")
+                   if getattr(config, key, False)]
+    if unsupported:
+        raise InvalidArgument(f"peft options {unsupported} are not supported: train a plain "
+                              "LoRA or (IA)^3 adapter", field="adapter")
     model = peft_model.get_base_model()
     modules: list[ModuleSpec] = []
     adapter: dict[str, torch.Tensor] = {}
