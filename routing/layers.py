@@ -110,8 +110,8 @@ class RoutedLinear(nn.Module):
         if self.state.trace is not None:
             kept = torch.where(weight > 0, self.collection[index], -1)
             self.state.trace.setdefault(self.name, []).append(kept.cpu())
-        delta = self.mix(flat, index, weight, out.reshape(-1, out.shape[-1]))
-        return out + delta.view_as(out)
+        self.add_mixture(out.view(-1, out.shape[-1]), flat, index, weight)
+        return out
 
     def _select(self, flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token: (N, k) local expert positions and their mixture weights."""
@@ -143,51 +143,51 @@ class RoutedLinear(nn.Module):
         weight = (local >= 0).to(self.route_keys.dtype)  # experts not adapting here add nothing
         return local.clamp(min=0), weight
 
-    def mix(self, flat: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-            base_out: torch.Tensor) -> torch.Tensor:
-        """sum_j weight[t, j] * delta_{index[t, j]}(x_t); flat (N, d_in) -> (N, d_out).
+    def add_mixture(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
+                    weight: torch.Tensor) -> None:
+        """out += sum_j weight[t, j] * delta_{index[t, j]}(x_t), in place.
 
-        base_out (N, d_out) is the base layer's output, reused by output-scaled (IA)^3.
+        out (N, d_out) holds the base output W x_t on entry (output-scaled (IA)^3 scales it);
+        flat (N, d_in); index, weight (N, k) local expert positions and mixture weights.
         """
-        delta = torch.zeros_like(base_out)
+        scaled_base = None
+        if self.ia3_out is not None:  # computed first: it reads the untouched base output
+            # peft scales the whole base output (bias included; Llama has none)
+            scaled_base = torch.einsum("nk,nkd->nd", weight, self.ia3_out[index]) * out
         if self.lora_A is not None:
             lora_weight = weight * self.scaling[index]  # each expert with its own scaling
             if self.dense:
-                delta += self._lora_dense(flat, index, lora_weight)
+                self._add_lora_dense(out, flat, index, lora_weight)
             else:
-                delta += self._lora_grouped(flat, index, lora_weight)
-        if self.ia3_out is not None:
-            # peft scales the whole base output (bias included; Llama has none)
-            coeff = torch.einsum("nk,nkd->nd", weight, self.ia3_out[index])
-            delta += coeff * base_out
+                self._add_lora_grouped(out, flat, index, lora_weight)
         if self.ia3_in is not None:
             coeff = torch.einsum("nk,nkd->nd", weight, self.ia3_in[index])
-            delta += F.linear(coeff * flat, self.base.weight)
-        return delta
+            out += F.linear(coeff * flat, self.base.weight)
+        if scaled_base is not None:
+            out += scaled_base
 
-    def _lora_dense(self, flat: torch.Tensor, index: torch.Tensor,
-                    weight: torch.Tensor) -> torch.Tensor:
+    def _add_lora_dense(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
+                        weight: torch.Tensor) -> None:
         count, experts = flat.shape[0], self.lora_A.shape[0]
         hidden = flat @ self.lora_A.reshape(-1, flat.shape[1]).T  # (N, E*r)
         full = torch.zeros(count, experts, dtype=flat.dtype, device=flat.device)
         full.scatter_(1, index, weight)  # (N, E), zero outside the top-k
         hidden = (hidden.view(count, experts, -1) * full.unsqueeze(-1)).view(count, -1)
-        return hidden @ self.lora_B_rows
+        out.addmm_(hidden, self.lora_B_rows)
 
-    def _lora_grouped(self, flat: torch.Tensor, index: torch.Tensor,
-                      weight: torch.Tensor) -> torch.Tensor:
-        count, kept = index.shape
+    def _add_lora_grouped(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
+                          weight: torch.Tensor) -> None:
+        kept = index.shape[1]
         experts = index.reshape(-1)
         order = torch.argsort(experts, stable=True)  # assignments grouped by expert
-        offsets = torch.cumsum(torch.bincount(experts, minlength=self.lora_A.shape[0]), 0)
+        counts = torch.bincount(experts, minlength=self.lora_A.shape[0])
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
         tokens = order // kept
         gathered = flat.index_select(0, tokens)  # (N*k, d_in)
-        offsets = offsets.to(torch.int32)
         hidden = F.grouped_mm(gathered, self.lora_A.transpose(1, 2), offs=offsets)  # (N*k, r)
-        hidden = hidden * weight.reshape(-1)[order].unsqueeze(1)
-        out = F.grouped_mm(hidden, self.lora_B.transpose(1, 2), offs=offsets)  # (N*k, d_out)
-        delta = torch.zeros(count, out.shape[1], dtype=flat.dtype, device=flat.device)
-        return delta.index_add_(0, tokens, out)
+        hidden *= weight.reshape(-1)[order].unsqueeze(1)
+        delta = F.grouped_mm(hidden, self.lora_B.transpose(1, 2), offs=offsets)  # (N*k, d_out)
+        out.index_add_(0, tokens, delta)
 
     # ---- per-example baselines ---------------------------------------------------------------
     def _smear_delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,197 @@
+"""Inference cost of PHATGOOSE routing on SmolLM2-135M: base vs routed (8/64/512 experts) vs naive.
+
+    .venv/bin/python bench/inference.py            # full run, writes bench/results/inference.json
+    .venv/bin/python bench/inference.py --quick    # 8 and 64 experts, 2 rounds: ~1 minute
+
+Experts are seeded random LoRA bundles (r=8 on all 210 linears, routing.synthetic), so the
+figures measure cost, not quality. Every round times each configuration once, in turn, so
+load from other processes hits them alike; ratios are taken within a round, then the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from routing.base import BaseModel, load_base  # noqa: E402
+from routing.layers import RoutedLinear, parameter_free_layer_norm  # noqa: E402
+from routing.router import route, unroute  # noqa: E402
+from routing.stack import ModuleRouter, RouterWeights  # noqa: E402
+
+
+def synthetic_router(base: BaseModel, count: int, rank: int, seed: int = 0) -> RouterWeights:
+    """`count` random LoRA experts of rank `rank` on every linear, stacked directly.
+
+    Same distributions as `routing.synthetic.random_bundle` (scaled Gaussian factors and
+    gates), but drawn per module straight into the stacked tensors: 512 experts at r=8 on
+    SmolLM2 are ~5 GB, and building 512 bundles first would double that and take minutes.
+    Arrow prototypes are left at zero: this benchmark routes with the gates.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    names = [f"expert{e:03d}" for e in range(count)]
+    modules = {}
+    for module, (d_in, d_out) in base.spec().linears.items():
+        modules[module] = ModuleRouter(
+            name=module, d_in=d_in, d_out=d_out, experts=names, kinds=["lora"] * count,
+            keys=torch.randn(count, d_in, generator=generator),
+            prototypes=torch.zeros(count, d_in),
+            scaling=torch.ones(count),  # alpha = r, as random_bundle's default
+            lora_A=torch.randn(count, rank, d_in, generator=generator) * 0.05,
+            lora_B=torch.randn(count, d_out, rank, generator=generator) * 0.05,
+        )
+    return RouterWeights(base_model=base.name, fingerprint=base.fingerprint, experts=names,
+                         modules=modules)
+
+
+class NaiveRoutedLinear(nn.Module):
+    """Same top-k PHATGOOSE mixture, written as a Python loop over every expert."""
+
+    def __init__(self, layer: RoutedLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        out = layer.base(x)
+        flat = x.reshape(-1, x.shape[-1])
+        scores = parameter_free_layer_norm(flat) @ layer.route_keys.T
+        top, index = scores.topk(layer.top_k, dim=-1)
+        weights = torch.zeros_like(scores).scatter_(1, index, torch.softmax(top, -1))
+        delta = torch.zeros(flat.shape[0], out.shape[-1])
+        for e in range(layer.lora_A.shape[0]):
+            low = F.linear(flat, layer.lora_A[e])
+            delta += (weights[:, e:e + 1] * layer.scaling[e]) * F.linear(low, layer.lora_B[e])
+        return out + delta.view_as(out)
+
+
+def make_naive(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RoutedLinear):
+            model.set_submodule(name, NaiveRoutedLinear(module))
+
+
+def unmake_naive(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NaiveRoutedLinear):
+            model.set_submodule(name, module.layer.base)
+
+
+def timed_forward(model: nn.Module, tokens: torch.Tensor) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one forward pass."""
+    with torch.inference_mode():
+        wall, cpu = time.perf_counter(), time.process_time()
+        model(tokens)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(base: BaseModel, routers: dict[int, RouterWeights], tokens: torch.Tensor,
+            rounds: int, naive_rounds: int, naive_experts: int, top_k: int) -> dict:
+    """Interleaved rounds: per round one timed forward per configuration (after a warm-up)."""
+    model = base.model
+    times: dict[str, list[tuple[float, float]]] = {"base": []}
+
+    def run(label: str) -> None:
+        timed_forward(model, tokens)  # warm-up: allocator and kernels for these shapes
+        times.setdefault(label, []).append(timed_forward(model, tokens))
+
+    for round_index in range(rounds):
+        unroute(model)
+        run("base")
+        for count, weights in routers.items():
+            route(model, weights, "phatgoose", top_k, fingerprint=base.fingerprint)
+            run(f"routed_{count}")
+            if count == naive_experts and round_index < naive_rounds:
+                make_naive(model)
+                run(f"naive_{count}")
+                unmake_naive(model)
+            unroute(model)
+        print(f"  round {round_index + 1}/{rounds}: " + ", ".join(
+            f"{k} {v[-1][0]:.2f}s" for k, v in times.items() if len(v) == round_index + 1),
+            flush=True)
+    return times
+
+
+def summarise(times: dict[str, list[tuple[float, float]]], naive_experts: int) -> dict:
+    """Medians of wall and CPU time, and medians of the per-round ratios to the base."""
+    rows = {}
+    for label, values in times.items():
+        row = {"runs": [{"wall_s": w, "cpu_s": c} for w, c in values]}
+        for slot, clock in ((0, "wall"), (1, "cpu")):
+            row[f"{clock}_s"] = statistics.median(v[slot] for v in values)
+            row[f"{clock}_ratio_to_base"] = statistics.median(
+                v[slot] / b[slot] for v, b in zip(values, times["base"], strict=False))
+        rows[label] = row
+    naive, routed = f"naive_{naive_experts}", f"routed_{naive_experts}"
+    if naive in times:
+        for slot, clock in ((0, "wall"), (1, "cpu")):
+            rows[naive][f"{clock}_routed_speedup"] = statistics.median(
+                n[slot] / r[slot] for n, r in zip(times[naive], times[routed], strict=False))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 and 64 experts, 2 rounds")
+    parser.add_argument("--experts", type=int, nargs="+", default=None,
+                        help="expert counts (default 8 64 512; quick: 8 64)")
+    parser.add_argument("--naive-experts", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="default 5, quick 2")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 gives the steadiest "
+                        "CPU-time ratios on a busy machine")
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 5)
+    counts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    base = load_base(args.base)
+    tokens = torch.randint(0, base.model.config.vocab_size, (args.batch, args.tokens),
+                           generator=torch.Generator().manual_seed(0))
+    routers = {}
+    for count in counts:
+        routers[count] = synthetic_router(base, count, args.rank)
+        print(f"stacked {count} experts ({time.perf_counter() - started:.0f}s)", flush=True)
+    times = measure(base, routers, tokens, rounds, naive_rounds=1 if args.quick else 3,
+                    naive_experts=args.naive_experts, top_k=args.top_k)
+    rows = summarise(times, args.naive_experts)
+    print_table(rows)
+    result = {"base_model": args.base, "batch": args.batch, "tokens": args.tokens,
+              "rank": args.rank, "top_k": args.top_k, "rounds": rounds,
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "results": rows, "wall_s": time.perf_counter() - started}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out} ({result['wall_s']:.0f}s)")
+    return 0
+
+
+def print_table(rows: dict) -> None:
+    print(f"\n{'configuration':<14}{'wall s':>8}{'x base':>8}{'cpu s':>8}{'x base':>8}  note")
+    for label, row in rows.items():
+        note = ""
+        if "cpu_routed_speedup" in row:
+            note = (f"routed is {row['cpu_routed_speedup']:.1f}x faster (cpu), "
+                    f"{row['wall_routed_speedup']:.1f}x (wall)")
+        print(f"{label:<14}{row['wall_s']:>8.3f}{row['wall_ratio_to_base']:>8.2f}"
+              f"{row['cpu_s']:>8.3f}{row['cpu_ratio_to_base']:>8.2f}  {note}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
