@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         seed_base_spec(store, spec)
         config = folder / "coordinator.toml"
         config.write_text(f"max_bundle_bytes = {4 * size}\n")
-        coordinator = start_coordinator(store, extra_args=("--config", str(config)))
+        coordinator = start_coordinator(store, extra_args=("--config", str(config),
+                                                          "--no-assembly"))
         raw_process, raw_address = start_raw_server(folder)
         token = add_token(store, "bench")
         raw_times, framed_times, submit_times, phases = [], [], [], []

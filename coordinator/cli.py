@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     _tracking(serve)
     serve.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    serve.add_argument("--no-assembly", dest="assembly", action="store_false", default=None,
+                       help="only store experts: no automatic assembly or MLflow tracking")
     serve.set_defaults(handler="coordinator.server:run_serve_command")
 
     token = sub.add_parser("token", help="add, revoke or list contributor tokens")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import tomllib
@@ -50,6 +51,7 @@ class ServerConfig:
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
     ray_address: str | None = None  # Ray cluster to join (used by assembly)
+    assembly: bool = True  # after each accepted expert: assemble a version, track in MLflow
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -165,12 +167,18 @@ class CoordinatorServer:
 
 
 def accepted_hook(config: ServerConfig) -> OnAccepted | None:
-    """What runs after each newly accepted expert (off the RPC path, in order).
+    """What runs after each newly accepted expert (off the RPC path, in order): the
+    assembler, which builds a router version on Ray and tracks it in MLflow. None with
+    `assembly = false` (--no-assembly): experts are then only stored."""
+    if not config.assembly:
+        return None
+    # Ray's failure signal handler would turn the SIGTERM that `serve` handles (graceful
+    # shutdown) into an abort when the process exits.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    from coordinator.assembler import server_hook  # Ray and MLflow: only when assembling
 
-    Assembly and version tracking plug in here; with nothing plugged in, experts are only
-    stored.
-    """
-    return None
+    return server_hook(config.store, tracking_uri=config.tracking_uri,
+                       ray_address=config.ray_address)
 
 
 def serve(config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:

@@ -29,6 +29,7 @@ def test_flags_override_the_toml_file(tmp_path):
     assert config.port == 7000  # the flag wins
     assert (config.limits.max_bundle_bytes, config.limits.quota_bytes) == (1234, 99999)
     assert config.host == "127.0.0.1"  # loopback unless asked otherwise
+    assert config.assembly and not config_from(["--config", str(toml), "--no-assembly"]).assembly
 
 
 @pytest.mark.parametrize("argv, words", [

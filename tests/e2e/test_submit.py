@@ -47,7 +47,8 @@ def server(tmp_path_factory, tiny_spec):
     seed_base_spec(root / "store", tiny_spec)
     config = root / "coordinator.toml"
     config.write_text(f"max_bundle_bytes = {MAX_BUNDLE}\nmax_concurrent_uploads = 4\n")
-    process = start_coordinator(root / "store", extra_args=("--config", str(config)))
+    process = start_coordinator(root / "store",
+                                extra_args=("--config", str(config), "--no-assembly"))
     yield process
     assert process.stop() == 0, process.log()
 

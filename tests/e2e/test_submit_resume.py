@@ -30,7 +30,7 @@ def listed_ids(store) -> list[str]:
 def test_submit_resumes_after_the_coordinator_is_killed(tmp_path, tiny_spec):
     store = tmp_path / "store"
     seed_base_spec(store, tiny_spec)
-    server = start_coordinator(store)
+    server = start_coordinator(store, extra_args=("--no-assembly",))
     token = add_token(store, "alice")
     bundle = make_bundle(tmp_path / "bundle", tiny_spec, "resumable", rank=1024)
     size = len(archive_of(bundle))

@@ -80,7 +80,8 @@ def tls_server(tmp_path_factory, pki, tiny_spec):
     seed_base_spec(store, tiny_spec)
     credentials = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
     server = start_coordinator(store, credentials=credentials, extra_args=(
-        "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"])))
+        "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
+        "--no-assembly"))
     yield server
     assert server.stop() == 0, server.log()  # SIGTERM drains and exits cleanly
 
@@ -136,7 +137,7 @@ def test_client_certificate_is_required_when_the_server_names_a_client_ca(tmp_pa
         certificate_chain=pki["client_cert"].read_bytes())
     server = start_coordinator(store, credentials=credentials, extra_args=(
         "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
-        "--tls-client-ca", str(pki["ca"])))
+        "--tls-client-ca", str(pki["ca"]), "--no-assembly"))
     try:
         token = add_token(store, "alice")
         anonymous = Connection(server.address, token, tls_ca=pki["ca"], timeout_s=10)
