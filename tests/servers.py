@@ -8,7 +8,9 @@ Usage::
     server.stop()                                           # SIGTERM, then SIGKILL
 
 `seed_base_spec(store, spec)` writes the base model's cached spec first, so the server skips
-loading the model (seconds per start) when a test does not need that path.
+loading the model (seconds per start) when a test does not need that path. A coordinator
+assembles a router version (Ray, MLflow) after each accepted expert; tests of storage alone
+pass `extra_args=("--no-assembly",)`.
 """
 
 from __future__ import annotations
