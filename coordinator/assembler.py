@@ -15,7 +15,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from coordinator.assemble import AssemblyConfig, AssemblyResult, assemble, select_experts
+from coordinator.assemble import (
+    AssemblyConfig,
+    AssemblyResult,
+    assemble,
+    ensure_ray,
+    select_experts,
+)
 from coordinator.tracking import Tracker, expert_payload, version_payload
 from coordinator.version_store import VersionStore
 from protocol.errors import GaggleError
@@ -137,8 +143,7 @@ class Assembler:
             self.last_error = str(err)
             log.error("assembly failed, version %s stays current: %s",
                       self.versions.current_id(), err)
-        except Exception as err:  # a bug must not kill the thread that serves later experts
-            self._failed = attempted
+        except Exception as err:  # Ray down, a bug: keep the thread; reconcile retries it
             self.last_error = f"{type(err).__name__}: {err}"
             log.exception("assembly failed, version %s stays current",
                           self.versions.current_id())
@@ -197,11 +202,18 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
                 ray_address: str | None = None) -> Callable[[object], None]:
     """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
 
-    It opens its own handle on the store (never the recovering one) and stops with the
-    process, after the assembly in flight.
+    Call it from the main thread, before serving: it starts Ray there. It opens its own
+    handle on the store (never the recovering one) and stops with the process, after the
+    assembly in flight.
     """
     from coordinator.store import Store
 
+    try:
+        # From the main thread: Ray started in a worker thread cannot set up its signal
+        # handling, and such a process aborts at exit instead of stopping cleanly.
+        ensure_ray(AssemblyConfig(ray_address=ray_address))
+    except Exception as err:  # the assembler thread retries; accepting must not wait on Ray
+        log.warning("Ray did not start (%s); assembly will retry in the background", err)
     assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
                                 ray_address=ray_address)
     atexit.register(assembler.close)
