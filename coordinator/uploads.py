@@ -196,6 +196,7 @@ class Uploads:
         `cancel` ends the stream's RPC; `cancel_stalled` calls it when no chunk arrives for
         `stream_idle_timeout_s`, so a slow drip cannot hold the upload forever.
         """
+        self._row(upload_id, contributor)  # unknown ids fail before they get a lock
         with self._hold(upload_id):
             state = self.status(upload_id, contributor)
             writer = UploadWriter(state, self.part_path(upload_id), self._hasher(state))
@@ -214,6 +215,7 @@ class Uploads:
 
     def finish(self, upload_id: str, contributor: str) -> FinishResult:
         """Verify, validate and commit the upload; see the module docstring."""
+        self._row(upload_id, contributor)  # unknown ids fail before they get a lock
         with self._hold(upload_id):
             state = self.status(upload_id, contributor)
             if state.committed_bytes != state.size_bytes:
