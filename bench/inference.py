@@ -70,7 +70,7 @@ class NaiveRoutedLinear(nn.Module):
         delta = torch.zeros(flat.shape[0], out.shape[-1])
         for e in range(layer.lora_A.shape[0]):
             low = F.linear(flat, layer.lora_A[e])
-            delta += (weights[:, e:e + 1] * layer.scaling[e]) * F.linear(low, layer.lora_B[e])
+            delta += (weights[:, e:e + 1] * layer.scaling[e]) * (low @ layer.lora_B_t[e])
         return out + delta.view_as(out)
 
 

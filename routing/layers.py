@@ -3,14 +3,18 @@
 Shapes: x (..., d_in) is flattened to N tokens; E experts adapt the module; r is the padded
 LoRA rank; k the number of experts kept per token.
 
+Weights held per layer: A (E, r, d_in) is a view of the RouterWeights tensor; B is copied
+once to (E, r, d_out) row-major (E*r*d_out floats), the layout both dispatches read fastest.
+
 Two equivalent ways to apply the LoRA part of the top-k mixture, picked per layer:
 - dense: h = x A_all^T for all E experts at once, weights zero outside the top-k, then one
-  matmul with B_all. Extra memory: (N, E*r) activations + an (E*r, d_out) copy of B.
-  Cheapest when E*r is small (a few experts): two plain GEMMs.
+  matmul with B_all. Extra activations: (N, E*r) + (N, E). FLOPs ~ N*E*r*(d_in + d_out).
+  Cheapest when E*r is small (a few experts): two plain GEMMs, no gather.
 - grouped: the N*k (token, expert) assignments are sorted by expert and two grouped GEMMs
   (`torch.nn.functional.grouped_mm`) run each expert's factors on its own tokens only, the
-  dispatch of mixture-of-experts layers. Extra memory: (N*k, d_in) gathered inputs, (N*k, r)
-  and (N*k, d_out) intermediates; no copy of the expert weights. Cost grows with N*k, not E.
+  dispatch of mixture-of-experts layers. Extra activations: (N*k, d_in) gathered inputs,
+  (N*k, r) and (N*k, d_out). FLOPs ~ N*k*r*(d_in + d_out), independent of E; only the
+  factors of experts some token picked are read.
 (IA)^3 deltas are linear in the mixture weights, so they cost one elementwise product
 (output-scaled) or one extra matmul with W (input-scaled) whatever the number of experts.
 """
@@ -78,12 +82,12 @@ class RoutedLinear(nn.Module):
             pad = 4 - self.rank % 4  # zero rank columns add nothing; copies only odd ranks
             lora_A = F.pad(lora_A, (0, 0, 0, pad))
             lora_B = F.pad(lora_B, (0, pad))
-        self._buffer("lora_A", lora_A)  # (E, r, d_in)
-        self._buffer("lora_B", lora_B)  # (E, d_out, r)
-        if router.lora_A is not None and self.dense:
-            # (E*r, d_out): row e*r + j is column j of B_e, matching lora_A.view(E*r, d_in)
-            rows = router.lora_B.transpose(1, 2).reshape(-1, base.out_features)
-            self._buffer("lora_B_rows", rows)
+        self._buffer("lora_A", lora_A)  # (E, r, d_in), shared with the RouterWeights
+        if lora_B is not None:
+            # (E, r, d_out), a copy: both dispatches read B row-major per expert, and the
+            # grouped GEMM is ~2x slower on the transposed view at hundreds of experts
+            lora_B = lora_B.transpose(1, 2).contiguous()
+        self._buffer("lora_B_t", lora_B)
         self._buffer("ia3_out", router.ia3_out)  # (E, d_out)
         self._buffer("ia3_in", router.ia3_in)  # (E, d_in)
         self._buffer("route_keys", _route_keys(router, method))  # (E, d_in)
@@ -173,7 +177,8 @@ class RoutedLinear(nn.Module):
         full = torch.zeros(count, experts, dtype=flat.dtype, device=flat.device)
         full.scatter_(1, index, weight)  # (N, E), zero outside the top-k
         hidden = (hidden.view(count, experts, -1) * full.unsqueeze(-1)).view(count, -1)
-        out.addmm_(hidden, self.lora_B_rows)
+        # row e*r + j of lora_B_t.view(E*r, d_out) is column j of B_e, as in lora_A's view
+        out.addmm_(hidden, self.lora_B_t.view(-1, out.shape[1]))
 
     def _add_lora_grouped(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
                           weight: torch.Tensor) -> None:
@@ -186,7 +191,7 @@ class RoutedLinear(nn.Module):
         gathered = flat.index_select(0, tokens)  # (N*k, d_in)
         hidden = F.grouped_mm(gathered, self.lora_A.transpose(1, 2), offs=offsets)  # (N*k, r)
         hidden *= weight.reshape(-1)[order].unsqueeze(1)
-        delta = F.grouped_mm(hidden, self.lora_B.transpose(1, 2), offs=offsets)  # (N*k, d_out)
+        delta = F.grouped_mm(hidden, self.lora_B_t, offs=offsets)  # (N*k, d_out)
         out.index_add_(0, tokens, delta)
 
     # ---- per-example baselines ---------------------------------------------------------------
@@ -210,7 +215,7 @@ class RoutedLinear(nn.Module):
         delta = torch.zeros_like(base_out).reshape(seq_x.shape[0], seq_x.shape[1], -1)
         if self.lora_A is not None:
             merged_A = torch.einsum("be,erd->brd", probs, self.lora_A)
-            merged_B = torch.einsum("be,eor->bor", probs * self.scaling, self.lora_B)
+            merged_B = torch.einsum("be,ero->bor", probs * self.scaling, self.lora_B_t)
             delta += torch.bmm(torch.bmm(seq_x, merged_A.transpose(1, 2)),
                                merged_B.transpose(1, 2))
         if self.ia3_out is not None:
@@ -225,8 +230,8 @@ class RoutedLinear(nn.Module):
         count = len(self.collection)
         total = torch.zeros_like(weight)
         if self.lora_A is not None:
-            scaled_B = self.lora_B * self.scaling.view(-1, 1, 1)  # (E, d_out, r)
-            total += scaled_B.transpose(0, 1).reshape(weight.shape[0], -1) @ \
+            scaled_B = self.lora_B_t * self.scaling.view(-1, 1, 1)  # (E, r, d_out)
+            total += scaled_B.reshape(-1, weight.shape[0]).T @ \
                 self.lora_A.reshape(-1, weight.shape[1])
         if self.ia3_out is not None:
             total += self.ia3_out.sum(0).unsqueeze(1) * weight
