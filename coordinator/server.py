@@ -24,7 +24,7 @@ from coordinator.auth import AuthInterceptor, TokenBook
 from coordinator.servicer import CoordinatorServicer, OnAccepted
 from coordinator.store import Store
 from coordinator.uploads import UploadLimits, Uploads
-from protocol.errors import InvalidArgument
+from protocol.errors import InvalidArgument, Unavailable
 from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,24 @@ class CoordinatorServer:
 
     def _bind(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls_cert is None:
-            return self.server.add_insecure_port(address)
+        try:
+            if self.config.tls_cert is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                port = self.server.add_secure_port(address, self._tls_credentials())
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise Unavailable(f"cannot listen on {address}: is another server using it? "
+                              "Choose another --port (0 picks a free one)", field="port")
+        return port
+
+    def _tls_credentials(self) -> grpc.ServerCredentials:
         client_ca = self.config.tls_client_ca.read_bytes() if self.config.tls_client_ca \
             else None
-        credentials = grpc.ssl_server_credentials(
+        return grpc.ssl_server_credentials(
             [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
             root_certificates=client_ca, require_client_auth=client_ca is not None)
-        return self.server.add_secure_port(address, credentials)
 
     def start(self) -> None:
         self.server.start()

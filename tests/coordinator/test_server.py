@@ -63,3 +63,17 @@ def test_experts_command_lists_stored_experts(tmp_path, tiny_spec, capsys):
     out = capsys.readouterr().out
     assert record.expert_id[:16] in out and "listed-one" in out and "alice" in out
     assert "1 experts" in out
+
+
+def test_a_busy_port_is_refused_with_a_clear_error(tmp_path, tiny_spec):
+    from coordinator.server import CoordinatorServer
+    from protocol.errors import Unavailable
+
+    Store(tmp_path / "store").cache_base_spec(tiny_spec)
+    first = CoordinatorServer(ServerConfig(store=tmp_path / "store", base="tiny-llama", port=0))
+    try:
+        with pytest.raises(Unavailable, match="another server"):
+            CoordinatorServer(ServerConfig(store=tmp_path / "store", base="tiny-llama",
+                                           port=first.port))
+    finally:
+        first.stop()
