@@ -4,12 +4,8 @@ versions, runs and registered model versions."""
 
 from __future__ import annotations
 
-import inspect
 import time
 
-import pytest
-
-import coordinator.server
 from contributor.client import Connection, CoordinatorClient
 from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION
 from coordinator.version_store import VersionStore
@@ -17,11 +13,6 @@ from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
 from tests.coordinator.assembly_helpers import MlflowServer
 from tests.servers import add_token, seed_base_spec, start_coordinator
-
-pytestmark = pytest.mark.skipif(
-    "server_hook" not in inspect.getsource(coordinator.server.accepted_hook),
-    reason="coordinator.server.accepted_hook does not start the assembler "
-           "(coordinator.assembler.server_hook) yet")
 
 
 def wait_for(condition, timeout: float, what: str):
@@ -68,6 +59,7 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec):
         latest = registry.get_model_version_by_alias(REGISTERED_MODEL, "latest")
         assert latest.tags[TAG_VERSION] == VersionStore(store).current_id()
         mlflow.set_tracking_uri(tracking.uri)
+        mlflow.set_registry_uri(tracking.uri)
         model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@latest")
         (text,) = model.predict(["Hello"], params={"max_new_tokens": 3})
         assert isinstance(text, str)

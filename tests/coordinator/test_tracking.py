@@ -101,6 +101,7 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         assert (tmp_path / manifest["version_id"] / "MLmodel").is_file(), local
 
     mlflow.set_tracking_uri(mlflow_server.uri)
+    mlflow.set_registry_uri(mlflow_server.uri)
     latest = client.get_model_version_by_alias(REGISTERED_MODEL, "latest")
     assert latest.tags[TAG_VERSION] == manifests[-1]["version_id"]
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@latest")
