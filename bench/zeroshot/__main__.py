@@ -1,0 +1,173 @@
+"""`python -m bench.zeroshot [--quick]`: PHATGOOSE against its baselines, through the real system.
+
+1. Federation (bench.zeroshot.system): MLflow + coordinator processes on 127.0.0.1; each
+   held-in task's contributor exports its own training file, trains in its own process
+   (`gaggle-contributor train`, cached by content) and submits over gRPC; the coordinator
+   assembles with Ray and tracks in MLflow; the newest version is exported.
+2. Scoring (bench.zeroshot.scoring): every method on every task's test split, once.
+3. Diagnostics on validation data (bench.zeroshot.diagnostics), then the report
+   (results.json, results.md, means.png, heatmap.png) under bench/results[/quick|/tiny].
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from bench.zeroshot.config import DIAGNOSED, METHODS, PLANS, Plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.zeroshot",
+                                     description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="4 held-in + 2 held-out tasks, 100 test examples, short training")
+    mode.add_argument("--tiny", action="store_true",
+                      help="the random 2-layer model and a few steps (tests)")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results[/MODE])")
+    parser.add_argument("--workdir", type=Path,
+                        help="store, logs and exported router (default runs/zeroshot-MODE-TIME)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-cache" / "experts",
+                        help="content-addressed cache of trained bundles")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch CPU threads for scoring")
+    return parser.parse_args(argv)
+
+
+def step(message: str) -> None:
+    print(f"[zeroshot {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def diagnostics(base, weights, plan: Plan) -> dict:
+    """Own-expert top-1 shares (held-in) and PHATGOOSE expert usage (held-out), validation."""
+    from bench.zeroshot.diagnostics import token_choices
+    from routing.router import route, unroute
+    from tasks.registry import split
+
+    validation = {t: split(t, plan.seed).validation[:plan.diagnostic_examples]
+                  for t in (*plan.held_in, *plan.held_out)}
+    own_share: dict[str, dict] = {}
+    usage: dict[str, list] = {}
+    for method in DIAGNOSED:
+        route(base, weights, method=method, top_k=2)
+        own_share[method] = {
+            t: token_choices(base, validation[t], max_length=plan.eval_max_length).own_share(t)
+            for t in plan.held_in}
+        if method == "phatgoose":
+            usage = {t: token_choices(base, validation[t], max_length=plan.eval_max_length)
+                     .usage().tolist() for t in plan.held_out}
+    unroute(base.model)
+    return {"own_share": own_share, "held_out_usage": usage, "experts": list(weights.experts),
+            "examples_per_task": plan.diagnostic_examples, "split": "validation"}
+
+
+def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) -> dict:
+    import torch
+
+    from bench.zeroshot import report
+    from bench.zeroshot.retrieval import Encoder, RetrievalIndex
+    from bench.zeroshot.scoring import Collection, Scorer
+    from bench.zeroshot.system import describe, run_federation
+    from protocol.bundle import load_bundle
+    from routing.base import load_base
+    from routing.version import load_router
+    from tasks.registry import split
+
+    started = time.monotonic()
+    torch.set_num_threads(args.threads)
+    base = load_base(plan.base)
+    step(f"base model {plan.base}, fingerprint {base.fingerprint[:12]}")
+    system = run_federation(plan, workdir, args.cache, base.fingerprint)
+    step(f"exported version {system.version['version_id']} to {system.router}")
+    weights = load_router(system.router)
+    encoder = Encoder()
+    began = time.monotonic()
+    index = RetrievalIndex.from_files(encoder, {c.task: c.data for c in system.contributions},
+                                      plan.retrieval_examples)
+    seconds = {"retrieval_index": time.monotonic() - began}
+    collection = Collection(weights, load_bundle(system.multitask), index, encoder)
+    # The test splits, scored exactly once per method for the final table.
+    tests = {t: split(t, plan.seed).test[:plan.test_examples]
+             for t in (*plan.held_in, *plan.held_out)}
+    scorer = Scorer(base, collection, plan, progress=step)
+    methods = [m for m in args.methods.split(",") if m]
+    results = {}
+    for method in methods:
+        began = time.monotonic()
+        results[method] = scorer.run(method, tests)
+        seconds[f"score_{method}"] = time.monotonic() - began
+    began = time.monotonic()
+    diagnosed = diagnostics(base, weights, plan)
+    seconds["diagnostics"] = time.monotonic() - began
+    summary = report.summarise(plan, results)
+    wall = time.monotonic() - started
+    payload = {"plan": plan.to_json(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "command": "python -m bench.zeroshot" + _mode_flag(plan),
+               "wall_seconds": round(wall, 1), "load_average": list(os.getloadavg()),
+               "test_examples": {t: len(v) for t, v in tests.items()},
+               "system": describe(system),
+               "seconds": {k: round(v, 1) for k, v in seconds.items()},
+               **summary, "diagnostics": diagnosed}
+    write_outputs(plan, payload, out)
+    return payload
+
+
+def _mode_flag(plan: Plan) -> str:
+    return "" if plan.name == "full" else f" --{plan.name}"
+
+
+def write_outputs(plan: Plan, payload: dict, out: Path) -> None:
+    from bench.zeroshot import report
+
+    report.write_json(out / "results.json", payload)
+    header = [f"# Zero-shot benchmark ({plan.name} mode)", "",
+              f"`{payload['command']}` on {payload['date']}, wall time "
+              f"{payload['wall_seconds'] / 60:.1f} min (load average at the end "
+              f"{payload['load_average'][0]:.1f}); base {plan.base}; "
+              f"{len(plan.held_in)} held-in experts (LoRA r={plan.rank}, {plan.steps} steps, "
+              f"{plan.gate_steps} gate steps), test examples per task: "
+              + ", ".join(f"{t} {n}" for t, n in payload["test_examples"].items()) + "."]
+    (out / "results.md").write_text(
+        report.markdown(plan, payload, payload["diagnostics"], header), encoding="utf-8")
+    report.bar_chart(payload, out / "means.png",
+                     f"{plan.base}: mean accuracy, 95% bootstrap CI ({plan.name})")
+    usage = payload["diagnostics"]["held_out_usage"]
+    if usage:
+        report.heatmap(usage, payload["diagnostics"]["experts"], out / "heatmap.png",
+                       "PHATGOOSE: share of top-2 slots per layer, held-out validation tokens")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = PLANS["quick" if args.quick else "tiny" if args.tiny else "full"]
+    results = ROOT / "bench" / "results"
+    out = args.out or (results if plan.name == "full" else results / plan.name)
+    workdir = (args.workdir or ROOT / "runs" / time.strftime(
+        f"zeroshot-{plan.name}-%Y%m%d-%H%M%S")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM takes the Ctrl-C path, so every child process is stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        payload = benchmark(plan, args, out, workdir)
+    except KeyboardInterrupt:
+        step("interrupted")
+        return 130
+    except (RuntimeError, TimeoutError) as err:
+        print(f"zeroshot benchmark failed: {err}\nlogs: {workdir / 'logs'}", file=sys.stderr)
+        return 1
+    print((out / "results.md").read_text(encoding="utf-8"))
+    step(f"done in {payload['wall_seconds'] / 60:.1f} min; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Routing diagnostics: which experts real tokens pick, per layer, from a routing trace.
+
+For a held-in task, the share of its tokens whose top-1 expert is the task's own expert shows
+whether the router keys tell the tasks apart. For a held-out task, the usage of each expert
+per layer shows where its tokens go.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from routing.base import BaseModel
+from routing.trace import capture_routing
+from tasks.task import Example
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class TokenChoices:
+    """Experts chosen for the real (non-padding) tokens of a set of sequences."""
+
+    experts: list[str]  # collection expert names; ids index into this list
+    by_module: dict[str, torch.Tensor]  # module -> (tokens, k) expert ids, -1: none
+
+    def layers(self) -> dict[int, list[str]]:
+        """Block index -> the routed modules inside it."""
+        grouped: dict[int, list[str]] = {}
+        for module in self.by_module:
+            match = _LAYER_RE.search(module)
+            if match:
+                grouped.setdefault(int(match.group(1)), []).append(module)
+        return dict(sorted(grouped.items()))
+
+    def own_share(self, own: str) -> dict:
+        """Share of token-module pairs whose top-1 expert is `own`: per layer and overall."""
+        index = self.experts.index(own)
+        per_layer, hits, total = {}, 0, 0
+        for layer, modules in self.layers().items():
+            top1 = torch.cat([self.by_module[m][:, 0] for m in modules])
+            layer_hits = int((top1 == index).sum())
+            per_layer[layer] = layer_hits / max(1, top1.numel())
+            hits, total = hits + layer_hits, total + top1.numel()
+        return {"overall": hits / max(1, total), "per_layer": per_layer}
+
+    def usage(self) -> torch.Tensor:
+        """(layers, experts): share of each layer's top-k slots won by each expert."""
+        rows = []
+        for modules in self.layers().values():
+            ids = torch.cat([self.by_module[m].reshape(-1) for m in modules])
+            counts = torch.bincount(ids[ids >= 0], minlength=len(self.experts)).float()
+            rows.append(counts / counts.sum().clamp(min=1.0))
+        return torch.stack(rows) if rows else torch.zeros(0, len(self.experts))
+
+
+def _sequences(tokenizer, examples: Sequence[Example], max_length: int) -> list[list[int]]:
+    """Prompt ids then the correct answer's ids, as a contributor's training sees them."""
+    out = []
+    for example in examples:
+        prompt = tokenizer(example.input, add_special_tokens=False)["input_ids"]
+        target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+        out.append((list(prompt) + list(target))[-max_length:])
+    return out
+
+
+@torch.inference_mode()
+def token_choices(base: BaseModel, examples: Sequence[Example], *, batch_size: int = 16,
+                  max_length: int = 128) -> TokenChoices:
+    """Run a routed model over prompt + answer and keep the choices at real tokens."""
+    pad = base.tokenizer.pad_token_id or 0
+    sequences = _sequences(base.tokenizer, examples, max_length)
+    kept: dict[str, list[torch.Tensor]] = {}
+    with capture_routing(base.model) as trace:
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start:start + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for r, sequence in enumerate(chunk):
+                ids[r, :len(sequence)] = torch.tensor(sequence)
+                mask[r, :len(sequence)] = True
+            trace.records.clear()
+            base.model(input_ids=ids, attention_mask=mask.long())
+            for module, parts in trace.records.items():
+                # One call per forward: rows are the batch's (sequence, position) in order.
+                kept.setdefault(module, []).append(parts[-1][mask.reshape(-1)])
+    return TokenChoices(trace.experts, {m: torch.cat(v) for m, v in kept.items()})

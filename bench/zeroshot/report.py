@@ -1,0 +1,137 @@
+"""The benchmark's outputs: results JSON, a markdown table, a bar chart and a routing heatmap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.zeroshot.config import METHODS, PRIVILEGED, Plan
+from routing.evaluate import EvalResult, bootstrap_task_mean
+
+LABELS = {"base": "base", "phatgoose": "PHATGOOSE", "arrow": "Arrow",
+          "average_activation": "avg act", "uniform_merge": "uniform merge",
+          "smear": "SMEAR", "retrieval": "retrieval*", "multitask": "multitask*",
+          "oracle": "oracle*"}
+
+
+def summarise(plan: Plan, results: dict[str, dict[str, EvalResult]]) -> dict:
+    """Per-task accuracy, per-example correctness, and the group means with 95% CIs."""
+    accuracy = {m: {t: r.accuracy for t, r in by_task.items()} for m, by_task in results.items()}
+    correct = {m: {t: [int(c) for c in r.correct] for t, r in by_task.items()}
+               for m, by_task in results.items()}
+    means: dict[str, dict] = {}
+    for method, by_task in correct.items():
+        means[method] = {}
+        for group, tasks in (("held_in", plan.held_in), ("held_out", plan.held_out)):
+            present = {t: by_task[t] for t in tasks if t in by_task}
+            if present:
+                ci = bootstrap_task_mean(present, seed=plan.seed)
+                means[method][group] = {"mean": ci.mean, "low": ci.low, "high": ci.high}
+    return {"accuracy": accuracy, "means": means, "correct": correct}
+
+
+def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) -> str:
+    """Tasks x methods table with the held-in and held-out means, then the diagnostics."""
+    methods = [m for m in METHODS if m in summary["accuracy"]]
+    lines = [*header, "", "| task | " + " | ".join(LABELS[m] for m in methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for group, tasks in (("held-in", plan.held_in), ("held-out", plan.held_out)):
+        for task in tasks:
+            cells = [_cell(summary["accuracy"][m].get(task)) for m in methods]
+            lines.append(f"| {task} ({group}) | " + " | ".join(cells) + " |")
+    for group, key in (("held-in", "held_in"), ("held-out", "held_out")):
+        cells = []
+        for method in methods:
+            mean = summary["means"][method].get(key)
+            cells.append("-" if mean is None else
+                         f"**{mean['mean']:.3f}** [{mean['low']:.3f}, {mean['high']:.3f}]")
+        lines.append(f"| **{group} mean** [95% CI] | " + " | ".join(cells) + " |")
+    lines += ["", "\\* privileged: " + ", ".join(PRIVILEGED) + " use data or labels a "
+              "data-free router never sees (example embeddings, all data in one place, the "
+              "task's identity).", ""]
+    lines += own_share_table(plan, diagnostics.get("own_share", {}))
+    return "\n".join(lines) + "\n"
+
+
+def own_share_table(plan: Plan, own_share: dict) -> list[str]:
+    if not own_share:
+        return []
+    methods = list(own_share)
+    lines = ["Share of held-in validation tokens whose top-1 expert is the task's own "
+             "(all layers; chance = 1/" + str(len(plan.held_in)) + "):", "",
+             "| task | " + " | ".join(LABELS[m] for m in methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for task in plan.held_in:
+        lines.append(f"| {task} | " + " | ".join(
+            f"{own_share[m][task]['overall']:.2f}" for m in methods) + " |")
+    return lines
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def bar_chart(summary: dict, path: Path, title: str) -> Path:
+    """Held-in and held-out means per method, with their 95% bootstrap intervals."""
+    plt = _pyplot()
+    methods = [m for m in METHODS if m in summary["means"]]
+    figure, axes = plt.subplots(figsize=(1.1 * len(methods) + 2, 4))
+    for offset, (key, label) in ((-0.2, ("held_in", "held-in")),
+                                 (0.2, ("held_out", "held-out"))):
+        xs, ys, errors = [], [], [[], []]
+        for i, method in enumerate(methods):
+            mean = summary["means"][method].get(key)
+            if mean is not None:
+                xs.append(i + offset)
+                ys.append(mean["mean"])
+                errors[0].append(mean["mean"] - mean["low"])
+                errors[1].append(mean["high"] - mean["mean"])
+        axes.bar(xs, ys, width=0.4, yerr=errors, capsize=3, label=label)
+    axes.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha="right")
+    axes.set_ylabel("mean accuracy over tasks")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    plt.close(figure)
+    return path
+
+
+def heatmap(usage: dict, experts: list[str], path: Path, title: str) -> Path:
+    """One panel per held-out task: layers x experts, share of top-k slots (rows sum to 1)."""
+    plt = _pyplot()
+    tasks = list(usage)
+    layers = max(len(u) for u in usage.values())
+    figure, axes_row = plt.subplots(1, len(tasks), squeeze=False,
+                                    figsize=(2 + (1 + 0.35 * len(experts)) * len(tasks),
+                                             2 + 0.22 * layers))
+    image = None
+    for axes, task in zip(axes_row[0], tasks, strict=True):
+        image = axes.imshow(usage[task], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        axes.set_xticks(range(len(experts)), experts, rotation=90)
+        axes.set_yticks(range(len(usage[task])))
+        axes.set_title(task)
+        axes.set_xlabel("expert")
+    axes_row[0][0].set_ylabel("layer")
+    figure.suptitle(title)
+    figure.colorbar(image, ax=list(axes_row[0]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path

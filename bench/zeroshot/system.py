@@ -1,0 +1,181 @@
+"""The real federation for the benchmark: MLflow, a coordinator, one process per contributor.
+
+Each contributor gets its own exported data file, trains with `gaggle-contributor train` in its
+own process and submits over gRPC; the coordinator assembles with Ray and tracks in MLflow.
+Trained bundles are cached by content (data bytes + flags + base fingerprint), so a re-run
+submits the cached bundles instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.zeroshot.config import Plan, content_key
+from demo.__main__ import Demo, DemoPlan, gaggle
+from demo.processes import run
+from protocol.bundle import MANIFEST
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One held-in task's contributor: its private data file and trained bundle."""
+
+    task: str  # task name, also the expert's name
+    data: Path  # the contributor's exported training file
+    bundle: Path  # the cached bundle folder
+    cached: bool  # True when the bundle was already on disk
+
+
+@dataclass(frozen=True)
+class SystemRun:
+    """What the federation produced: the exported router version and the contributions."""
+
+    router: Path  # exported router folder of the newest version
+    version: dict  # its entry from `gaggle-coordinator versions --json`
+    contributions: list[Contribution]
+    multitask: Path  # bundle of the privileged multitask LoRA
+    seconds: dict[str, float]  # wall time per phase
+
+
+def export_data(plan: Plan, task: str, out: Path, log: Path) -> Path:
+    """Write a task's training split as contributor JSONL with `python -m tasks export`."""
+    if not out.exists():
+        run([sys.executable, "-m", "tasks", "export", task, "--split", "train", "--out",
+             str(out), "--limit", str(plan.train_examples), "--seed", str(plan.seed)], log)
+    return out
+
+
+def union_file(files: list[Path], out: Path) -> Path:
+    """The multitask data: every held-in contributor's records in one file (privileged)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as handle:
+        for file in files:
+            handle.write(file.read_text(encoding="utf-8"))
+    return out
+
+
+class Trainer:
+    """Runs `gaggle-contributor train` processes, a few at a time, into a content cache."""
+
+    def __init__(self, demo: Demo, plan: Plan, cache: Path, fingerprint: str) -> None:
+        self.demo, self.plan, self.cache, self.fingerprint = demo, plan, cache, fingerprint
+
+    def bundle_path(self, data: Path, flags: list[str]) -> Path:
+        return self.cache / content_key(data, flags, self.fingerprint)
+
+    def train_all(self, jobs: list[tuple[str, Path, list[str]]]) -> list[Path]:
+        """Train every (name, data, flags) job not already cached; returns the bundle folders."""
+        paths = [self.bundle_path(data, flags) for _, data, flags in jobs]
+        pending = [(job, path) for job, path in zip(jobs, paths, strict=True)
+                   if not (path / MANIFEST).exists()]
+        running: list[tuple[str, subprocess.Popen, Path]] = []
+        while pending or running:
+            while pending and len(running) < self.plan.parallel:
+                (name, data, flags), path = pending.pop(0)
+                running.append((name, self._start(name, data, flags, path), path))
+            time.sleep(0.5)
+            for entry in [r for r in running if r[1].poll() is not None]:
+                running.remove(entry)
+                name, process, path = entry
+                if process.returncode != 0:
+                    raise RuntimeError(f"contributor {name} failed to train (exit "
+                                       f"{process.returncode}); see {self.demo.logs}")
+                _staging(path).rename(path)  # the cache only ever holds whole bundles
+        return paths
+
+    def is_cached(self, data: Path, flags: list[str]) -> bool:
+        return (self.bundle_path(data, flags) / MANIFEST).exists()
+
+    def _start(self, name: str, data: Path, flags: list[str], path: Path) -> subprocess.Popen:
+        staging = _staging(path)
+        shutil.rmtree(staging, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.demo.step(f"contributor {name} trains on its own data ({data.name})")
+        return self.demo.group.start(f"train-{name}", [
+            gaggle("contributor"), "train", "--base", self.plan.base, "--data", str(data),
+            "--out", str(staging), "--name", name, *flags])
+
+
+def _staging(path: Path) -> Path:
+    return path.with_name(path.name + ".training")
+
+
+def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> SystemRun:
+    """Start MLflow + coordinator, train/submit every held-in expert, export the newest version.
+
+    The caller stops the processes with `demo.group.stop_all()`; here they are stopped on the
+    way out too.
+    """
+    demo = Demo(DemoPlan(base=plan.base, contributors=(), held_out="", train_examples=0,
+                         eval_examples=0, train_flags=()), workdir)
+    seconds: dict[str, float] = {}
+    try:
+        began = time.monotonic()
+        demo.start_services()
+        seconds["services"] = time.monotonic() - began
+        data = {task: export_data(plan, task, workdir / "contributors" / task / "train.jsonl",
+                                  demo.logs / f"export-{task}.log") for task in plan.held_in}
+        trainer = Trainer(demo, plan, cache, fingerprint)
+        flags = plan.train_flags()
+        was_cached = [trainer.is_cached(file, flags) for file in data.values()]
+        began = time.monotonic()
+        bundles = trainer.train_all([(task, file, flags) for task, file in data.items()])
+        multitask = train_multitask(plan, trainer, list(data.values()), workdir)
+        seconds["training"] = time.monotonic() - began
+        began = time.monotonic()
+        contributions = [Contribution(task, data[task], bundle, cached) for task, bundle, cached
+                         in zip(plan.held_in, bundles, was_cached, strict=True)]
+        submit_all(demo, contributions)
+        versions = demo.wait_for_version(len(contributions))
+        newest = max(versions, key=lambda v: (v["n_experts"], v["created_at"]))
+        router = workdir / "exported" / newest["version_id"]
+        if not router.exists():
+            run([gaggle("coordinator"), "export", newest["version_id"], "--store",
+                 str(demo.store), "--out", str(router)], demo.logs / "export.log")
+        seconds["submit_assemble_export"] = time.monotonic() - began
+        return SystemRun(router, newest, contributions, multitask, seconds)
+    finally:
+        demo.group.stop_all()
+
+
+def train_multitask(plan: Plan, trainer: Trainer, files: list[Path], workdir: Path) -> Path:
+    """One LoRA on the union of held-in data: trained like a contributor, never submitted."""
+    union = union_file(files, workdir / "multitask" / "train.jsonl")
+    flags = plan.train_flags(plan.multitask_steps)
+    # Its gate is never used (it runs as a single expert), so one gate step suffices.
+    flags[flags.index("--gate-steps") + 1] = "1"
+    [bundle] = trainer.train_all([("multitask", union, [*flags, "--no-activations"])])
+    return bundle
+
+
+def submit_all(demo: Demo, contributions: list[Contribution]) -> None:
+    """Each contributor: a token from the operator, then `gaggle-contributor submit`."""
+    for item in contributions:
+        token = run([gaggle("coordinator"), "token", "add", item.task, "--store",
+                     str(demo.store)], demo.logs / "tokens.log").strip().splitlines()[-1]
+        demo.step(f"contributor {item.task} submits its expert over gRPC")
+        run([gaggle("contributor"), "submit", str(item.bundle), "--coordinator", demo.address,
+             "--token", token, "--quiet"], demo.logs / f"submit-{item.task}.log")
+
+
+def describe(run_: SystemRun) -> dict:
+    """The system part of the results JSON."""
+    return {"version_id": run_.version["version_id"], "n_experts": run_.version["n_experts"],
+            "router": str(run_.router),
+            "experts": [{"task": c.task, "bundle": c.bundle.name, "cached": c.cached,
+                         "training": _training_summary(c.bundle)}
+                        for c in run_.contributions],
+            "multitask": {"bundle": run_.multitask.name,
+                          "training": _training_summary(run_.multitask)},
+            "seconds": {k: round(v, 1) for k, v in run_.seconds.items()}}
+
+
+def _training_summary(bundle: Path) -> dict:
+    manifest = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+    return manifest.get("training", {})
