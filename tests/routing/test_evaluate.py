@@ -37,16 +37,20 @@ def _manual_score(base, prompt: str, choice: str) -> float:
     return float(np.mean([logp[start + i - 1, t].item() for i, t in enumerate(choice_ids)]))
 
 
-def test_scores_equal_a_direct_log_prob_computation(tiny_base):
-    scores = choice_scores(tiny_base.model, tiny_base.tokenizer, EXAMPLES, batch_size=5)
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_scores_equal_a_direct_log_prob_computation(tiny_base, share_prompt):
+    scores = choice_scores(tiny_base.model, tiny_base.tokenizer, EXAMPLES, batch_size=3,
+                           share_prompt=share_prompt)
     for example, row in zip(EXAMPLES, scores, strict=True):
         expected = [_manual_score(tiny_base, example.input, c) for c in example.choices]
         assert row == pytest.approx(expected, abs=1e-5)
 
 
-def test_scores_do_not_depend_on_batch_size_or_padding(tiny_base):
-    one = choice_scores(tiny_base.model, tiny_base.tokenizer, EXAMPLES, batch_size=1)
-    many = choice_scores(tiny_base.model, tiny_base.tokenizer, EXAMPLES, batch_size=64)
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_scores_do_not_depend_on_batch_size_or_padding(tiny_base, share_prompt):
+    model, tok = tiny_base.model, tiny_base.tokenizer
+    one = choice_scores(model, tok, EXAMPLES, batch_size=1, share_prompt=share_prompt)
+    many = choice_scores(model, tok, EXAMPLES, batch_size=64, share_prompt=share_prompt)
     np.testing.assert_allclose(np.concatenate(one), np.concatenate(many), atol=1e-5)
 
 
@@ -79,25 +83,52 @@ def test_accuracy_counts_matches_between_predictions_and_labels(tiny_base):
     assert rigged.accuracy == 0.5 and rigged.correct == [True, True, False, False]
 
 
-def test_before_batch_sees_every_row_before_its_forward(tiny_base):
+def _hook_events(base, share_prompt: bool) -> tuple[list[list[int]], list]:
     events: list = []
-    handle = tiny_base.model.register_forward_pre_hook(lambda *_: events.append("forward"))
+    handle = base.model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: events.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
     try:
-        choice_scores(tiny_base.model, tiny_base.tokenizer, EXAMPLES, batch_size=3,
+        choice_scores(base.model, base.tokenizer, EXAMPLES, batch_size=3,
+                      share_prompt=share_prompt,
                       before_batch=lambda rows: events.append(list(rows)))
     finally:
         handle.remove()
     hooks, forwards = events[0::2], events[1::2]
-    assert all(f == "forward" for f in forwards) and len(hooks) == len(forwards)
+    assert all(isinstance(f, tuple) for f in forwards) and len(hooks) == len(forwards)
+    # Each hook names exactly the rows of the forward that follows it.
+    assert [len(h) for h in hooks] == [shape[0] for shape in forwards]
+    return hooks, forwards
+
+
+def test_before_batch_names_every_row_before_its_forward(tiny_base):
+    hooks, _ = _hook_events(tiny_base, share_prompt=False)
     rows = sorted(i for batch in hooks for i in batch)
     assert rows == sorted(i for i, e in enumerate(EXAMPLES) for _ in e.choices)
-    assert max(len(batch) for batch in hooks) <= 3
+    # A batch keeps an example's choices together, so only a lone example may exceed 3 rows.
+    assert all(len(batch) <= 3 or len(set(batch)) == 1 for batch in hooks)
+
+
+def test_before_batch_with_shared_prompts_names_prompts_then_choices(tiny_base):
+    hooks, _ = _hook_events(tiny_base, share_prompt=True)
+    prompts, choices = hooks[0::2], hooks[1::2]
+    assert sorted(i for batch in prompts for i in batch) == list(range(len(EXAMPLES)))
+    assert sorted(i for batch in choices for i in batch) == sorted(
+        i for i, e in enumerate(EXAMPLES) for _ in e.choices)
+    for prompt_rows, choice_rows in zip(prompts, choices, strict=True):
+        assert set(choice_rows) == set(prompt_rows)
 
 
 def test_long_prompts_are_cut_from_the_left_to_fit(tiny_base):
     long = Example("filler " * 100 + "Answer:", ("yes", "no"), 0)
-    scores = choice_scores(tiny_base.model, tiny_base.tokenizer, [long], max_length=32)
-    assert all(np.isfinite(scores[0]))
+    shared = choice_scores(tiny_base.model, tiny_base.tokenizer, [long], max_length=32)
+    rowwise = choice_scores(tiny_base.model, tiny_base.tokenizer, [long], max_length=32,
+                            share_prompt=False)
+    # Byte-level tokens: " yes" is 4 of them, so 28 prompt characters are kept.
+    tail = long.input[-(32 - 4):]
+    expected = [_manual_score(tiny_base, tail, c) for c in long.choices]
+    assert shared[0] == pytest.approx(expected, abs=1e-5)
+    assert rowwise[0] == pytest.approx(expected, abs=1e-5)
     with pytest.raises(InvalidArgument, match="batch_size"):
         choice_scores(tiny_base.model, tiny_base.tokenizer, [long], batch_size=0)
 
