@@ -213,7 +213,7 @@ def lora_scaling(manifest: Manifest) -> float:
         return 1.0
     scaling = manifest.peft.get("scaling")
     if not isinstance(scaling, int | float) or isinstance(scaling, bool) \
-            or not math.isfinite(scaling) or scaling <= 0:
+            or not _finite(scaling) or scaling <= 0:
         raise InvalidBundle(
             f"manifest.peft.scaling must be a positive finite number, got {scaling!r}",
             field="peft.scaling",
@@ -278,7 +278,7 @@ def _validate_training(training: dict) -> None:
     for key, value in training.items():
         values = value if isinstance(value, list) else [value]
         ok = _NAME_RE.match(key) and len(values) <= 10_000 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            isinstance(v, int | float) and not isinstance(v, bool) and _finite(v)
             for v in values
         )
         if not ok:
@@ -287,6 +287,14 @@ def _validate_training(training: dict) -> None:
                 "numbers under a short name: the training summary carries no text",
                 field="training",
             )
+
+
+def _finite(value: int | float) -> bool:
+    """math.isfinite that says False, instead of raising, for ints too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def validate_against_base(manifest: Manifest, base: BaseSpec) -> None:
@@ -416,8 +424,10 @@ def _read_manifest(path: Path) -> Manifest:
                             field="manifest")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidBundle(f"manifest.json is not valid UTF-8 JSON: {err}",
+    except (ValueError, RecursionError) as err:
+        # ValueError covers bad UTF-8, bad JSON and integers of thousands of digits;
+        # RecursionError a nesting bomb ("[[[[...").
+        raise InvalidBundle(f"manifest.json is not valid UTF-8 JSON: {str(err)[:200]}",
                             field="manifest") from None
     return Manifest.from_json(raw)
 
