@@ -1,0 +1,198 @@
+"""The zero-shot benchmark's pieces on the tiny model, and (slow) its whole pipeline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bench.zeroshot.config import METHODS, TINY, content_key
+from bench.zeroshot.diagnostics import token_choices
+from bench.zeroshot.report import bar_chart, heatmap, markdown, summarise
+from bench.zeroshot.retrieval import Encoder, RetrievalIndex
+from bench.zeroshot.scoring import Collection, PromptMask, Scorer
+from routing.evaluate import EvalResult, evaluate
+from routing.router import route, routing_inputs, unroute
+from routing.stack import stack_experts
+from routing.synthetic import random_bundle
+from tasks import Example
+
+EXAMPLES = [
+    Example("Tweet: what a lovely day\nSentiment:", ("negative", "neutral", "positive"), 2),
+    Example("Question: where do fish live?\nAnswer:", ("in the sea", "on trees"), 0),
+    Example("Goal: boil water.\nSolution:", ("use a kettle", "use a fridge", "shout"), 0),
+    Example("Q:", ("a much longer answer with many tokens", "b"), 1),
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_spec):
+    bundles = [random_bundle(tiny_spec, name, seed=i, scale=0.5, with_activations=True)
+               for i, name in enumerate(("alpha", "beta", "gamma"))]
+    return stack_experts(bundles)
+
+
+@pytest.fixture
+def routed(tiny_base):
+    yield tiny_base
+    unroute(tiny_base.model)
+
+
+def test_content_key_changes_with_data_flags_and_base(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"input": "a", "target": " b"}\n')
+    key = content_key(data, ["--steps", "3"], "f" * 64)
+    assert key == content_key(data, ["--steps", "3"], "f" * 64)
+    assert key != content_key(data, ["--steps", "4"], "f" * 64)
+    assert key != content_key(data, ["--steps", "3"], "e" * 64)
+    data.write_text('{"input": "a", "target": " c"}\n')
+    assert key != content_key(data, ["--steps", "3"], "f" * 64)
+
+
+def test_prompt_mask_covers_each_rows_prompt_only(tiny_base):
+    mask = PromptMask(tiny_base.tokenizer, EXAMPLES, 64)
+    rows = [1, 1, 3, 3]  # two examples, two choices each, as row-wise batches list them
+    got = mask.mask(rows)
+    tok = tiny_base.tokenizer
+    prompt_1 = len(tok(EXAMPLES[1].input, add_special_tokens=False)["input_ids"])
+    longest = max(len(tok(EXAMPLES[3].input, add_special_tokens=False)["input_ids"])
+                  + len(tok(" " + c, add_special_tokens=False)["input_ids"])
+                  for c in EXAMPLES[3].choices)
+    assert got.shape[1] >= longest
+    assert got[0].sum() == got[1].sum() == prompt_1
+    assert bool(got[0, :prompt_1].all()) and not bool(got[0, prompt_1:].any())
+
+
+def test_smear_scores_equal_unpadded_runs_routed_on_the_prompt(routed, weights):
+    scorer = Scorer(routed, Collection(weights, None, None, None), replace(TINY, eval_batch_size=5))
+    route(routed, weights, method="smear")
+    scores = scorer._smear(EXAMPLES, "smear").scores
+    tok = routed.tokenizer
+    for example, row in zip(EXAMPLES, scores, strict=True):
+        prompt = tok(example.input, add_special_tokens=False)["input_ids"]
+        for choice, score in zip(example.choices, row, strict=True):
+            ids = prompt + tok(" " + choice, add_special_tokens=False)["input_ids"]
+            mask = torch.tensor([[1] * len(prompt) + [0] * (len(ids) - len(prompt))])
+            with torch.no_grad(), routing_inputs(routed.model, attention_mask=mask):
+                logp = torch.log_softmax(routed.model(input_ids=torch.tensor([ids])).logits[0],
+                                         dim=-1)
+            expected = np.mean([logp[i - 1, ids[i]].item() for i in range(len(prompt),
+                                                                              len(ids))])
+            assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_retrieval_with_one_expert_everywhere_equals_that_single_expert(routed, weights):
+    class Everyone:  # an index whose nearest expert is always beta
+        def nearest(self, queries):
+            return ["beta"] * len(queries)
+
+    class NoEncoder:
+        def embed(self, texts):
+            return torch.zeros(len(texts), 4)
+
+    scorer = Scorer(routed, Collection(weights, None, Everyone(), NoEncoder()), TINY)
+    route(routed, weights, method="retrieval")
+    retrieved = scorer._retrieval(EXAMPLES, "retrieval").scores
+    route(routed, weights, method="single:beta")
+    single = evaluate(routed.model, routed.tokenizer, EXAMPLES, progress=False).scores
+    assert np.allclose(_flat(retrieved), _flat(single), atol=1e-5)
+    unroute(routed.model)
+    plain = evaluate(routed.model, routed.tokenizer, EXAMPLES, progress=False).scores
+    assert not np.allclose(_flat(retrieved), _flat(plain), atol=1e-4)  # the expert did change the scores
+
+
+def _flat(scores: list[list[float]]) -> np.ndarray:
+    return np.concatenate([np.asarray(row) for row in scores])
+
+
+def test_retrieval_index_picks_the_expert_holding_the_nearest_example(tmp_path):
+    files = {}
+    for name, texts in (("weather", ["It will rain heavily tomorrow.", "Sunny skies all week."]),
+                        ("cooking", ["Boil the pasta for ten minutes.", "Whisk eggs and sugar."])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"input": t, "target": " x"}) + "\n"
+                                       for t in texts))
+    encoder = Encoder()
+    index = RetrievalIndex.from_files(encoder, files, limit=1000)
+    queries = encoder.embed(["Expect thunderstorms and rain tonight.", "Stir the sauce."])
+    assert torch.allclose(queries.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert index.nearest(queries) == ["weather", "cooking"]
+
+
+def test_own_share_counts_real_tokens_and_layers(routed, weights):
+    route(routed, weights, method="single:gamma")
+    choices = token_choices(routed, EXAMPLES, batch_size=3)
+    tok = routed.tokenizer
+    real = sum(len(tok(e.input + e.target, add_special_tokens=False)["input_ids"])
+               for e in EXAMPLES)
+    assert all(c.shape[0] == real for c in choices.by_module.values())  # padding excluded
+    assert choices.own_share("gamma")["overall"] == 1.0
+    assert choices.own_share("alpha")["overall"] == 0.0
+    assert sorted(choices.own_share("gamma")["per_layer"]) == [0, 1]
+    usage = choices.usage()
+    assert usage.shape == (2, 3) and torch.allclose(usage[:, 2], torch.ones(2))
+
+
+def test_own_share_of_phatgoose_is_a_share_of_top1_choices(routed, weights):
+    route(routed, weights, method="phatgoose", top_k=2)
+    choices = token_choices(routed, EXAMPLES, batch_size=2)
+    shares = [choices.own_share(e)["overall"] for e in weights.experts]
+    assert sum(shares) == pytest.approx(1.0)  # every token's top-1 is exactly one expert
+    assert torch.allclose(choices.usage().sum(1), torch.ones(2))
+
+
+def _fake_results(plan):
+    rng = np.random.default_rng(0)
+    results = {}
+    for method in METHODS:
+        results[method] = {}
+        for task in (*plan.held_in, *plan.held_out):
+            if method == "oracle" and task in plan.held_out:
+                continue
+            labels = [0] * 10
+            predictions = rng.integers(0, 2, size=10).tolist()
+            results[method][task] = EvalResult([[0.0, 0.0]] * 10, predictions, labels, 0.1)
+    return results
+
+
+def test_report_writes_table_chart_and_heatmap(tmp_path):
+    summary = summarise(TINY, _fake_results(TINY))
+    for method in METHODS:
+        held_in = summary["means"][method]["held_in"]
+        assert held_in["low"] <= held_in["mean"] <= held_in["high"]
+        assert held_in["mean"] == pytest.approx(np.mean(
+            [summary["accuracy"][method][t] for t in TINY.held_in]))
+    assert "held_out" not in summary["means"]["oracle"]
+    own = {m: {t: {"overall": 0.5, "per_layer": {0: 0.5}} for t in TINY.held_in}
+           for m in ("phatgoose", "average_activation")}
+    text = markdown(TINY, summary, {"own_share": own}, ["# title"])
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(TINY.held_in) + len(TINY.held_out) + 2 + 1 + len(TINY.held_in)
+    assert "held-out mean" in text and "oracle*" in text
+    assert bar_chart(summary, tmp_path / "means.png", "t").read_bytes()[:8] == PNG_MAGIC
+    usage = {"imdb-sentiment": [[0.5, 0.5], [1.0, 0.0]]}
+    assert heatmap(usage, ["a", "b"], tmp_path / "h.png", "t").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
+    from bench.zeroshot.__main__ import main
+
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    args = ["--tiny", "--out", str(out), "--cache", str(cache)]
+    assert main([*args, "--workdir", str(tmp_path / "first")]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["system"]["n_experts"] == len(TINY.held_in)
+    assert not any(e["cached"] for e in first["system"]["experts"])
+    assert set(first["accuracy"]) == set(METHODS)
+    assert set(first["accuracy"]["oracle"]) == set(TINY.held_in)
+    for name in ("results.md", "means.png", "heatmap.png"):
+        assert (out / name).stat().st_size > 0
+    assert main([*args, "--workdir", str(tmp_path / "second"), "--methods", "base"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert all(e["cached"] for e in second["system"]["experts"])
+    assert second["accuracy"]["base"] == first["accuracy"]["base"]
