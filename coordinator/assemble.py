@@ -178,6 +178,9 @@ def concat_modules(parts: list) -> object:
         return torch.cat(blocks)
 
     with_activations = all(p.activations is not None for p in parts)
+    lora_B = joined("lora_B", (first.d_out, rank), pad_dim=2)
+    if lora_B is not None:  # the (E, r, d_out) storage stack_module gives, as a view
+        lora_B = lora_B.transpose(1, 2).contiguous().transpose(1, 2)
     return ModuleRouter(
         name=first.name, d_in=first.d_in, d_out=first.d_out,
         experts=[e for p in parts for e in p.experts],
@@ -187,7 +190,7 @@ def concat_modules(parts: list) -> object:
         scaling=torch.cat([p.scaling for p in parts]),
         activations=joined("activations", (first.d_in,)) if with_activations else None,
         lora_A=joined("lora_A", (rank, first.d_in), pad_dim=1),
-        lora_B=joined("lora_B", (first.d_out, rank), pad_dim=2),
+        lora_B=lora_B,
         ia3_out=joined("ia3_out", (first.d_out,)),
         ia3_in=joined("ia3_in", (first.d_in,)),
     )
