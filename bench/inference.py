@@ -47,7 +47,8 @@ def synthetic_router(base: BaseModel, count: int, rank: int, seed: int = 0) -> R
             prototypes=torch.zeros(count, d_in),
             scaling=torch.ones(count),  # alpha = r, as random_bundle's default
             lora_A=torch.randn(count, rank, d_in, generator=generator) * 0.05,
-            lora_B=torch.randn(count, d_out, rank, generator=generator) * 0.05,
+            # drawn row-major per expert, the routed layers' layout: no copy when routing
+            lora_B=(torch.randn(count, rank, d_out, generator=generator) * 0.05).transpose(1, 2),
         )
     return RouterWeights(base_model=base.name, fingerprint=base.fingerprint, experts=names,
                          modules=modules)
@@ -74,16 +75,23 @@ class NaiveRoutedLinear(nn.Module):
         return out + delta.view_as(out)
 
 
-def make_naive(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, RoutedLinear):
-            model.set_submodule(name, NaiveRoutedLinear(module))
+def routed_layers(base: BaseModel, weights: RouterWeights, top_k: int) -> dict[str, nn.Module]:
+    """Build the routed layers once (route, keep them, unroute) so rounds only swap modules."""
+    model = route(base.model, weights, "phatgoose", top_k, fingerprint=base.fingerprint)
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, RoutedLinear)}
+    unroute(model)
+    return layers
 
 
-def unmake_naive(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NaiveRoutedLinear):
-            model.set_submodule(name, module.layer.base)
+def install(model: nn.Module, layers: dict[str, nn.Module], naive: bool = False) -> None:
+    for name, layer in layers.items():
+        model.set_submodule(name, NaiveRoutedLinear(layer) if naive else layer)
+
+
+def uninstall(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    for name, layer in layers.items():
+        model.set_submodule(name, layer.base)
 
 
 def timed_forward(model: nn.Module, tokens: torch.Tensor) -> tuple[float, float]:
@@ -94,8 +102,8 @@ def timed_forward(model: nn.Module, tokens: torch.Tensor) -> tuple[float, float]
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(base: BaseModel, routers: dict[int, RouterWeights], tokens: torch.Tensor,
-            rounds: int, naive_rounds: int, naive_experts: int, top_k: int) -> dict:
+def measure(base: BaseModel, routed: dict[int, dict[str, nn.Module]], tokens: torch.Tensor,
+            rounds: int, naive_rounds: int, naive_experts: int) -> dict:
     """Interleaved rounds: per round one timed forward per configuration (after a warm-up)."""
     model = base.model
     times: dict[str, list[tuple[float, float]]] = {"base": []}
@@ -105,16 +113,15 @@ def measure(base: BaseModel, routers: dict[int, RouterWeights], tokens: torch.Te
         times.setdefault(label, []).append(timed_forward(model, tokens))
 
     for round_index in range(rounds):
-        unroute(model)
         run("base")
-        for count, weights in routers.items():
-            route(model, weights, "phatgoose", top_k, fingerprint=base.fingerprint)
+        for count, layers in routed.items():
+            install(model, layers)
             run(f"routed_{count}")
+            uninstall(model, layers)
             if count == naive_experts and round_index < naive_rounds:
-                make_naive(model)
+                install(model, layers, naive=True)
                 run(f"naive_{count}")
-                unmake_naive(model)
-            unroute(model)
+                uninstall(model, layers)
         print(f"  round {round_index + 1}/{rounds}: " + ", ".join(
             f"{k} {v[-1][0]:.2f}s" for k, v in times.items() if len(v) == round_index + 1),
             flush=True)
@@ -164,12 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(args.base)
     tokens = torch.randint(0, base.model.config.vocab_size, (args.batch, args.tokens),
                            generator=torch.Generator().manual_seed(0))
-    routers = {}
+    routed = {}
     for count in counts:
-        routers[count] = synthetic_router(base, count, args.rank)
-        print(f"stacked {count} experts ({time.perf_counter() - started:.0f}s)", flush=True)
-    times = measure(base, routers, tokens, rounds, naive_rounds=1 if args.quick else 3,
-                    naive_experts=args.naive_experts, top_k=args.top_k)
+        # the RouterWeights are dropped once the layers exist: only the layers' tensors stay
+        routed[count] = routed_layers(base, synthetic_router(base, count, args.rank),
+                                      args.top_k)
+        print(f"built {count} experts ({time.perf_counter() - started:.0f}s)", flush=True)
+    times = measure(base, routed, tokens, rounds, naive_rounds=1 if args.quick else 3,
+                    naive_experts=args.naive_experts)
     rows = summarise(times, args.naive_experts)
     print_table(rows)
     result = {"base_model": args.base, "batch": args.batch, "tokens": args.tokens,

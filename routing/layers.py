@@ -3,8 +3,9 @@
 Shapes: x (..., d_in) is flattened to N tokens; E experts adapt the module; r is the padded
 LoRA rank; k the number of experts kept per token.
 
-Weights held per layer: A (E, r, d_in) is a view of the RouterWeights tensor; B is copied
-once to (E, r, d_out) row-major (E*r*d_out floats), the layout both dispatches read fastest.
+Weights held per layer: A (E, r, d_in) shares the RouterWeights tensor; B is read as (E, r,
+d_out) row-major, shared too when the stack stores it that way (stack_module does), else
+copied once (E*r*d_out floats).
 
 Two equivalent ways to apply the LoRA part of the top-k mixture, picked per layer:
 - dense: h = x A_all^T for all E experts at once, weights zero outside the top-k, then one
@@ -28,11 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protocol.errors import InvalidArgument
 from routing.stack import ModuleRouter
 
 TOPK_METHODS = ("phatgoose", "arrow", "average_activation")
 # Measured on the 2-core CPU of our machines at 512 tokens: dense wins up to ~16 experts at r=8.
 DENSE_MAX_COLUMNS = 128
+# Extra candidates re-scored exactly after a low-precision routing pass (score_dtype).
+SHORTLIST_MARGIN = 4
 
 
 @dataclass
@@ -43,6 +47,23 @@ class RoutingState:
     attention_mask: torch.Tensor | None = None  # (batch, seq), 1 for real tokens (smear)
     trace: dict[str, list[torch.Tensor]] | None = None  # module -> [(N, k) expert ids]
     config: dict = field(default_factory=dict)  # method, top_k, expert names
+    # (input tensor, its version, LN of it as (N, d_in)): q/k/v and gate/up projections get
+    # the very same input tensor, so its layer norm is computed once for all of them
+    _normed: tuple | None = field(default=None, repr=False)
+
+    def normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """LN(x) flattened to (N, d_in), reused while sibling modules see the same tensor."""
+        version = None if x.is_inference() else x._version
+        cached = self._normed
+        if cached is not None and cached[0] is x and cached[1] == version:
+            return cached[2]
+        normed = parameter_free_layer_norm(x.reshape(-1, x.shape[-1]))
+        self._normed = (x, version, normed)
+        return normed
+
+    def forget(self) -> None:
+        """Drop the cached layer norm (it keeps the last input tensor alive)."""
+        self._normed = None
 
 
 def parameter_free_layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +82,7 @@ class RoutedLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, router: ModuleRouter, *, method: str, top_k: int,
                  state: RoutingState, collection_index: list[int], single: int = -1,
-                 dispatch: str = "auto") -> None:
+                 dispatch: str = "auto", score_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base = base
         self.name = router.name
@@ -84,13 +105,17 @@ class RoutedLinear(nn.Module):
             lora_B = F.pad(lora_B, (0, pad))
         self._buffer("lora_A", lora_A)  # (E, r, d_in), shared with the RouterWeights
         if lora_B is not None:
-            # (E, r, d_out), a copy: both dispatches read B row-major per expert, and the
-            # grouped GEMM is ~2x slower on the transposed view at hundreds of experts
+            # (E, r, d_out) row-major per expert, which both dispatches read fastest (the
+            # grouped GEMM is ~2x slower on a transposed view at hundreds of experts); a copy
+            # unless the stack already holds B that way (routing.stack does)
             lora_B = lora_B.transpose(1, 2).contiguous()
         self._buffer("lora_B_t", lora_B)
         self._buffer("ia3_out", router.ia3_out)  # (E, d_out)
         self._buffer("ia3_in", router.ia3_in)  # (E, d_in)
         self._buffer("route_keys", _route_keys(router, method))  # (E, d_in)
+        # Optional low-precision shortlist (see _shortlist); None: exact scores only.
+        low = None if score_dtype is None else self.route_keys.to(score_dtype)
+        self.register_buffer("route_keys_low", low, persistent=False)
         if method == "retrieval":
             local = torch.full((max(collection_index) + 1,), -1, dtype=torch.long)
             local[torch.tensor(collection_index)] = torch.arange(count)
@@ -99,6 +124,10 @@ class RoutedLinear(nn.Module):
             self._buffer("merged_weight", self._merged_weight())
 
     def _buffer(self, name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is not None:  # follow the base layer's device and float dtype
+            weight = self.base.weight
+            dtype = weight.dtype if tensor.is_floating_point() else tensor.dtype
+            tensor = tensor.to(device=weight.device, dtype=dtype)
         self.register_buffer(name, tensor, persistent=False)
 
     # ---- forward ---------------------------------------------------------------------------
@@ -110,36 +139,63 @@ class RoutedLinear(nn.Module):
         if self.method == "smear":
             return out + self._smear_delta(x, out)
         flat = x.reshape(-1, x.shape[-1])
-        index, weight = self._select(flat, x.shape)
+        index, weight = self._select(x, flat)
         if self.state.trace is not None:
             kept = torch.where(weight > 0, self.collection[index], -1)
             self.state.trace.setdefault(self.name, []).append(kept.cpu())
         self.add_mixture(out.view(-1, out.shape[-1]), flat, index, weight)
         return out
 
-    def _select(self, flat: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token: (N, k) local expert positions and their mixture weights."""
+    def _select(self, x: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token of x (..., d_in), flattened as flat (N, d_in): (N, k) local expert
+        positions and their mixture weights."""
         count = flat.shape[0]
         if self.method == "single":
             index = torch.full((count, 1), self.single, dtype=torch.long, device=flat.device)
             return index, torch.ones(count, 1, dtype=flat.dtype, device=flat.device)
         if self.method == "retrieval":
-            return self._retrieval_select(shape)
-        if self.method == "arrow":
-            scores = (flat @ self.route_keys.T).abs()  # (N, E); sign of a prototype is arbitrary
+            return self._retrieval_select(x.shape)
+        # Arrow: |x . proto| (a prototype's sign is arbitrary); the others: LN(x) . key_n
+        features = flat if self.method == "arrow" else self.state.normalised(x)
+        if self.route_keys_low is not None:
+            top, index = self._shortlist(features)
         else:
-            scores = parameter_free_layer_norm(flat) @ self.route_keys.T
-        top, index = scores.topk(self.top_k, dim=-1)
+            scores = features @ self.route_keys.T  # (N, E)
+            top, index = (scores.abs() if self.method == "arrow" else scores).topk(
+                self.top_k, dim=-1)
         # softmax over the kept scores == renormalised top-k of the full softmax
         return index, torch.softmax(top, dim=-1)
 
+    def _shortlist(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k via a low-precision (e.g. bfloat16) pass over all E experts, then exact
+        float32 scores for the best k + SHORTLIST_MARGIN of them.
+
+        The weights are exact; a selection differs from the exact one only if the true
+        top-k falls outside the shortlist, i.e. low-precision error beats the score gap.
+        Pays off where low-precision matmuls are much faster (CPUs with AMX) and E is large.
+        Extra memory: (N, E) low-precision scores and (N, k + margin, d_in) gathered keys.
+        """
+        approx = features.to(self.route_keys_low.dtype) @ self.route_keys_low.T
+        if self.method == "arrow":
+            approx = approx.abs()
+        wide = min(self.top_k + SHORTLIST_MARGIN, approx.shape[1])
+        candidates = approx.topk(wide, dim=-1).indices  # (N, wide)
+        exact = torch.einsum("nd,ncd->nc", features, self.route_keys[candidates])
+        if self.method == "arrow":
+            exact = exact.abs()
+        top, position = exact.topk(self.top_k, dim=-1)
+        return top, candidates.gather(1, position)
+
     def _retrieval_select(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = self.state.expert_index
-        if chosen is None:
-            raise RuntimeError("method 'retrieval' needs per-example experts: wrap the call in "
-                               "routing_inputs(model, expert_index=tensor of shape (batch,))")
-        chosen = chosen.to(self.local_of.device).long()
         seq = math.prod(shape[1:-1]) if len(shape) > 2 else 1
+        if chosen is None or chosen.numel() * seq != math.prod(shape[:-1]):
+            got = None if chosen is None else tuple(chosen.shape)
+            raise InvalidArgument(
+                f"method 'retrieval' needs one expert per example: wrap the call in "
+                f"routing_inputs(model, expert_index=tensor of shape ({shape[0]},)); got {got}",
+                field="expert_index")
+        chosen = chosen.to(self.local_of.device).long().reshape(-1)
         local = torch.full_like(chosen, -1)
         known = chosen < self.local_of.shape[0]
         local[known] = self.local_of[chosen[known]]

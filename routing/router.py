@@ -32,7 +32,7 @@ _STATE_ATTR = "gaggle_routing"
 
 def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeights,
           method: str = "phatgoose", top_k: int = 2, *, fingerprint: str | None = None,
-          dispatch: str = "auto") -> nn.Module:
+          dispatch: str = "auto", score_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every adapted nn.Linear of `model` by a RoutedLinear; returns the same model.
 
     model: a transformers model or a BaseModel (whose fingerprint is then used). A model
@@ -40,6 +40,9 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
     experts: loaded bundles, or RouterWeights from `stack_experts` / `load_router`.
     fingerprint: the base model's, when known; otherwise computed from the weights.
     dispatch: "auto", "dense" or "grouped" (see routing.layers for the trade-off).
+    score_dtype: None (exact float32 routing scores) or e.g. torch.bfloat16 to shortlist
+    experts in low precision and re-score the shortlist exactly: faster at hundreds of
+    experts on CPUs with bf16 matrix units, top-k may differ from exact on near ties.
     Raises FingerprintMismatch, FailedPrecondition (zero router keys) or InvalidArgument.
     """
     if isinstance(model, BaseModel):
@@ -68,7 +71,7 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
         layer = RoutedLinear(
             linear, module_router, method=mode, top_k=top_k, state=state,
             collection_index=[weights.expert_index(e) for e in module_router.experts],
-            single=local_single, dispatch=dispatch)
+            single=local_single, dispatch=dispatch, score_dtype=score_dtype)
         model.set_submodule(name, layer)
     setattr(model, _STATE_ATTR, state)
     return model
@@ -81,6 +84,7 @@ def unroute(model: nn.Module) -> nn.Module:
     for name, module in routed:
         model.set_submodule(name, module.base)
     if hasattr(model, _STATE_ATTR):
+        getattr(model, _STATE_ATTR).forget()
         delattr(model, _STATE_ATTR)
     return model
 

@@ -126,6 +126,8 @@ def stack_module(name: str, d_in: int, d_out: int, pieces: list[ExpertPiece]) ->
     """Stack the pieces of the experts adapting one module (in the given order)."""
     if not pieces:
         raise InvalidArgument(f"module {name}: no expert adapts it", field="modules")
+    for piece in pieces:
+        _check_piece(name, d_in, d_out, piece)
     count = len(pieces)
     kinds = [p.kind for p in pieces]
     keys = torch.stack([p.gate.float() for p in pieces])
@@ -141,7 +143,9 @@ def stack_module(name: str, d_in: int, d_out: int, pieces: list[ExpertPiece]) ->
     if lora:
         rank = max(pieces[i].lora_A.shape[0] for i in lora)
         router.lora_A = torch.zeros(count, rank, d_in)
-        router.lora_B = torch.zeros(count, d_out, rank)
+        # (E, d_out, r) as a view of row-major (E, r, d_out) storage: the layout the routed
+        # layers compute with, so routing takes it without a copy
+        router.lora_B = torch.zeros(count, rank, d_out).transpose(1, 2)
         for i in lora:  # a copy per expert at assembly time, not on the inference path
             r = pieces[i].lora_A.shape[0]
             router.lora_A[i, :r] = pieces[i].lora_A
@@ -156,6 +160,27 @@ def stack_module(name: str, d_in: int, d_out: int, pieces: list[ExpertPiece]) ->
                 stacked[i] = pieces[i].ia3.float() - 1.0
             setattr(router, kind, stacked)
     return router
+
+
+def _check_piece(name: str, d_in: int, d_out: int, piece: ExpertPiece) -> None:
+    """InvalidArgument naming the expert when a piece does not fit the module's shape."""
+    if piece.kind not in KINDS:
+        problem = f"kind {piece.kind!r} (expected one of {list(KINDS)})"
+    elif tuple(piece.gate.shape) != (d_in,):
+        problem = f"gate of shape {tuple(piece.gate.shape)} (expected ({d_in},))"
+    elif piece.kind == "lora" and (
+            piece.lora_A is None or piece.lora_B is None or piece.lora_A.dim() != 2
+            or piece.lora_A.shape[1] != d_in
+            or tuple(piece.lora_B.shape) != (d_out, piece.lora_A.shape[0])):
+        shapes = [None if t is None else tuple(t.shape) for t in (piece.lora_A, piece.lora_B)]
+        problem = f"LoRA factors of shapes {shapes} (expected (r, {d_in}) and ({d_out}, r))"
+    elif piece.kind != "lora" and (piece.ia3 is None or tuple(piece.ia3.shape) != (
+            d_out if piece.kind == "ia3_out" else d_in,)):
+        problem = f"(IA)^3 vector of shape {None if piece.ia3 is None else piece.ia3.shape}"
+    else:
+        return
+    raise InvalidArgument(f"expert {piece.expert!r} at module {name} "
+                          f"(d_in={d_in}, d_out={d_out}) has {problem}", field="modules")
 
 
 def stack_experts(bundles: list[Bundle]) -> RouterWeights:

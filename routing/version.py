@@ -127,6 +127,8 @@ def _module_from(entry: dict, tensors: dict[str, torch.Tensor]) -> ModuleRouter:
             got = None if tensor is None else tuple(tensor.shape)
             raise InvalidArgument(f"router tensor {name}:{field} is {got}, expected "
                                   f"{shapes.get(field)}", field="router")
+        if field == "lora_B":  # keep it as a view of (E, r, d_out): what routed layers read
+            tensor = tensor.transpose(1, 2).contiguous().transpose(1, 2)
         fields[field] = tensor
     missing = [f for f in REQUIRED_FIELDS if f not in fields]
     if missing or len(entry["kinds"]) != count:

@@ -34,13 +34,14 @@ def random_pieces(count: int, kinds: tuple[str, ...], seed: int) -> list[ExpertP
 
 
 def build_layer(pieces: list[ExpertPiece], method: str, top_k: int, dispatch: str,
-                state: RoutingState | None = None) -> RoutedLinear:
+                state: RoutingState | None = None, **options) -> RoutedLinear:
     torch.manual_seed(1)
     base = nn.Linear(D_IN, D_OUT, bias=False)
     router = with_ia3_prototypes(stack_module("m", D_IN, D_OUT, pieces), base.weight)
     return RoutedLinear(base, router, method=method, top_k=top_k,
                         state=state or RoutingState(),
-                        collection_index=list(range(len(pieces))), dispatch=dispatch)
+                        collection_index=list(range(len(pieces))), dispatch=dispatch,
+                        **options)
 
 
 @pytest.mark.parametrize("count", [2, 8, 64])
@@ -55,6 +56,19 @@ def test_fast_layer_matches_reference_loop(count, method, dispatch):
     expected = reference_routed_delta(pieces, layer.base.weight.detach(), x.reshape(-1, D_IN),
                                       method, top_k=2)
     torch.testing.assert_close(got.reshape(-1, D_OUT), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("count", [8, 64])
+@pytest.mark.parametrize("method", ["phatgoose", "arrow"])
+def test_bfloat16_shortlist_keeps_exact_choices_and_weights(count, method):
+    pieces = random_pieces(count, ("lora", "ia3_in"), seed=count + 1)
+    layer = build_layer(pieces, method, top_k=2, dispatch="grouped",
+                        score_dtype=torch.bfloat16)
+    x = torch.randn(20, D_IN, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got = layer(x) - layer.base(x)
+    expected = reference_routed_delta(pieces, layer.base.weight.detach(), x, method, 2)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kinds", [("lora",), ("ia3_out",), ("ia3_in",), ("lora", "ia3_in")])

@@ -161,7 +161,10 @@ def test_retrieval_routes_each_example_to_its_expert(base, tokens):
         got = logits(routed, tokens)
     torch.testing.assert_close(got[0], singles[0][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], singles[1][1], atol=1e-5, rtol=0)
-    with pytest.raises(RuntimeError, match="routing_inputs"):
+    with pytest.raises(InvalidArgument, match="routing_inputs"):
+        logits(routed, tokens)
+    with pytest.raises(InvalidArgument, match="one expert per example"), \
+            routing_inputs(routed, expert_index=torch.tensor([1])):
         logits(routed, tokens)
 
 

@@ -77,3 +77,14 @@ def test_stack_refuses_mixed_bases_and_duplicate_names(tiny_spec):
         stack_experts([one, random_bundle(tiny_spec, "a", seed=3)])
     with pytest.raises(InvalidArgument, match="at least one"):
         stack_experts([])
+
+
+def test_stack_module_names_the_expert_with_a_misfit_piece(tiny_spec):
+    from routing.stack import stack_module
+
+    name = "model.layers.0.mlp.up_proj"
+    d_in, d_out = tiny_spec.linears[name]
+    piece = module_pieces(random_bundle(tiny_spec, "wide", seed=1))[name]
+    piece.lora_B = torch.zeros(d_out + 1, piece.lora_A.shape[0])
+    with pytest.raises(InvalidArgument, match="expert 'wide' at module .*LoRA factors"):
+        stack_module(name, d_in, d_out, [piece])
