@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.zeroshot.config import Plan, content_key
 from demo.__main__ import Demo, DemoPlan, gaggle
-from demo.processes import run
+from demo.processes import LOOPBACK, free_port, run, start_mlflow, wait_until
 from protocol.bundle import MANIFEST
 
 
@@ -61,33 +61,45 @@ def union_file(files: list[Path], out: Path) -> Path:
 
 
 class Trainer:
-    """Runs `gaggle-contributor train` processes, a few at a time, into a content cache."""
+    """Runs `gaggle-contributor train` processes, a few at a time, into a content cache.
+
+    `submit` queues jobs and starts the first few at once; `wait` keeps the queue moving until
+    every job is done, so other work (starting the services) can overlap the training.
+    """
 
     def __init__(self, demo: Demo, plan: Plan, cache: Path, fingerprint: str) -> None:
         self.demo, self.plan, self.cache, self.fingerprint = demo, plan, cache, fingerprint
+        self.pending: list[tuple[str, Path, list[str], Path]] = []
+        self.running: list[tuple[str, subprocess.Popen, Path]] = []
 
     def bundle_path(self, data: Path, flags: list[str]) -> Path:
         return self.cache / content_key(data, flags, self.fingerprint)
 
-    def train_all(self, jobs: list[tuple[str, Path, list[str]]]) -> list[Path]:
-        """Train every (name, data, flags) job not already cached; returns the bundle folders."""
-        paths = [self.bundle_path(data, flags) for _, data, flags in jobs]
-        pending = [(job, path) for job, path in zip(jobs, paths, strict=True)
-                   if not (path / MANIFEST).exists()]
-        running: list[tuple[str, subprocess.Popen, Path]] = []
-        while pending or running:
-            while pending and len(running) < self.plan.parallel:
-                (name, data, flags), path = pending.pop(0)
-                running.append((name, self._start(name, data, flags, path), path))
+    def submit(self, name: str, data: Path, flags: list[str]) -> Path:
+        """Queue a training job unless its bundle is cached; returns the bundle folder."""
+        path = self.bundle_path(data, flags)
+        if not (path / MANIFEST).exists():
+            self.pending.append((name, data, flags, path))
+        self._fill()
+        return path
+
+    def wait(self) -> None:
+        """Run the queue to the end; RuntimeError naming the first contributor that failed."""
+        while self.pending or self.running:
             time.sleep(0.5)
-            for entry in [r for r in running if r[1].poll() is not None]:
-                running.remove(entry)
+            for entry in [r for r in self.running if r[1].poll() is not None]:
+                self.running.remove(entry)
                 name, process, path = entry
                 if process.returncode != 0:
                     raise RuntimeError(f"contributor {name} failed to train (exit "
                                        f"{process.returncode}); see {self.demo.logs}")
                 _staging(path).rename(path)  # the cache only ever holds whole bundles
-        return paths
+            self._fill()
+
+    def _fill(self) -> None:
+        while self.pending and len(self.running) < self.plan.parallel:
+            name, data, flags, path = self.pending.pop(0)
+            self.running.append((name, self._start(name, data, flags, path), path))
 
     def is_cached(self, data: Path, flags: list[str]) -> bool:
         return (self.bundle_path(data, flags) / MANIFEST).exists()
@@ -107,26 +119,26 @@ def _staging(path: Path) -> Path:
 
 
 def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> SystemRun:
-    """Start MLflow + coordinator, train/submit every held-in expert, export the newest version.
+    """Train every held-in expert and the multitask LoRA, submit the experts, export a version.
 
-    The caller stops the processes with `demo.group.stop_all()`; here they are stopped on the
-    way out too.
+    Every process started here is stopped, by PID, before returning.
     """
     demo = Demo(DemoPlan(base=plan.base, contributors=(), held_out="", train_examples=0,
                          eval_examples=0, train_flags=()), workdir)
     seconds: dict[str, float] = {}
     try:
         began = time.monotonic()
-        demo.start_services()
-        seconds["services"] = time.monotonic() - began
         data = {task: export_data(plan, task, workdir / "contributors" / task / "train.jsonl",
                                   demo.logs / f"export-{task}.log") for task in plan.held_in}
         trainer = Trainer(demo, plan, cache, fingerprint)
         flags = plan.train_flags()
         was_cached = [trainer.is_cached(file, flags) for file in data.values()]
-        began = time.monotonic()
-        bundles = trainer.train_all([(task, file, flags) for task, file in data.items()])
-        multitask = train_multitask(plan, trainer, list(data.values()), workdir)
+        # The longest job first, so the short ones fill the other slots around it.
+        multitask = submit_multitask(plan, trainer, list(data.values()), workdir)
+        bundles = [trainer.submit(task, file, flags) for task, file in data.items()]
+        start_services(demo)  # while the first contributors train
+        seconds["services"] = time.monotonic() - began
+        trainer.wait()
         seconds["training"] = time.monotonic() - began
         began = time.monotonic()
         contributions = [Contribution(task, data[task], bundle, cached) for task, bundle, cached
@@ -144,14 +156,32 @@ def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> 
         demo.group.stop_all()
 
 
-def train_multitask(plan: Plan, trainer: Trainer, files: list[Path], workdir: Path) -> Path:
+def start_services(demo: Demo) -> None:
+    """MLflow, then the coordinator (gRPC, local Ray), both on 127.0.0.1.
+
+    Demo.start_services without its first step: the benchmark has already loaded (and so
+    converted and cached) the base model in its own process.
+    """
+    from coordinator.health import check
+
+    demo.step("starting the MLflow tracking server")
+    demo.tracking_uri = start_mlflow(demo.group, demo.workdir / "mlflow", free_port())
+    port = free_port()
+    demo.address = f"{LOOPBACK}:{port}"
+    demo.step(f"starting the coordinator on {demo.address}")
+    coordinator = demo.group.start("coordinator", [
+        gaggle("coordinator"), "serve", "--store", str(demo.store), "--base", demo.plan.base,
+        "--host", LOOPBACK, "--port", str(port), "--tracking-uri", demo.tracking_uri])
+    wait_until(lambda: check(demo.address, timeout=1), 300, "the coordinator", coordinator)
+
+
+def submit_multitask(plan: Plan, trainer: Trainer, files: list[Path], workdir: Path) -> Path:
     """One LoRA on the union of held-in data: trained like a contributor, never submitted."""
     union = union_file(files, workdir / "multitask" / "train.jsonl")
     flags = plan.train_flags(plan.multitask_steps)
     # Its gate is never used (it runs as a single expert), so one gate step suffices.
     flags[flags.index("--gate-steps") + 1] = "1"
-    [bundle] = trainer.train_all([("multitask", union, [*flags, "--no-activations"])])
-    return bundle
+    return trainer.submit("multitask", union, [*flags, "--no-activations"])
 
 
 def submit_all(demo: Demo, contributions: list[Contribution]) -> None:
