@@ -14,14 +14,23 @@ import hmac
 import logging
 import re
 import secrets
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
 from coordinator.store import Store
-from protocol.errors import InvalidArgument, NotFound, Unauthenticated
+from protocol.errors import (
+    GaggleError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from protocol.status import abort
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,7 @@ ROLES = ("contributor", "admin")
 # Methods callable without a token: health checks come from load balancers and probes.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
                           "/grpc.health.v1.Health/List"})
+ADMIN_PREFIX = "/gaggle.v1.Admin/"  # every method of this service needs an admin token
 
 
 @dataclass(frozen=True)
@@ -135,20 +145,74 @@ def bearer_token(metadata: tuple) -> str | None:
     return None
 
 
+class FailureLimiter:
+    """Failed authentications per peer host in a sliding window: past `max_failures`, the
+    host is refused (RESOURCE_EXHAUSTED) until its oldest failure leaves the window."""
+
+    def __init__(self, max_failures: int = 10, window_s: float = 60.0,
+                 max_peers: int = 10_000) -> None:
+        self.max_failures = max_failures  # failures allowed per window and host
+        self.window_s = window_s  # seconds a failure counts against its host
+        self.max_peers = max_peers  # hosts remembered at most (oldest forgotten first)
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, peer: str, now: float | None = None) -> bool:
+        with self._lock:
+            return len(self._recent(peer_host(peer), now)) >= self.max_failures
+
+    def record(self, peer: str, now: float | None = None) -> None:
+        host = peer_host(peer)
+        with self._lock:
+            self._recent(host, now).append(time.monotonic() if now is None else now)
+            if len(self._failures) > self.max_peers:  # bounded memory under a spray of hosts
+                self._failures.pop(next(iter(self._failures)))
+
+    def _recent(self, host: str, now: float | None) -> deque[float]:
+        cutoff = (time.monotonic() if now is None else now) - self.window_s
+        times = self._failures.setdefault(host, deque())
+        while times and times[0] < cutoff:
+            times.popleft()
+        return times
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string, without the port: failures count per host."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Check the bearer token of every RPC but health; expose the caller to handlers."""
+    """Check the bearer token of every RPC but health; expose the caller to handlers.
+
+    Admin services need a token of role "admin"; a host with too many failed
+    authentications in the limiter's window is refused before its token is even looked at.
+    """
 
     def __init__(self, book: TokenBook,
-                 on_failure: Callable[[str, str], None] | None = None) -> None:
+                 on_failure: Callable[[str, str], None] | None = None,
+                 limiter: FailureLimiter | None = None) -> None:
         self.book = book
         # Called with (peer, reason) after each refused call: logging, rate limiting.
         self.on_failure = on_failure
+        self.limiter = limiter or FailureLimiter()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method in OPEN_METHODS:
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
+        admin_only = handler_call_details.method.startswith(ADMIN_PREFIX)
+        return _rebuild(handler, lambda behavior, streaming: self._guard(
+            behavior, streaming, token, admin_only))
+
+    def authorize(self, token: str | None, admin_only: bool, peer: str) -> Identity:
+        """The caller's identity, or the GaggleError to answer with."""
+        if self.limiter.blocked(peer):
+            raise ResourceExhausted(
+                f"too many failed authentications from {peer_host(peer)}: wait "
+                f"{self.limiter.window_s:.0f} s and check your token", field="authorization")
         try:
             if token is None:
                 raise Unauthenticated(
@@ -156,43 +220,43 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     "set GAGGLE_TOKEN", field="authorization")
             identity = self.book.verify(token)
         except Unauthenticated as err:
-            refusal = err
-            return _rebuild(handler, lambda _behavior, streaming: self._deny(refusal, streaming))
-        return _rebuild(handler, lambda behavior, streaming:
-                        _with_identity(behavior, identity, streaming))
-
-    def _deny(self, err: Unauthenticated, streaming: bool) -> Callable:
-        def deny(_request, context: grpc.ServicerContext):
-            log.warning("refused call from %s: %s", context.peer(), err)
+            log.warning("refused call from %s: %s", peer, err)
+            self.limiter.record(peer)
             if self.on_failure is not None:
-                self.on_failure(context.peer(), str(err))
-            abort(context, err)
+                self.on_failure(peer, str(err))
+            raise
+        if admin_only and identity.role != "admin":
+            raise PermissionDenied(
+                f"{identity.contributor} holds a contributor token; this call needs an admin "
+                "token (`gaggle-coordinator token add NAME --admin`)", field="authorization")
+        return identity
 
-        def deny_stream(request, context: grpc.ServicerContext):
-            deny(request, context)
-            yield  # never reached: makes this a generator, as streaming handlers must be
-        return deny_stream if streaming else deny
-
-
-def _with_identity(behavior: Callable, identity: Identity, streaming: bool) -> Callable:
-    if streaming:
-        # A streaming response runs after the behaviour returns its generator, so the
-        # identity is set inside the generator, for as long as it runs.
-        def stream(request, context):
-            token = _current.set(identity)
+    def _guard(self, behavior: Callable, streaming: bool, token: str | None,
+               admin_only: bool) -> Callable:
+        def enter(context: grpc.ServicerContext) -> contextvars.Token:
             try:
-                yield from behavior(request, context)
-            finally:
-                _current.reset(token)
-        return stream
+                return _current.set(self.authorize(token, admin_only, context.peer()))
+            except GaggleError as err:
+                abort(context, err)
 
-    def call(request, context):
-        token = _current.set(identity)
-        try:
-            return behavior(request, context)
-        finally:
-            _current.reset(token)
-    return call
+        if streaming:
+            # A streaming response runs after the behaviour returns its generator, so the
+            # identity is set inside the generator, for as long as it runs.
+            def stream(request, context):
+                reset = enter(context)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    _current.reset(reset)
+            return stream
+
+        def call(request, context):
+            reset = enter(context)
+            try:
+                return behavior(request, context)
+            finally:
+                _current.reset(reset)
+        return call
 
 
 def _rebuild(handler: grpc.RpcMethodHandler,

@@ -42,12 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
     serve.add_argument("--no-assembly", dest="assembly", action="store_false", default=None,
                        help="only store experts: no automatic assembly or MLflow tracking")
+    serve.add_argument("--eval-config",
+                       help="TOML/JSON evaluation config: evaluate each new version on public "
+                            "tasks and record the accuracies (see coordinator/evaluation.py)")
     serve.set_defaults(handler="coordinator.server:run_serve_command")
 
     token = sub.add_parser("token", help="add, revoke or list contributor tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     add = token_sub.add_parser("add", help="create a contributor and print its token once")
     add.add_argument("name", help="contributor name")
+    add.add_argument("--admin", action="store_true",
+                     help="an admin token (token management and promote over gRPC)")
     _store(add)
     revoke = token_sub.add_parser("revoke", help="revoke a contributor's tokens")
     revoke.add_argument("name", help="contributor name")
@@ -83,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("version", help="version id (an older one rolls back)")
     promote.add_argument("--force", action="store_true",
                          help="promote even if its evaluation is worse than the champion's")
+    promote.add_argument("--max-drop", type=float,
+                         help="largest allowed drop in mean accuracy below the champion "
+                              "(default: the evaluation config's max_drop, else 0.01)")
     _store(promote)
     _tracking(promote)
     promote.set_defaults(handler="coordinator.versions:run_promote_command")

@@ -20,7 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator.auth import AuthInterceptor, TokenBook
+from coordinator.admin import AdminServicer
+from coordinator.auth import AuthInterceptor, FailureLimiter, TokenBook
 from coordinator.servicer import CoordinatorServicer, OnAccepted
 from coordinator.store import Store
 from coordinator.uploads import UploadLimits, Uploads
@@ -29,6 +30,7 @@ from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gaggle_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+ADMIN_SERVICE_NAME = gaggle_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class ServerConfig:
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
     ray_address: str | None = None  # Ray cluster to join (used by assembly)
     assembly: bool = True  # after each accepted expert: assemble a version, track in MLflow
+    eval_config: Path | None = None  # evaluation config file: evaluate each new version
+    auth_max_failures: int = 10  # failed authentications per host and window, then refused
+    auth_window_s: float = 60.0  # how long a failed authentication counts against its host
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -61,6 +66,9 @@ class ServerConfig:
                                   field="tls_client_ca")
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} is out of range 0-65535", field="port")
+        if self.auth_max_failures < 1 or self.auth_window_s <= 0:
+            raise InvalidArgument("auth_max_failures must be at least 1 and auth_window_s "
+                                  "positive", field="auth_max_failures")
 
     @property
     def limits(self) -> UploadLimits:
@@ -90,7 +98,7 @@ class ServerConfig:
         if missing:
             raise InvalidArgument(f"serve needs {', '.join('--' + m for m in missing)} "
                                   "(as flags or in --config)", field=missing[0])
-        for name in ("store", "tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("store", "tls_cert", "tls_key", "tls_client_ca", "eval_config"):
             if settings.get(name) is not None:
                 settings[name] = Path(settings[name])
         return cls(**settings)
@@ -110,14 +118,19 @@ class CoordinatorServer:
         self.health = health.HealthServicer()
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.max_workers),
-            interceptors=[AuthInterceptor(TokenBook(self.store))],
+            interceptors=[AuthInterceptor(TokenBook(self.store), limiter=FailureLimiter(
+                config.auth_max_failures, config.auth_window_s))],
             # One server per port: without this, a second server would silently share it.
             options=[("grpc.so_reuseport", 0)],
         )
         gaggle_pb2_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
+        gaggle_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(self.store, config.tracking_uri, tracking=config.assembly),
+            self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server)
         self.port = self._bind()
         self._stopped = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="upload-expiry", daemon=True)
@@ -188,7 +201,7 @@ def accepted_hook(config: ServerConfig) -> OnAccepted | None:
     from coordinator.assembler import server_hook  # Ray and MLflow: only when assembling
 
     return server_hook(config.store, tracking_uri=config.tracking_uri,
-                       ray_address=config.ray_address)
+                       ray_address=config.ray_address, eval_config=config.eval_config)
 
 
 def serve(config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:

@@ -129,3 +129,71 @@ class Expert(_message.Message):
     created_at: float
     num_modules: int
     def __init__(self, expert_id: _Optional[str] = ..., name: _Optional[str] = ..., contributor: _Optional[str] = ..., method: _Optional[str] = ..., archive_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., num_modules: _Optional[int] = ...) -> None: ...
+
+class AddTokenRequest(_message.Message):
+    __slots__ = ("name", "admin")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    admin: bool
+    def __init__(self, name: _Optional[str] = ..., admin: _Optional[bool] = ...) -> None: ...
+
+class AddTokenResponse(_message.Message):
+    __slots__ = ("name", "role", "token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    token: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: int
+    def __init__(self, revoked: _Optional[int] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TokenHolder(_message.Message):
+    __slots__ = ("name", "role", "live_tokens", "revoked_tokens")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    live_tokens: int
+    revoked_tokens: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., live_tokens: _Optional[int] = ..., revoked_tokens: _Optional[int] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("holders",)
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    holders: _containers.RepeatedCompositeFieldContainer[TokenHolder]
+    def __init__(self, holders: _Optional[_Iterable[_Union[TokenHolder, _Mapping]]] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("version", "force")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    force: bool
+    def __init__(self, version: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class PromoteResponse(_message.Message):
+    __slots__ = ("version_id", "sequence")
+    VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    version_id: str
+    sequence: int
+    def __init__(self, version_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...

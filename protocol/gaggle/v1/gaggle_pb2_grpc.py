@@ -361,3 +361,216 @@ class Coordinator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operator calls: token management and promotion of router versions. Every call needs a
+    token of role "admin" (`gaggle-coordinator token add NAME --admin`); a contributor token
+    gets PERMISSION_DENIED.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddToken = channel.unary_unary(
+                '/gaggle.v1.Admin/AddToken',
+                request_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.AddTokenRequest.SerializeToString,
+                response_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.AddTokenResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/gaggle.v1.Admin/RevokeToken',
+                request_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/gaggle.v1.Admin/ListTokens',
+                request_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/gaggle.v1.Admin/Promote',
+                request_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.PromoteResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operator calls: token management and promotion of router versions. Every call needs a
+    token of role "admin" (`gaggle-coordinator token add NAME --admin`); a contributor token
+    gets PERMISSION_DENIED.
+    """
+
+    def AddToken(self, request, context):
+        """Create the contributor if new and issue a token, returned once (stored only as a hash).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Revoke every live token of a contributor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Move the `champion` alias to a router version (an older one rolls back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddToken,
+                    request_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.AddTokenRequest.FromString,
+                    response_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.AddTokenResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.ListTokensRequest.FromString,
+                    response_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.PromoteRequest.FromString,
+                    response_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.PromoteResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'gaggle.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('gaggle.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operator calls: token management and promotion of router versions. Every call needs a
+    token of role "admin" (`gaggle-coordinator token add NAME --admin`); a contributor token
+    gets PERMISSION_DENIED.
+    """
+
+    @staticmethod
+    def AddToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gaggle.v1.Admin/AddToken',
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.AddTokenRequest.SerializeToString,
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.AddTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gaggle.v1.Admin/RevokeToken',
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.RevokeTokenRequest.SerializeToString,
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gaggle.v1.Admin/ListTokens',
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.ListTokensRequest.SerializeToString,
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gaggle.v1.Admin/Promote',
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.PromoteRequest.SerializeToString,
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.PromoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
