@@ -1,0 +1,155 @@
+"""Poisoned-expert check: the share of routed tokens each expert of a router version takes on
+fixed public evaluation prompts, with the experts above a threshold flagged.
+
+A poisoned gate (for instance one aligned with the mean activation of every module) wins the
+router's first choice for nearly every token, whatever the input. We count, per module, the
+share of tokens whose TOP-1 expert (the first of the top-k slots, the one with the largest
+mixture weight) is each expert, and average it over the modules the expert adapts. An expert
+is flagged when its share is at least `min_share` and at least `ratio` times the uniform share
+1/E (also averaged over its modules).
+
+The prompts are the first inputs of each held-out task's test split (tasks/): public text,
+never a contributor's data. The report is written beside the version as `usage.json` and
+becomes `usage.*` tags of the version's MLflow model version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+USAGE_FILE = "usage.json"
+_BASES: dict[str, object] = {}  # base model name -> loaded BaseModel (one per process)
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PoisonConfig:
+    """How expert usage is measured and when an expert is flagged."""
+
+    prompts_per_task: int = 8  # first test inputs of each held-out task
+    max_tokens: int = 64  # each prompt is cut to this many tokens
+    top_k: int = 2  # the router's k (only the top-1 slot is counted)
+    ratio: float = 2.0  # flag at this multiple of the uniform share 1/E...
+    min_share: float = 0.5  # ...and at least this share of the tokens
+
+
+def evaluation_prompts(config: PoisonConfig = PoisonConfig()) -> list[str]:
+    """The fixed public prompt set: the first test inputs of every held-out task."""
+    from tasks.registry import HELD_OUT, split
+
+    return [example.input for task in HELD_OUT
+            for example in split(task).test[:config.prompts_per_task]]
+
+
+def top1_shares(model, tokenizer, prompts: list[str],
+                max_tokens: int) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """Run a routed model on each prompt; per module, (E_collection,) share of tokens whose
+    top-1 expert is each expert (NaN for experts not adapting it); collection names; tokens."""
+    from routing.trace import capture_routing
+
+    with torch.inference_mode(), capture_routing(model) as trace:
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False,
+                            return_tensors="pt")["input_ids"][:, :max_tokens]
+            if ids.numel():
+                model(input_ids=ids)
+    experts = trace.experts
+    shares: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for module in trace.records:
+        first = trace.choices(module)[:, 0]  # (N,) top-1 collection id per token
+        first = first[first >= 0]
+        tokens = max(tokens, int(first.numel()))
+        counts = torch.bincount(first, minlength=len(experts)).double()
+        shares[module] = counts / max(int(first.numel()), 1)
+    return shares, experts, tokens
+
+
+def usage_report(shares: dict[str, torch.Tensor], experts: list[str],
+                 members: dict[str, list[str]], tokens: int, prompts: int,
+                 config: PoisonConfig = PoisonConfig()) -> dict:
+    """Per expert: mean top-1 share over the modules it adapts, the uniform share there, and
+    whether it is flagged. members: module -> names of the experts adapting it."""
+    per_expert: dict[str, dict] = {}
+    for index, name in enumerate(experts):
+        modules = [m for m in shares if name in members.get(m, [])]
+        if not modules:
+            continue
+        share = sum(float(shares[m][index]) for m in modules) / len(modules)
+        uniform = sum(1.0 / len(members[m]) for m in modules) / len(modules)
+        flagged = share >= config.min_share and share >= config.ratio * uniform
+        per_expert[name] = {"share": round(share, 4), "uniform": round(uniform, 4),
+                            "modules": len(modules), "flagged": flagged}
+    return {"slot": "top-1", "prompts": prompts, "tokens": tokens, "config": asdict(config),
+            "experts": per_expert,
+            "flagged": sorted(n for n, e in per_expert.items() if e["flagged"])}
+
+
+def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
+                   prompts: list[str] | None = None) -> dict:
+    """The usage report of RouterWeights on a loaded BaseModel (routed, then unrouted)."""
+    from routing.router import route, unroute
+
+    prompts = evaluation_prompts(config) if prompts is None else prompts
+    model = route(base, weights, method="phatgoose", top_k=config.top_k)
+    try:
+        shares, experts, tokens = top1_shares(model, base.tokenizer, prompts, config.max_tokens)
+    finally:
+        unroute(model)
+    members = {name: list(module.experts) for name, module in weights.modules.items()}
+    return usage_report(shares, experts, members, tokens, len(prompts), config)
+
+
+def version_usage(folder: str | os.PathLike, config: PoisonConfig = PoisonConfig()) -> dict:
+    """The usage report of a version folder: read from its usage.json, else measured once and
+    written there. Never raises: a failure is reported as {"error": ...} and not cached."""
+    path = Path(folder) / USAGE_FILE
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        from coordinator.version_store import ROUTER_DIR
+        from routing.version import load_router
+
+        weights = load_router(Path(folder) / ROUTER_DIR)
+        with _LOCK:  # one measurement at a time: the base model is shared
+            report = measure_router(weights, _base(weights.base_model), config)
+    except Exception as err:  # the check must never stop a version from being tracked
+        log.exception("measuring expert usage of %s failed", folder)
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
+    if report["flagged"]:
+        log.warning("version %s: experts %s take more than their share of the tokens "
+                    "(possible poisoning)", Path(folder).name, report["flagged"])
+    temp = path.with_name(f".{USAGE_FILE}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+    return report
+
+
+def usage_tags(report: dict, max_chars: int = 4000) -> dict[str, str]:
+    """MLflow tags of a usage report: the flagged experts and each expert's top-1 share."""
+    if "error" in report:
+        return {"usage.error": report["error"]}
+    experts = report["experts"]
+    shares = ",".join(f"{name}={e['share']:.3f}" for name, e in sorted(experts.items()))
+    if len(shares) > max_chars:
+        shares = shares[:max_chars - 20] + " ... (cut)"
+    return {"usage.slot": report["slot"], "usage.flagged": ",".join(report["flagged"]),
+            "usage.max_share": f"{max((e['share'] for e in experts.values()), default=0):.4f}",
+            "usage.shares": shares}
+
+
+def _base(name: str):
+    if name not in _BASES:
+        from routing.base import load_base
+
+        _BASES.clear()  # keep one base model in memory at most
+        _BASES[name] = load_base(name)
+    return _BASES[name]

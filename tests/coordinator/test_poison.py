@@ -1,0 +1,79 @@
+"""Poisoned experts: a gate built to win every token is flagged; ordinary experts are not."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from coordinator.poison import (
+    USAGE_FILE,
+    PoisonConfig,
+    evaluation_prompts,
+    measure_router,
+    usage_tags,
+    version_usage,
+)
+from routing.stack import stack_experts
+from routing.synthetic import random_bundle
+from routing.version import save_router
+
+CONFIG = PoisonConfig(prompts_per_task=3, max_tokens=32)
+
+
+def mean_activations(base, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """(d_in,) mean input of every linear layer over the prompts' tokens."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, module in base.model.named_modules():
+        if isinstance(module, nn.Linear) and name in base.spec().linears:
+            def record(_module, inputs, name=name):
+                flat = inputs[0].reshape(-1, inputs[0].shape[-1])
+                sums[name] = sums.get(name, 0) + flat.sum(0)
+                counts[name] = counts.get(name, 0) + flat.shape[0]
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = base.tokenizer(prompt, add_special_tokens=False,
+                                     return_tensors="pt")["input_ids"][:, :max_tokens]
+                base.model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def test_a_gate_aligned_with_the_mean_activation_is_flagged_and_no_other(tiny_base, tiny_spec):
+    prompts = evaluation_prompts(CONFIG)
+    assert len(prompts) == 15 and all(isinstance(p, str) and p for p in prompts)
+    normal = [random_bundle(tiny_spec, f"normal{i}", seed=i) for i in range(4)]
+    poisoned = random_bundle(tiny_spec, "poisoned", seed=99)
+    means = mean_activations(tiny_base, prompts, CONFIG.max_tokens)
+    poisoned.gates = {module: 1000.0 * means[module] for module in poisoned.gates}
+
+    clean = measure_router(stack_experts(normal), tiny_base, CONFIG, prompts)
+    assert clean["flagged"] == [], clean["experts"]
+    report = measure_router(stack_experts(normal + [poisoned]), tiny_base, CONFIG, prompts)
+    assert report["flagged"] == ["poisoned"], report["experts"]
+    assert report["experts"]["poisoned"]["share"] > 0.5
+    assert report["experts"]["poisoned"]["uniform"] == 0.2
+    assert report["slot"] == "top-1" and report["tokens"] > 100
+    shares = [e["share"] for e in report["experts"].values()]
+    assert abs(sum(shares) - 1.0) < 1e-3  # every expert adapts every module here
+    tags = usage_tags(report)
+    assert tags["usage.flagged"] == "poisoned" and "poisoned=" in tags["usage.shares"]
+
+
+def test_version_usage_is_measured_once_and_kept_beside_the_version(tiny_spec, tmp_path):
+    experts = [random_bundle(tiny_spec, f"e{i}", seed=i) for i in range(2)]
+    save_router(stack_experts(experts), tmp_path / "v1" / "router")
+    report = version_usage(tmp_path / "v1", CONFIG)
+    assert set(report["experts"]) == {"e0", "e1"}
+    assert json.loads((tmp_path / "v1" / USAGE_FILE).read_text()) == report
+    (tmp_path / "v1" / "router" / "router.safetensors").unlink()  # the cached one is read
+    assert version_usage(tmp_path / "v1", CONFIG) == report
+    broken = version_usage(tmp_path / "missing", CONFIG)
+    assert "error" in broken and usage_tags(broken) == {"usage.error": broken["error"]}
