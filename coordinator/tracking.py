@@ -237,7 +237,14 @@ def version_payload(manifest: dict, folder: Path) -> dict:
             "expert_names": [e["name"] for e in experts],
             "contributors": [e["contributor"] for e in experts],
             "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
-            "base": manifest["base"]["name"]}
+            "base": manifest["base"]["name"], "usage": _usage(folder)}
+
+
+def _usage(folder: Path) -> dict:
+    """The version's expert usage on public prompts (coordinator.poison), measured once."""
+    from coordinator.poison import version_usage
+
+    return version_usage(folder)
 
 
 def _aliases(client) -> dict[str, list[str]]:

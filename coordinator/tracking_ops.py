@@ -133,7 +133,17 @@ def version_tags(payload: dict) -> dict[str, str]:
         "parent_version": payload["parent"] or "",
         "diff": _cut(payload["diff"]),
         "base_model": payload["base"],
-    }
+    } | _usage_tags(payload)
+
+
+def _usage_tags(payload: dict) -> dict[str, str]:
+    """`usage.*` tags: each expert's share of routed tokens, the flagged (poisoned-looking)
+    experts (coordinator.poison); none for payloads queued before the check existed."""
+    if not payload.get("usage"):
+        return {}
+    from coordinator.poison import usage_tags
+
+    return usage_tags(payload["usage"], MAX_TAG_CHARS)
 
 
 def _cut(text: str) -> str:
