@@ -149,46 +149,55 @@ def _score_shared(model: nn.Module, batch: Sequence[_Encoded], pad_id: int,
     """Each prompt runs once; its key/value cache is copied to every one of its choices.
 
     Pass 1: prompts (examples, P) with use_cache; the logit at a prompt's last token scores
-    every choice's first token. Pass 2: every choice but its last token, (rows, C), on the
-    copied cache, with explicit positions and a mask over [prompt, choice].
+    every choice's first token. Pass 2 (only for choices of 2+ tokens): see `_choice_pass`.
     """
     if before_batch is not None:
         before_batch([item.example for item in batch])
     ids, mask = _right_pad([item.prompt for item in batch], pad_id)
     output = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
-    lengths = [len(item.prompt) for item in batch]
     owner_of_row = [b for b, item in enumerate(batch) for _ in item.choices]
     choices = [choice for item in batch for choice in item.choices]
-    first = _gather_logp(_logits(output), owner_of_row, [lengths[b] - 1 for b in owner_of_row],
-                         [choice[0] for choice in choices])
-    token_logp, owners = [first], list(range(len(choices)))
-    rest = [choice[:-1] for choice in choices]  # the last token is only ever predicted
-    if max(len(r) for r in rest) > 0:
-        cache = getattr(output, "cache", None)
-        if cache is None:
-            raise InvalidArgument(
-                "the model returned no key/value cache, so prompts cannot be shared across "
-                "choices: evaluate with share_prompt=False", field="share_prompt")
-        cache.reorder_cache(torch.tensor(owner_of_row, device=device))
-        choice_ids, choice_mask = _right_pad([r or [pad_id] for r in rest], pad_id)
-        choice_mask[[r for r, seq in enumerate(rest) if not seq]] = 0
-        full_mask = torch.cat([mask[owner_of_row], choice_mask], dim=1)
-        offsets = torch.tensor([lengths[b] for b in owner_of_row]).unsqueeze(1)
-        position_ids = offsets + torch.arange(choice_ids.shape[1]).unsqueeze(0)
+    last = [len(batch[b].prompt) - 1 for b in owner_of_row]
+    token_logp = [_gather_logp(_logits(output), owner_of_row, last, [c[0] for c in choices])]
+    owners = list(range(len(choices)))
+    if any(len(choice) > 1 for choice in choices):
         if before_batch is not None:
             before_batch([batch[b].example for b in owner_of_row])
-        logits = _logits(model(input_ids=choice_ids.to(device),
-                               attention_mask=full_mask.to(device),
-                               position_ids=position_ids.to(device),
-                               cache=cache, use_cache=True))
-        rows = [r for r, choice in enumerate(choices) for _ in choice[1:]]
-        positions = [j for choice in choices for j in range(len(choice) - 1)]
-        targets = [t for choice in choices for t in choice[1:]]
-        if targets:
-            token_logp.append(_gather_logp(logits, rows, positions, targets))
-            owners.extend(rows)
+        logp, rows = _choice_pass(model, output, mask, batch, owner_of_row, choices, pad_id)
+        token_logp.append(logp)
+        owners.extend(rows)
     flat = _means(torch.cat(token_logp), owners, len(choices))
     return _regroup(flat, batch)
+
+
+def _choice_pass(model: nn.Module, output, prompt_mask: torch.Tensor,
+                 batch: Sequence[_Encoded], owner_of_row: list[int],
+                 choices: list[list[int]], pad_id: int) -> tuple[torch.Tensor, list[int]]:
+    """Feed every choice but its last token, (rows, C), on its prompt's copied cache.
+
+    The mask covers [prompt (P), choice (C)] and positions continue each prompt's own length,
+    so right padding inside the cache changes nothing. Returns the log-probs of the choices'
+    tokens after the first, and the row each belongs to.
+    """
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        raise InvalidArgument(
+            "the model returned no key/value cache, so prompts cannot be shared across "
+            "choices: evaluate with share_prompt=False", field="share_prompt")
+    device = _model_device(model)
+    cache.reorder_cache(torch.tensor(owner_of_row, device=device))
+    rest = [choice[:-1] for choice in choices]  # the last token is only ever predicted
+    choice_ids, choice_mask = _right_pad([r or [pad_id] for r in rest], pad_id)
+    choice_mask[[r for r, seq in enumerate(rest) if not seq]] = 0
+    full_mask = torch.cat([prompt_mask[owner_of_row], choice_mask], dim=1)
+    offsets = torch.tensor([len(batch[b].prompt) for b in owner_of_row]).unsqueeze(1)
+    position_ids = offsets + torch.arange(choice_ids.shape[1]).unsqueeze(0)
+    logits = _logits(model(input_ids=choice_ids.to(device), attention_mask=full_mask.to(device),
+                           position_ids=position_ids.to(device), cache=cache, use_cache=True))
+    rows = [r for r, choice in enumerate(choices) for _ in choice[1:]]
+    positions = [j for choice in choices for j in range(len(choice) - 1)]
+    targets = [t for choice in choices for t in choice[1:]]
+    return _gather_logp(logits, rows, positions, targets), rows
 
 
 def _regroup(flat: list[float], batch: Sequence[_Encoded]) -> list[list[float]]:
