@@ -137,9 +137,9 @@ def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> 
         multitask = submit_multitask(plan, trainer, list(data.values()), workdir)
         bundles = [trainer.submit(task, file, flags) for task, file in data.items()]
         start_services(demo)  # while the first contributors train
-        seconds["services"] = time.monotonic() - began
+        seconds["services_ready"] = time.monotonic() - began  # from the start
         trainer.wait()
-        seconds["training"] = time.monotonic() - began
+        seconds["training_done"] = time.monotonic() - began  # from the start
         began = time.monotonic()
         contributions = [Contribution(task, data[task], bundle, cached) for task, bundle, cached
                          in zip(plan.held_in, bundles, was_cached, strict=True)]
