@@ -145,7 +145,8 @@ def write_outputs(plan: Plan, payload: dict, out: Path) -> None:
               f"{payload['load_average'][0]:.1f}); base {plan.base}; "
               f"{len(plan.held_in)} held-in experts (LoRA r={plan.rank}, {plan.steps} steps, "
               f"{plan.gate_steps} gate steps), test examples per task: "
-              + ", ".join(f"{t} {n}" for t, n in payload["test_examples"].items()) + "."]
+              + ", ".join(f"{t} {n}" for t, n in payload["test_examples"].items()) + ".",
+              "", *notes(plan)]
     (out / "results.md").write_text(
         report.markdown(plan, payload, payload["diagnostics"], header), encoding="utf-8")
     report.bar_chart(payload, out / "means.png",
@@ -154,6 +155,26 @@ def write_outputs(plan: Plan, payload: dict, out: Path) -> None:
     if usage:
         report.heatmap(usage, payload["diagnostics"]["experts"], out / "heatmap.png",
                        "PHATGOOSE: share of top-2 slots per layer, held-out validation tokens")
+
+
+def notes(plan: Plan) -> list[str]:
+    """How to read the table: what is fixed, what is scaled down, what each baseline does."""
+    lines = [
+        "- Splits are fixed by seed " + str(plan.seed) + " (tasks.registry.split); no "
+        "hyperparameter was tuned: the METHODS.md recipe and this plan were fixed before any "
+        "test example was scored, and validation examples serve only the routing diagnostics.",
+        "- PHATGOOSE, Arrow and average activation route per token and module with top-2; "
+        "SMEAR merges the experts' parameters per example with softmax weights over the gate "
+        "keys, from the mean activation over the prompt's tokens.",
+        f"- Retrieval embeds up to {plan.retrieval_examples} training inputs per expert with "
+        "all-MiniLM-L6-v2 and sends each test prompt to the expert of its nearest one.",
+        f"- Multitask: one LoRA on the union of the held-in training files, "
+        f"{plan.multitask_steps} steps",
+    ]
+    same = plan.steps * len(plan.held_in)
+    lines[-1] += (" (the same budget as the experts together)." if plan.multitask_steps == same
+                  else f" (scaled down from the same-budget {same} steps to fit the mode).")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
