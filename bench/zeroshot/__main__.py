@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -38,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="content-addressed cache of trained bundles")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--report-only", action="store_true",
+                        help="only redraw results.md and the PNGs from OUT/results.json")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for scoring (0: all cores, or 1 when the "
                              "machine is already busy)")
@@ -182,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLANS["quick" if args.quick else "tiny" if args.tiny else "full"]
     results = ROOT / "bench" / "results"
     out = args.out or (results if plan.name == "full" else results / plan.name)
+    if args.report_only:
+        payload = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["plan"].items()}
+        write_outputs(Plan(**saved), payload, out)
+        print((out / "results.md").read_text(encoding="utf-8"))
+        return 0
     workdir = (args.workdir or ROOT / "runs" / time.strftime(
         f"zeroshot-{plan.name}-%Y%m%d-%H%M%S")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
