@@ -2,7 +2,8 @@
 background thread; experts accepted meanwhile go into the next assembly.
 
 The hook only appends to a list and sets an event, so an upload RPC never waits for Ray or
-MLflow. Tracking calls go through `Tracker`'s on-disk queue and its own thread.
+MLflow. Tracking calls go through `Tracker`'s on-disk queue and its own thread; evaluation of
+each new version (when configured) through `Evaluator`'s own thread.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ class Assembler:
     """Owns the assembly thread of a serving coordinator (and its tracker, when given)."""
 
     def __init__(self, store, *, config: AssemblyConfig | None = None,
-                 tracker: Tracker | None = None, reconcile_s: float = 60.0) -> None:
-        """store: the serving coordinator's `coordinator.store.Store`; reconcile_s: how often
-        to look for stored experts missing from the current version."""
+                 tracker: Tracker | None = None, evaluator=None,
+                 reconcile_s: float = 60.0) -> None:
+        """store: the serving coordinator's `coordinator.store.Store`; evaluator: a
+        `coordinator.evaluator.Evaluator` given each version assembled (None: no evaluation);
+        reconcile_s: how often to look for stored experts missing from the current version."""
         self.store = store
         self.root = Path(store.root)
         self.config = config or AssemblyConfig()
         self.tracker = tracker
+        self.evaluator = evaluator
         self.versions = VersionStore(self.root)
         self.last_result: AssemblyResult | None = None
         self.last_error: str | None = None
@@ -72,6 +76,8 @@ class Assembler:
         if self._thread is None:
             if self.tracker is not None:
                 self.tracker.start()
+            if self.evaluator is not None:
+                self.evaluator.start()
             self.versions.clean_staging()
             self._busy = True  # until the catch-up has looked
             self._thread = threading.Thread(target=self._loop, name="gaggle-assembler",
@@ -153,6 +159,8 @@ class Assembler:
             if result.created and self.tracker is not None:
                 folder = self.versions.folder(result.version_id)
                 self.tracker.record_version(version_payload(result.manifest, folder))
+            if self.evaluator is not None:  # after the version is written, on its own thread
+                self.evaluator.submit(result.version_id)
             log.info("version %s: %d experts (%s), %.1f s", result.version_id,
                      len(result.manifest["experts"]), result.manifest.get("diff", ""),
                      result.seconds)
@@ -182,24 +190,36 @@ class Assembler:
         if self._thread is not None:
             self._thread.join(timeout=120)
             self._thread = None
+        if self.evaluator is not None:  # before the tracker: it queues into the tracker
+            self.evaluator.close()
         if self.tracker is not None:
             self.tracker.close()
 
 
 def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str | None = None,
-                    tracking: bool = True) -> Assembler:
+                    tracking: bool = True, eval_config=None) -> Assembler:
     """The assembler a serving coordinator runs; pass `.on_accepted` as the server's hook.
 
     store: the server's `coordinator.store.Store`. tracking_uri: MLflow server (default: the
-    SQLite store inside the store folder); tracking=False turns MLflow off.
+    SQLite store inside the store folder); tracking=False turns MLflow off. eval_config: an
+    `EvaluationConfig` or the path of its TOML/JSON file; each new version is then evaluated.
     """
     config = AssemblyConfig(ray_address=ray_address)
     tracker = Tracker(store.root, tracking_uri) if tracking else None
-    return Assembler(store, config=config, tracker=tracker).start()
+    evaluator = None
+    if eval_config is not None:
+        from coordinator.evaluation import EvaluationConfig
+        from coordinator.evaluator import Evaluator
+
+        if not isinstance(eval_config, EvaluationConfig):
+            eval_config = EvaluationConfig.from_file(eval_config)
+        evaluator = Evaluator(store.root, eval_config, tracker=tracker, assembly_config=config)
+    return Assembler(store, config=config, tracker=tracker, evaluator=evaluator).start()
 
 
 def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = None,
-                ray_address: str | None = None) -> Callable[[object], None]:
+                ray_address: str | None = None,
+                eval_config: str | os.PathLike | None = None) -> Callable[[object], None]:
     """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
 
     Call it from the main thread, before serving: it starts Ray there. It opens its own
@@ -208,6 +228,10 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     """
     from coordinator.store import Store
 
+    if eval_config is not None:  # a bad file is an error at start, not in a thread later
+        from coordinator.evaluation import EvaluationConfig
+
+        eval_config = EvaluationConfig.from_file(eval_config)
     try:
         # From the main thread: Ray started in a worker thread cannot set up its signal
         # handling, and such a process aborts at exit instead of stopping cleanly.
@@ -215,6 +239,6 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     except Exception as err:  # the assembler thread retries; accepting must not wait on Ray
         log.warning("Ray did not start (%s); assembly will retry in the background", err)
     assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
-                                ray_address=ray_address)
+                                ray_address=ray_address, eval_config=eval_config)
     atexit.register(assembler.close)
     return assembler.on_accepted

@@ -24,6 +24,8 @@ CHAMPION = "champion"
 MODEL_NAME = "router"  # the logged model's name inside MLflow
 TAG_OP = "gaggle.op_id"  # written on every object a replay creates, to recognise it later
 TAG_VERSION = "gaggle.version_id"
+TAG_EVAL_PREFIX = "eval."  # model version tags `eval.accuracy` (the mean), `eval.<task>`
+TAG_EVAL_CONFIG = "gaggle.eval_config"  # key of the evaluation config behind the eval tags
 MAX_TAG_CHARS = 4000  # MLflow limits tag values; long expert lists are cut with a count
 # MLflow errors that mean "try again later" rather than "this call is wrong".
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
@@ -78,6 +80,14 @@ class Tracker:
         """Queue moving alias `champion` to a version; `sequence` tells promotions apart."""
         op_id = f"promote:{sequence}:{version_id}"
         queued = self.queue.enqueue(op_id, "promotion", {"version_id": version_id})
+        self.wake()
+        return queued
+
+    def record_evaluation(self, record: dict) -> bool:
+        """Queue a version's evaluation (a `coordinator.evaluation` record): its model
+        version's `eval.*` tags and a run holding the metrics."""
+        op_id = f"eval:{record['version_id']}:{record['config_key']}"
+        queued = self.queue.enqueue(op_id, "evaluation", record)
         self.wake()
         return queued
 
@@ -198,8 +208,9 @@ class Tracker:
                 out[version_id] = {
                     "number": int(mv.version),
                     "aliases": sorted(aliases.get(mv.version, [])),
-                    "metrics": {k.removeprefix("eval."): _number(v) for k, v in mv.tags.items()
-                                if k.startswith("eval.")},
+                    "metrics": {k.removeprefix(TAG_EVAL_PREFIX): _number(v)
+                                for k, v in mv.tags.items() if k.startswith(TAG_EVAL_PREFIX)},
+                    "eval_config": mv.tags.get(TAG_EVAL_CONFIG),
                 }
         return out
 
@@ -292,6 +303,12 @@ def _replay_router_version(tracker: Tracker, client, op: Op) -> None:
     replay_router_version(client, tracker.experiment_id(client), op)
 
 
+def _replay_evaluation(tracker: Tracker, client, op: Op) -> None:
+    from coordinator.tracking_ops import replay_evaluation
+
+    replay_evaluation(client, tracker.experiment_id(client), op)
+
+
 def _replay_promotion(tracker: Tracker, client, op: Op) -> None:
     from coordinator.tracking_ops import replay_promotion
 
@@ -302,4 +319,5 @@ _HANDLERS: dict[str, Callable[[Tracker, object, Op], None]] = {
     "expert_run": _replay_expert_run,
     "router_version": _replay_router_version,
     "promotion": _replay_promotion,
+    "evaluation": _replay_evaluation,
 }

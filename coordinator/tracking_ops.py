@@ -16,6 +16,8 @@ from coordinator.tracking import (
     MAX_TAG_CHARS,
     MODEL_NAME,
     REGISTERED_MODEL,
+    TAG_EVAL_CONFIG,
+    TAG_EVAL_PREFIX,
     TAG_OP,
     TAG_VERSION,
 )
@@ -120,6 +122,46 @@ def replay_promotion(client, op: Op) -> None:
             f"router version {op.payload['version_id']} has no model version in "
             f"{REGISTERED_MODEL}", error_code="RESOURCE_DOES_NOT_EXIST")
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, model_version.version)
+
+
+def replay_evaluation(client, experiment_id: str, op: Op) -> None:
+    """Tag the version's model version with `eval.*` and log the metrics in an evaluation run
+    (linked to the logged model, so its page shows them too)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    record = op.payload
+    model_version = find_model_version(client, record["version_id"])
+    if model_version is None:
+        raise MlflowException(
+            f"router version {record['version_id']} has no model version in "
+            f"{REGISTERED_MODEL} to attach its evaluation to",
+            error_code="RESOURCE_DOES_NOT_EXIST")
+    tags = {f"{TAG_EVAL_PREFIX}{k}": repr(float(v)) for k, v in record["metrics"].items()}
+    tags[TAG_EVAL_CONFIG] = record["config_key"]
+    for key, value in sorted(tags.items()):  # setting a tag again is harmless
+        client.set_model_version_tag(REGISTERED_MODEL, model_version.version, key, value)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_OP}` = '{op.op_id}'",
+                               max_results=1)
+    if found and found[0].info.status == "FINISHED":
+        return
+    run = found[0] if found else client.create_run(
+        experiment_id, run_name=f"eval-{record['version_id']}",
+        tags={TAG_OP: op.op_id, TAG_VERSION: record["version_id"],
+              TAG_EVAL_CONFIG: record["config_key"]})
+    run_id = run.info.run_id
+    if not run.data.params:
+        config = record["config"]
+        params = [Param(k, _cut(",".join(v) if isinstance(v, list) else str(v)))
+                  for k, v in sorted(config.items())]
+        client.log_batch(run_id, params=params)
+    if not run.data.metrics:
+        stamp = int(time.time() * 1000)
+        model_id = getattr(model_version, "model_id", None)
+        metrics = [Metric(key, float(value), stamp, 0, model_id=model_id)
+                   for key, value in sorted(record["metrics"].items())]
+        client.log_batch(run_id, metrics=metrics)
+    client.set_terminated(run_id, "FINISHED")
 
 
 def version_tags(payload: dict) -> dict[str, str]:

@@ -11,9 +11,6 @@ from pathlib import Path
 from coordinator.version_store import ROUTER_DIR, VERSION_FILE, VersionStore
 from protocol.errors import AlreadyExists, FailedPrecondition, GaggleError, NotFound
 
-# Metrics where a higher value is better; promote refuses a worse candidate without --force.
-_HIGHER_IS_BETTER = ("accuracy", "mean_accuracy")
-
 
 def _store_root(args: argparse.Namespace) -> Path:
     root = Path(args.store)
@@ -58,7 +55,12 @@ def run_assemble_command(args: argparse.Namespace) -> int:
 
 
 def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str | None]:
-    """One dict per version (oldest first), with MLflow's view when reachable; and a note."""
+    """One dict per version (oldest first), with MLflow's view when reachable; and a note.
+
+    Evaluation metrics come from the local records (so they show with MLflow down), then
+    from the model versions' `eval.*` tags for what the local records lack.
+    """
+    from coordinator.evaluation import read_evaluation
     from coordinator.tracking import Tracker, default_tracking_uri
 
     versions = VersionStore(root)
@@ -81,13 +83,14 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
                     if pointer == vid}
         if manifest is manifests[-1]:
             aliases.add("latest")
+        evaluation = read_evaluation(root, vid) or {}
         rows.append({
             "version_id": vid, "created_at": manifest["created_at"],
             "n_experts": len(manifest["experts"]),
             "experts": [e["name"] for e in manifest["experts"]],
             "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
             "aliases": sorted(aliases), "mlflow_version": tracked.get("number"),
-            "metrics": tracked.get("metrics", {}),
+            "metrics": tracked.get("metrics", {}) | evaluation.get("metrics", {}),
         })
     return rows, note
 
@@ -144,7 +147,11 @@ def run_diff_command(args: argparse.Namespace) -> int:
 
 
 def run_promote_command(args: argparse.Namespace) -> int:
-    """`promote V --store DIR`: move alias `champion` (an older version rolls back)."""
+    """`promote V --store DIR`: move alias `champion` (an older version rolls back).
+
+    Refuses, unless --force, a version whose mean evaluation accuracy lies more than the
+    threshold below the champion's (--max-drop, else the evaluation config's `max_drop`).
+    """
     from coordinator.tracking import Tracker
 
     root = _store_root(args)
@@ -152,7 +159,10 @@ def run_promote_command(args: argparse.Namespace) -> int:
     version_id = versions.resolve(args.version)
     tracker = Tracker(root, args.tracking_uri)
     if not args.force:
-        _check_not_worse(tracker, version_id, versions.champion_id())
+        note = check_not_worse(root, version_id, versions.champion_id(), tracker=tracker,
+                               max_drop=getattr(args, "max_drop", None))
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     sequence = versions.promote(version_id)
     tracker.record_promotion(version_id, sequence)
     print(f"champion -> {version_id}")
@@ -160,22 +170,86 @@ def run_promote_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_not_worse(tracker, candidate: str, champion: str | None) -> None:
-    """Refuse a candidate whose recorded evaluation is below the champion's."""
+def promotion_threshold(root: Path, max_drop: float | None = None) -> float:
+    """The largest allowed drop in mean accuracy: `max_drop` if given, else the `max_drop` of
+    the evaluation config the coordinator runs with, else DEFAULT_MAX_DROP."""
+    from coordinator.evaluation import DEFAULT_MAX_DROP, active_config
+
+    if max_drop is not None:
+        return max_drop
+    config = active_config(root)
+    return config.max_drop if config is not None else DEFAULT_MAX_DROP
+
+
+def check_not_worse(root: Path, candidate: str, champion: str | None, *, tracker=None,
+                    max_drop: float | None = None) -> str | None:
+    """Raise FailedPrecondition when the candidate's mean accuracy is below the champion's by
+    more than the threshold (see `promotion_threshold`; both evaluated under the same
+    config); else return a note on what could not be compared, or None.
+
+    The local evaluation records decide; with a `Tracker`, MLflow's `eval.*` tags stand in
+    for a missing record.
+    """
+    from coordinator.evaluation import MEAN
+
     if champion is None or champion == candidate:
-        return
-    try:
-        registry = tracker.model_versions()
-    except GaggleError:
-        return  # no evaluation to compare against: nothing to refuse on
-    new = registry.get(candidate, {}).get("metrics", {})
-    old = registry.get(champion, {}).get("metrics", {})
-    for key in _HIGHER_IS_BETTER:
-        if isinstance(new.get(key), float) and isinstance(old.get(key), float) \
-                and new[key] < old[key]:
-            raise FailedPrecondition(
-                f"version {candidate} has {key} {new[key]:.4g}, below champion {champion}'s "
-                f"{old[key]:.4g}: pass --force to promote it anyway", field="version")
+        return None
+    max_drop = promotion_threshold(Path(root), max_drop)
+    registry = _Registry(tracker)
+    new, old = _evaluation_of(root, registry, candidate), _evaluation_of(root, registry, champion)
+    if new is None or old is None:
+        missing = candidate if new is None else champion
+        return f"version {missing} has no evaluation: promoting without comparing accuracy"
+    if new[0] != old[0]:
+        return (f"versions {candidate} and {champion} were evaluated under different configs "
+                "(different tasks or settings): promoting without comparing accuracy")
+    drop = old[1] - new[1]
+    if drop > max_drop:
+        raise FailedPrecondition(
+            f"version {candidate} has mean {MEAN} {new[1]:.4f}, {drop:.4f} below champion "
+            f"{champion}'s {old[1]:.4f}, more than the allowed drop {max_drop:g}: pass --force "
+            "to promote it anyway, or --max-drop to allow a larger drop", field="version")
+    return None
+
+
+def _check_not_worse(tracker, candidate: str, champion: str | None) -> None:
+    """`check_not_worse` for a caller holding only a Tracker (its store, the config's
+    threshold)."""
+    check_not_worse(tracker.store, candidate, champion, tracker=tracker)
+
+
+class _Registry:
+    """MLflow's model versions, read at most once, and only if a local record is missing."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+        self._versions: dict[str, dict] | None = None
+
+    def get(self, version_id: str) -> dict:
+        if self._versions is None:
+            self._versions = {}
+            uri = getattr(self.tracker, "uri", "")
+            embedded_missing = uri.startswith("sqlite:///") and not Path(
+                uri.removeprefix("sqlite:///")).exists()
+            if self.tracker is not None and not embedded_missing:
+                try:
+                    self._versions = self.tracker.model_versions()
+                except GaggleError:
+                    pass  # unreachable: only the local records count
+        return self._versions.get(version_id, {})
+
+
+def _evaluation_of(root: Path, registry: _Registry,
+                   version_id: str) -> tuple[str | None, float] | None:
+    """(config key, mean accuracy) of a version, from its local record or MLflow; or None."""
+    from coordinator.evaluation import MEAN, read_evaluation
+
+    record = read_evaluation(root, version_id)
+    if record is not None and isinstance(record.get("metrics", {}).get(MEAN), float):
+        return record.get("config_key"), record["metrics"][MEAN]
+    tracked = registry.get(version_id)
+    value = tracked.get("metrics", {}).get(MEAN)
+    return (tracked.get("eval_config"), value) if isinstance(value, float) else None
 
 
 def run_export_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,126 @@
+"""The evaluation thread of a serving coordinator: versions are evaluated one after another,
+off the assembly thread, so neither uploads nor the next assembly wait for an evaluation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from coordinator.assemble import AssemblyConfig
+from coordinator.evaluation import (
+    EvalPool,
+    EvaluationConfig,
+    evaluate_version,
+    needs_evaluation,
+    save_active_config,
+)
+from coordinator.version_store import VersionStore
+from protocol.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator:
+    """Owns the evaluation actors and a FIFO of version ids to evaluate."""
+
+    def __init__(self, store_root: str | os.PathLike, config: EvaluationConfig, *,
+                 tracker=None, assembly_config: AssemblyConfig | None = None,
+                 pool: EvalPool | None = None) -> None:
+        """tracker: the assembler's `coordinator.tracking.Tracker`, or None (local only).
+        pool: actors to share (their config must be `config`); default: this evaluator's."""
+        self.root = Path(store_root)
+        self.config = config
+        self.tracker = tracker
+        if pool is not None and pool.config != config:
+            raise InvalidArgument("the shared evaluation pool runs another config than this "
+                                  "evaluator's: give both the same EvaluationConfig",
+                                  field="eval_config")
+        self.pool = pool or EvalPool(config, assembly_config)
+        self._own_pool = pool is None
+        self.versions = VersionStore(self.root)
+        self.evaluated = 0  # versions evaluated by this process
+        self.last_error: str | None = None
+        self._queue: deque[str] = deque()
+        self._cond = threading.Condition()
+        self._running = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, version_id: str) -> None:
+        """Queue a version (returns at once); one already evaluated under this config is
+        skipped when its turn comes."""
+        with self._cond:
+            if version_id not in self._queue:
+                self._queue.append(version_id)
+            self._cond.notify_all()
+
+    def start(self) -> Evaluator:
+        """Record the active config (promote reads its threshold) and start the thread; the
+        champion and the current version are evaluated first if this config never saw them."""
+        if self._thread is None:
+            save_active_config(self.root, self.config)
+            for version_id in (self.versions.champion_id(), self.versions.current_id()):
+                if version_id:
+                    self.submit(version_id)
+            self._thread = threading.Thread(target=self._loop, name="gaggle-evaluator",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                version_id = self._queue.popleft()
+                self._running = True
+            try:
+                self._evaluate(version_id)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+
+    def _evaluate(self, version_id: str) -> None:
+        if not needs_evaluation(self.root, version_id, self.config):
+            return
+        try:
+            record = evaluate_version(self.root, version_id, self.pool, self.tracker)
+        except Exception as err:  # the version stays without metrics; the thread goes on
+            self.last_error = f"{type(err).__name__}: {err}"
+            log.exception("evaluation of version %s failed; it stays without metrics",
+                          version_id)
+            return
+        self.last_error = None
+        self.evaluated += 1
+        log.info("version %s evaluated: mean accuracy %.4f on %d tasks, %.1f s", version_id,
+                 record["metrics"]["accuracy"], len(self.config.tasks), record["seconds"])
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is queued or running (True), or `timeout` passes (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking versions; wait up to `timeout` for the one in flight, then free the
+        actors (an unfinished version simply stays without metrics)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._own_pool:
+            self.pool.shutdown()
