@@ -75,9 +75,11 @@ class NaiveRoutedLinear(nn.Module):
         return out + delta.view_as(out)
 
 
-def routed_layers(base: BaseModel, weights: RouterWeights, top_k: int) -> dict[str, nn.Module]:
+def routed_layers(base: BaseModel, weights: RouterWeights, top_k: int,
+                  **options) -> dict[str, nn.Module]:
     """Build the routed layers once (route, keep them, unroute) so rounds only swap modules."""
-    model = route(base.model, weights, "phatgoose", top_k, fingerprint=base.fingerprint)
+    model = route(base.model, weights, "phatgoose", top_k, fingerprint=base.fingerprint,
+                  **options)
     layers = {name: module for name, module in model.named_modules()
               if isinstance(module, RoutedLinear)}
     unroute(model)
@@ -102,7 +104,7 @@ def timed_forward(model: nn.Module, tokens: torch.Tensor) -> tuple[float, float]
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(base: BaseModel, routed: dict[int, dict[str, nn.Module]], tokens: torch.Tensor,
+def measure(base: BaseModel, routed: dict[str, dict[str, nn.Module]], tokens: torch.Tensor,
             rounds: int, naive_rounds: int, naive_experts: int) -> dict:
     """Interleaved rounds: per round one timed forward per configuration (after a warm-up)."""
     model = base.model
@@ -114,13 +116,13 @@ def measure(base: BaseModel, routed: dict[int, dict[str, nn.Module]], tokens: to
 
     for round_index in range(rounds):
         run("base")
-        for count, layers in routed.items():
+        for label, layers in routed.items():
             install(model, layers)
-            run(f"routed_{count}")
+            run(label)
             uninstall(model, layers)
-            if count == naive_experts and round_index < naive_rounds:
+            if label == f"routed_{naive_experts}" and round_index < naive_rounds:
                 install(model, layers, naive=True)
-                run(f"naive_{count}")
+                run(f"naive_{naive_experts}")
                 uninstall(model, layers)
         print(f"  round {round_index + 1}/{rounds}: " + ", ".join(
             f"{k} {v[-1][0]:.2f}s" for k, v in times.items() if len(v) == round_index + 1),
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 gives the steadiest "
                         "CPU-time ratios on a busy machine")
+    parser.add_argument("--bf16-scores", action="store_true",
+                        help="also time the largest count with score_dtype=bfloat16")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
     args = parser.parse_args(argv)
@@ -174,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     routed = {}
     for count in counts:
         # the RouterWeights are dropped once the layers exist: only the layers' tensors stay
-        routed[count] = routed_layers(base, synthetic_router(base, count, args.rank),
-                                      args.top_k)
+        weights = synthetic_router(base, count, args.rank)
+        routed[f"routed_{count}"] = routed_layers(base, weights, args.top_k)
+        if args.bf16_scores and count == max(counts):  # shares the expert tensors
+            routed[f"routed_{count}_bf16"] = routed_layers(base, weights, args.top_k,
+                                                           score_dtype=torch.bfloat16)
+        del weights
         print(f"built {count} experts ({time.perf_counter() - started:.0f}s)", flush=True)
     times = measure(base, routed, tokens, rounds, naive_rounds=1 if args.quick else 3,
                     naive_experts=args.naive_experts)
@@ -192,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(rows: dict) -> None:
-    print(f"\n{'configuration':<14}{'wall s':>8}{'x base':>8}{'cpu s':>8}{'x base':>8}  note")
+    print(f"\n{'configuration':<18}{'wall s':>8}{'x base':>8}{'cpu s':>8}{'x base':>8}  note")
     for label, row in rows.items():
         note = ""
         if "cpu_routed_speedup" in row:
             note = (f"routed is {row['cpu_routed_speedup']:.1f}x faster (cpu), "
                     f"{row['wall_routed_speedup']:.1f}x (wall)")
-        print(f"{label:<14}{row['wall_s']:>8.3f}{row['wall_ratio_to_base']:>8.2f}"
+        print(f"{label:<18}{row['wall_s']:>8.3f}{row['wall_ratio_to_base']:>8.2f}"
               f"{row['cpu_s']:>8.3f}{row['cpu_ratio_to_base']:>8.2f}  {note}")
 
 

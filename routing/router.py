@@ -8,6 +8,10 @@
 Methods: phatgoose (gate keys), average_activation (mean activations as keys), arrow (|x .
 prototype|), uniform_merge, single:<expert name>, retrieval (expert per example given at call
 time), smear (per-example parameter-averaged expert). See METHODS.md for the formulas.
+
+Per-token methods work unchanged with `generate()` and its KV cache. smear averages over the
+tokens of each call, so under incremental decoding each new token gets its own merge: use it
+for scoring (rank classification), where the whole sequence is one call.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
     check_fingerprint(weights, fingerprint or model_fingerprint(model))
     check_router_keys(weights, mode)
     state = RoutingState(config={"method": method, "top_k": top_k, "experts": weights.experts})
+    position = {name: i for i, name in enumerate(weights.experts)}
+    layers = {}  # all built before any is installed: a failure leaves the model untouched
     for name, module_router in weights.modules.items():
         linear = _linear(model, module_router)
         local_single = -1
@@ -68,10 +74,11 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
             local_single = module_router.experts.index(single)
         if mode == "arrow":
             module_router = with_ia3_prototypes(module_router, linear.weight)
-        layer = RoutedLinear(
+        layers[name] = RoutedLinear(
             linear, module_router, method=mode, top_k=top_k, state=state,
-            collection_index=[weights.expert_index(e) for e in module_router.experts],
+            collection_index=[position[e] for e in module_router.experts],
             single=local_single, dispatch=dispatch, score_dtype=score_dtype)
+    for name, layer in layers.items():
         model.set_submodule(name, layer)
     setattr(model, _STATE_ATTR, state)
     return model

@@ -105,6 +105,10 @@ def load_router(folder: str | os.PathLike) -> RouterWeights:
     try:
         modules = {entry["name"]: _module_from(entry, tensors)
                    for entry in manifest["modules"]}
+        unknown = {e for m in modules.values() for e in m.experts} - set(manifest["experts"])
+        if unknown:
+            raise InvalidArgument(f"router modules name experts {sorted(unknown)[:5]} that "
+                                  f"{ROUTER_MANIFEST} does not list", field="router")
         return RouterWeights(base_model=manifest["base_model"],
                              fingerprint=manifest["fingerprint"],
                              experts=list(manifest["experts"]), modules=modules)
