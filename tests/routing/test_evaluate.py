@@ -150,3 +150,17 @@ def test_task_mean_weights_tasks_equally_not_examples():
     assert bootstrap_task_mean({"a": [1, 1], "b": [0, 0]}) == ConfidenceInterval(0.5, 0.5, 0.5)
     with pytest.raises(InvalidArgument):
         bootstrap_task_mean({"a": []})
+
+
+@pytest.mark.slow
+def test_shared_prompts_match_full_sequences_on_smollm2():
+    """On the real model (BPE merges, grouped-query attention), both paths agree."""
+    from routing.base import load_base
+    from tasks import split
+
+    base = load_base("smollm2-135m")
+    examples = split("xsum-summary").test[:6] + split("siqa").test[:6]
+    shared = choice_scores(base.model, base.tokenizer, examples, batch_size=4)
+    rowwise = choice_scores(base.model, base.tokenizer, examples, batch_size=4,
+                            share_prompt=False)
+    np.testing.assert_allclose(np.concatenate(shared), np.concatenate(rowwise), atol=1e-4)
