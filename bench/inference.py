@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 gives the steadiest "
                         "CPU-time ratios on a busy machine")
-    parser.add_argument("--bf16-scores", action="store_true",
-                        help="also time the largest count with score_dtype=bfloat16")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
     args = parser.parse_args(argv)
@@ -180,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         # the RouterWeights are dropped once the layers exist: only the layers' tensors stay
         weights = synthetic_router(base, count, args.rank)
         routed[f"routed_{count}"] = routed_layers(base, weights, args.top_k)
-        if args.bf16_scores and count == max(counts):  # shares the expert tensors
-            routed[f"routed_{count}_bf16"] = routed_layers(base, weights, args.top_k,
-                                                           score_dtype=torch.bfloat16)
         del weights
         print(f"built {count} experts ({time.perf_counter() - started:.0f}s)", flush=True)
     times = measure(base, routed, tokens, rounds, naive_rounds=1 if args.quick else 3,

@@ -35,8 +35,6 @@ from routing.stack import ModuleRouter
 TOPK_METHODS = ("phatgoose", "arrow", "average_activation")
 # Measured on the 2-core CPU of our machines at 512 tokens: dense wins up to ~16 experts at r=8.
 DENSE_MAX_COLUMNS = 128
-# Extra candidates re-scored exactly after a low-precision routing pass (score_dtype).
-SHORTLIST_MARGIN = 4
 
 
 @dataclass
@@ -82,7 +80,7 @@ class RoutedLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, router: ModuleRouter, *, method: str, top_k: int,
                  state: RoutingState, collection_index: list[int], single: int = -1,
-                 dispatch: str = "auto", score_dtype: torch.dtype | None = None) -> None:
+                 dispatch: str = "auto") -> None:
         super().__init__()
         self.base = base
         self.name = router.name
@@ -113,9 +111,6 @@ class RoutedLinear(nn.Module):
         self._buffer("ia3_out", router.ia3_out)  # (E, d_out)
         self._buffer("ia3_in", router.ia3_in)  # (E, d_in)
         self._buffer("route_keys", _route_keys(router, method))  # (E, d_in)
-        # Optional low-precision shortlist (see _shortlist); None: exact scores only.
-        low = None if score_dtype is None else self.route_keys.to(score_dtype)
-        self.register_buffer("route_keys_low", low, persistent=False)
         if method == "retrieval":
             local = torch.full((max(collection_index) + 1,), -1, dtype=torch.long)
             local[torch.tensor(collection_index)] = torch.arange(count)
@@ -157,34 +152,11 @@ class RoutedLinear(nn.Module):
             return self._retrieval_select(x.shape)
         # Arrow: |x . proto| (a prototype's sign is arbitrary); the others: LN(x) . key_n
         features = flat if self.method == "arrow" else self.state.normalised(x)
-        if self.route_keys_low is not None:
-            top, index = self._shortlist(features)
-        else:
-            scores = features @ self.route_keys.T  # (N, E)
-            top, index = (scores.abs() if self.method == "arrow" else scores).topk(
-                self.top_k, dim=-1)
+        scores = features @ self.route_keys.T  # (N, E)
+        top, index = (scores.abs() if self.method == "arrow" else scores).topk(
+            self.top_k, dim=-1)
         # softmax over the kept scores == renormalised top-k of the full softmax
         return index, torch.softmax(top, dim=-1)
-
-    def _shortlist(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k via a low-precision (e.g. bfloat16) pass over all E experts, then exact
-        float32 scores for the best k + SHORTLIST_MARGIN of them.
-
-        The weights are exact; a selection differs from the exact one only if the true
-        top-k falls outside the shortlist, i.e. low-precision error beats the score gap.
-        Pays off where low-precision matmuls are much faster (CPUs with AMX) and E is large.
-        Extra memory: (N, E) low-precision scores and (N, k + margin, d_in) gathered keys.
-        """
-        approx = features.to(self.route_keys_low.dtype) @ self.route_keys_low.T
-        if self.method == "arrow":
-            approx = approx.abs()
-        wide = min(self.top_k + SHORTLIST_MARGIN, approx.shape[1])
-        candidates = approx.topk(wide, dim=-1).indices  # (N, wide)
-        exact = torch.einsum("nd,ncd->nc", features, self.route_keys[candidates])
-        if self.method == "arrow":
-            exact = exact.abs()
-        top, position = exact.topk(self.top_k, dim=-1)
-        return top, candidates.gather(1, position)
 
     def _retrieval_select(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = self.state.expert_index

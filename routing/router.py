@@ -36,7 +36,7 @@ _STATE_ATTR = "gaggle_routing"
 
 def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeights,
           method: str = "phatgoose", top_k: int = 2, *, fingerprint: str | None = None,
-          dispatch: str = "auto", score_dtype: torch.dtype | None = None) -> nn.Module:
+          dispatch: str = "auto") -> nn.Module:
     """Replace every adapted nn.Linear of `model` by a RoutedLinear; returns the same model.
 
     model: a transformers model or a BaseModel (whose fingerprint is then used). A model
@@ -44,9 +44,6 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
     experts: loaded bundles, or RouterWeights from `stack_experts` / `load_router`.
     fingerprint: the base model's, when known; otherwise computed from the weights.
     dispatch: "auto", "dense" or "grouped" (see routing.layers for the trade-off).
-    score_dtype: None (exact float32 routing scores) or e.g. torch.bfloat16 to shortlist
-    experts in low precision and re-score the shortlist exactly: faster at hundreds of
-    experts on CPUs with bf16 matrix units, top-k may differ from exact on near ties.
     Raises FingerprintMismatch, FailedPrecondition (zero router keys) or InvalidArgument.
     """
     if isinstance(model, BaseModel):
@@ -77,7 +74,7 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
         layers[name] = RoutedLinear(
             linear, module_router, method=mode, top_k=top_k, state=state,
             collection_index=[position[e] for e in module_router.experts],
-            single=local_single, dispatch=dispatch, score_dtype=score_dtype)
+            single=local_single, dispatch=dispatch)
     for name, layer in layers.items():
         model.set_submodule(name, layer)
     setattr(model, _STATE_ATTR, state)
