@@ -197,12 +197,14 @@ class Assembler:
 
 
 def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str | None = None,
-                    tracking: bool = True, eval_config=None) -> Assembler:
+                    tracking: bool = True, eval_config=None,
+                    base: str | None = None) -> Assembler:
     """The assembler a serving coordinator runs; pass `.on_accepted` as the server's hook.
 
     store: the server's `coordinator.store.Store`. tracking_uri: MLflow server (default: the
     SQLite store inside the store folder); tracking=False turns MLflow off. eval_config: an
     `EvaluationConfig` or the path of its TOML/JSON file; each new version is then evaluated.
+    base: the coordinator's base model name, which evaluation loads (default: the store's).
     """
     config = AssemblyConfig(ray_address=ray_address)
     tracker = Tracker(store.root, tracking_uri) if tracking else None
@@ -213,13 +215,17 @@ def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str 
 
         if not isinstance(eval_config, EvaluationConfig):
             eval_config = EvaluationConfig.from_file(eval_config)
-        evaluator = Evaluator(store.root, eval_config, tracker=tracker, assembly_config=config)
+        if base is None and store.cached_base_spec() is not None:
+            base = store.cached_base_spec().name
+        evaluator = Evaluator(store.root, eval_config, tracker=tracker, assembly_config=config,
+                              base=base)
     return Assembler(store, config=config, tracker=tracker, evaluator=evaluator).start()
 
 
 def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = None,
                 ray_address: str | None = None,
-                eval_config: str | os.PathLike | None = None) -> Callable[[object], None]:
+                eval_config: str | os.PathLike | None = None,
+                base: str | None = None) -> Callable[[object], None]:
     """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
 
     Call it from the main thread, before serving: it starts Ray there. It opens its own
@@ -239,6 +245,6 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     except Exception as err:  # the assembler thread retries; accepting must not wait on Ray
         log.warning("Ray did not start (%s); assembly will retry in the background", err)
     assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
-                                ray_address=ray_address, eval_config=eval_config)
+                                ray_address=ray_address, eval_config=eval_config, base=base)
     atexit.register(assembler.close)
     return assembler.on_accepted

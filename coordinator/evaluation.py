@@ -209,7 +209,7 @@ class EvalPool:
         """Per-task results of one router folder, the tasks spread over the actors."""
         import ray
 
-        actors = self._ensure(base)
+        actors = self.start(base)
         shares = [list(self.config.tasks[i::len(actors)]) for i in range(len(actors))]
         settings = self.config.to_json()
         refs = [actor.evaluate.remote(str(router_folder), share, settings)
@@ -231,7 +231,8 @@ class EvalPool:
                               "version", field="actors") from None
         return {task: result for part in parts for task, result in part.items()}
 
-    def _ensure(self, base: str) -> list:
+    def start(self, base: str) -> list:
+        """The actors for base model `base`, created (loading it) unless they already run."""
         import ray
 
         if self._actors and self._base == base:
@@ -258,16 +259,18 @@ class EvalPool:
 # ----- one version -----
 
 def evaluate_version(store_root: str | os.PathLike, version_id: str, pool: EvalPool,
-                     tracker=None) -> dict:
+                     tracker=None, *, base: str | None = None) -> dict:
     """Evaluate a version on the pool, write its local record and queue its MLflow tags.
 
-    tracker: a `coordinator.tracking.Tracker` (None: local record only). Returns the record.
+    tracker: a `coordinator.tracking.Tracker` (None: local record only). base: the base model
+    to load (default: the version's declared one; routing checks the fingerprint either way).
+    Returns the record.
     """
     config = pool.config
     versions = VersionStore(store_root)
     manifest = versions.manifest(version_id)
     started = time.perf_counter()
-    results = pool.run(versions.folder(version_id) / ROUTER_DIR, manifest["base"]["name"])
+    results = pool.run(versions.folder(version_id) / ROUTER_DIR, base or manifest["base"]["name"])
     metrics = {task: float(results[task]["accuracy"]) for task in config.tasks}
     metrics[MEAN] = sum(metrics[t] for t in config.tasks) / len(config.tasks)
     record = {

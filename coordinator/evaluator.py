@@ -29,12 +29,15 @@ class Evaluator:
 
     def __init__(self, store_root: str | os.PathLike, config: EvaluationConfig, *,
                  tracker=None, assembly_config: AssemblyConfig | None = None,
-                 pool: EvalPool | None = None) -> None:
+                 pool: EvalPool | None = None, base: str | None = None) -> None:
         """tracker: the assembler's `coordinator.tracking.Tracker`, or None (local only).
-        pool: actors to share (their config must be `config`); default: this evaluator's."""
+        pool: actors to share (their config must be `config`); default: this evaluator's.
+        base: the coordinator's base model name; its actors start loading it at once
+        (default: each version's declared base, loaded on the first evaluation)."""
         self.root = Path(store_root)
         self.config = config
         self.tracker = tracker
+        self.base = base
         if pool is not None and pool.config != config:
             raise InvalidArgument("the shared evaluation pool runs another config than this "
                                   "evaluator's: give both the same EvaluationConfig",
@@ -72,6 +75,11 @@ class Evaluator:
         return self
 
     def _loop(self) -> None:
+        if self.base is not None:
+            try:  # the actors load the model while the first experts arrive
+                self.pool.start(self.base)
+            except Exception:
+                log.exception("evaluation actors did not start; the first version retries")
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
@@ -91,7 +99,8 @@ class Evaluator:
         if not needs_evaluation(self.root, version_id, self.config):
             return
         try:
-            record = evaluate_version(self.root, version_id, self.pool, self.tracker)
+            record = evaluate_version(self.root, version_id, self.pool, self.tracker,
+                                      base=self.base)
         except Exception as err:  # the version stays without metrics; the thread goes on
             self.last_error = f"{type(err).__name__}: {err}"
             log.exception("evaluation of version %s failed; it stays without metrics",

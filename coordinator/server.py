@@ -201,7 +201,8 @@ def accepted_hook(config: ServerConfig) -> OnAccepted | None:
     from coordinator.assembler import server_hook  # Ray and MLflow: only when assembling
 
     return server_hook(config.store, tracking_uri=config.tracking_uri,
-                       ray_address=config.ray_address, eval_config=config.eval_config)
+                       ray_address=config.ray_address, eval_config=config.eval_config,
+                       base=config.base)
 
 
 def serve(config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:

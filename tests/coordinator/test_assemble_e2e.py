@@ -1,13 +1,16 @@
 """End to end through real processes: a coordinator (gRPC, local Ray) and an `mlflow server` on
 loopback; experts submitted one after another with the contributor client become router
-versions, runs and registered model versions."""
+versions, runs and registered model versions, each evaluated on public tasks."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from contributor.client import Connection, CoordinatorClient
-from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION
+from coordinator.cli import main
+from coordinator.evaluation import read_evaluation
+from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, TAG_EVAL_CONFIG, TAG_VERSION
 from coordinator.version_store import VersionStore
 from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
@@ -25,7 +28,14 @@ def wait_for(condition, timeout: float, what: str):
     raise TimeoutError(f"no {what} after {timeout} s")
 
 
-def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec):
+def _eval_tags(registry, version_id: str) -> dict[str, str]:
+    (model_version,) = registry.search_model_versions(
+        f"name = '{REGISTERED_MODEL}' and tags.`{TAG_VERSION}` = '{version_id}'")
+    return {k: v for k, v in model_version.tags.items()
+            if k.startswith("eval.") or k == TAG_EVAL_CONFIG}
+
+
+def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec, capsys):
     import mlflow
     from mlflow import MlflowClient
 
@@ -33,7 +43,10 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec):
     tracking.launch()
     store = tmp_path / "store"
     seed_base_spec(store, tiny_spec)
-    server = start_coordinator(store, extra_args=("--tracking-uri", tracking.uri))
+    eval_config = tmp_path / "eval.toml"
+    eval_config.write_text('tasks = ["openbookqa", "imdb-sentiment"]\nexamples_per_task = 6\n')
+    server = start_coordinator(store, extra_args=("--tracking-uri", tracking.uri,
+                                                  "--eval-config", str(eval_config)))
     try:
         tracking.wait_ready()
         token = add_token(store, "alice")
@@ -63,6 +76,24 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec):
         model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@latest")
         (text,) = model.predict(["Hello"], params={"max_new_tokens": 3})
         assert isinstance(text, str)
+
+        # Every version is evaluated by the coordinator: eval.* tags in MLflow, local records.
+        for manifest in VersionStore(store).all():
+            version_id = manifest["version_id"]
+            tags = wait_for(lambda v=version_id: "eval.accuracy" in _eval_tags(registry, v)
+                            and _eval_tags(registry, v), 180, f"eval tags:\n{server.log()}")
+            metrics = read_evaluation(store, version_id)["metrics"]
+            assert set(tags) == {"eval.accuracy", "eval.openbookqa", "eval.imdb-sentiment",
+                                 TAG_EVAL_CONFIG}
+            assert {k: float(tags[f"eval.{k}"]) for k in metrics} == metrics
+        capsys.readouterr()
+        assert main(["versions", "--store", str(store), "--tracking-uri", tracking.uri,
+                     "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert all(set(r["metrics"]) == {"accuracy", "openbookqa", "imdb-sentiment"}
+                   for r in rows) and len(rows) == 3
+        assert main(["versions", "--store", str(store), "--tracking-uri", tracking.uri]) == 0
+        assert "accuracy=" in capsys.readouterr().out
     finally:
         assert server.stop(timeout=60) == 0, server.log()
         tracking.stop()
