@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -59,6 +60,7 @@ class ProcessGroup:
 
     log_dir: Path
     children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)  # every PID, also written to pids.json
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None
               ) -> subprocess.Popen:
@@ -69,6 +71,8 @@ class ProcessGroup:
                                    start_new_session=True)
         log.close()
         self.children.append((name, process))
+        self.started.append(process.pid)
+        (self.log_dir / "pids.json").write_text(json.dumps(self.started))
         return process
 
     def stop_all(self, grace: float = 10.0) -> None:
