@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from contributor.train import TrainConfig
 from protocol.bundle import ACTIVATIONS, load_bundle
 from protocol.errors import InvalidArgument
-from tests.contributor.conftest import FAST, GATE_FAST
+from tests.contributor.conftest import FAST, GATE_FAST, write_records
 
 MODULES = {"lora": 14, "ia3": 6}  # tiny-llama: 7 linears per block x 2; (IA)^3: k, v, down
 
@@ -214,3 +214,25 @@ def test_threads_auto_uses_all_cores_or_one(monkeypatch):
         assert set_threads(0) == (os.cpu_count() or 1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_gates_freezes_base_and_expert(tmp_path, method):
+    from contributor.data import read_jsonl, tokenize
+    from contributor.train import train_expert, train_gates
+    from routing.base import load_base
+
+    base = load_base("tiny-llama")
+    config = TrainConfig(method=method, steps=2, gate_steps=3, batch_size=4, max_length=32)
+    write_records(tmp_path / "d.jsonl")
+    examples = tokenize(read_jsonl(tmp_path / "d.jsonl"), base.tokenizer, config.max_length)
+    expert, _ = train_expert(base, examples, config)
+    base_before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    expert_before = {k: v.clone() for k, v in expert.adapter.items()}
+    gates, activations, summary = train_gates(base, expert, examples, config)
+    after = base.model.state_dict()
+    assert after.keys() == base_before.keys()
+    assert all(torch.equal(after[k], base_before[k]) for k in after)
+    assert all(torch.equal(expert.adapter[k], expert_before[k]) for k in expert_before)
+    assert gates.keys() == activations.keys() == {m.name for m in expert.modules}
+    assert all(gate.abs().sum() > 0 for gate in gates.values())
+    assert summary["gate_steps"] == 3 and summary["activation_tokens"] > 0
