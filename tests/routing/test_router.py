@@ -212,3 +212,14 @@ def test_unknown_method_and_expert_are_named(base):
         route(base, bundles, "moe")
     with pytest.raises(InvalidArgument, match="no expert named 'nope'"):
         route(base, bundles, "single:nope")
+
+
+def test_a_router_for_another_architecture_leaves_the_model_untouched(base, tokens):
+    weights = stack_experts([random_bundle(base.spec(), "e", seed=1)])
+    module = weights.modules.pop("model.layers.1.mlp.up_proj")
+    module.name = "model.layers.7.mlp.up_proj"
+    weights.modules[module.name] = module
+    before = logits(base.model, tokens)
+    with pytest.raises(InvalidArgument, match="layers.7.mlp.up_proj is not an nn.Linear"):
+        route(base, weights)
+    assert torch.equal(logits(base.model, tokens), before)
