@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking(promote)
     promote.set_defaults(handler="coordinator.versions:run_promote_command")
 
+    evaluate = sub.add_parser("evaluate", help="evaluate versions on public tasks now")
+    evaluate.add_argument("versions", nargs="+", metavar="VERSION", help="version ids")
+    _store(evaluate)
+    evaluate.add_argument("--eval-config", required=True,
+                          help="TOML/JSON evaluation config (see coordinator/evaluation.py)")
+    _tracking(evaluate)
+    evaluate.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    evaluate.set_defaults(handler="coordinator.evaluation:run_evaluate_command")
+
     export = sub.add_parser("export", help="write a self-contained router version")
     export.add_argument("version", help="version id")
     export.add_argument("--out", required=True, help="output folder (must not exist)")

@@ -50,6 +50,9 @@ class EvaluationConfig:
     max_drop: float = DEFAULT_MAX_DROP  # promote refuses a mean accuracy this far below champion
 
     def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            raise InvalidArgument(f"evaluation tasks must be a list of names, got the string "
+                                  f"{self.tasks!r}", field="tasks")
         object.__setattr__(self, "tasks", tuple(self.tasks))
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown:
@@ -290,3 +293,34 @@ def needs_evaluation(store_root: str | os.PathLike, version_id: str,
     """True unless the version already holds an evaluation under this config."""
     record = read_evaluation(store_root, version_id)
     return record is None or record.get("config_key") != config.key
+
+
+def run_evaluate_command(args) -> int:
+    """`evaluate V... --store DIR --eval-config FILE`: evaluate versions now (say, ones made
+    before evaluation was configured), record them locally and in MLflow."""
+    from coordinator.store import Store
+    from coordinator.tracking import Tracker
+
+    root = Path(args.store)
+    versions = VersionStore(root)
+    ids = [versions.resolve(v) for v in args.versions]
+    config = EvaluationConfig.from_file(args.eval_config)
+    store = Store(root)
+    try:
+        spec = store.cached_base_spec()
+    finally:
+        store.close()
+    tracker = Tracker(root, args.tracking_uri)
+    pool = EvalPool(config, AssemblyConfig(ray_address=args.ray_address))
+    try:
+        for version_id in ids:
+            record = evaluate_version(root, version_id, pool, tracker,
+                                      base=spec.name if spec else None)
+            scores = " ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
+            print(f"version {version_id}: {scores} ({record['seconds']:.1f} s)")
+    finally:
+        pool.shutdown()
+    result = tracker.replay()
+    print(f"MLflow at {tracker.uri}: " + (f"{result.pending} calls queued ({result.error})"
+                                          if result.pending else "up to date"))
+    return 0

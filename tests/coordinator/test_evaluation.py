@@ -186,3 +186,16 @@ def test_failed_evaluation_leaves_the_version_without_metrics(tmp_path, tiny_spe
     finally:
         evaluator.close()
     assert active_config(store.root) == CONFIG
+
+
+def test_evaluate_command_gives_the_same_numbers_on_a_fresh_actor(two_evaluated, tmp_path,
+                                                                   capsys):
+    root, records = two_evaluated
+    version_id, record = next(iter(records.items()))
+    config_file = tmp_path / "eval.json"
+    config_file.write_text(json.dumps(CONFIG.to_json()))
+    assert main(["evaluate", version_id[:8], "--store", str(root), "--eval-config",
+                 str(config_file), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 0
+    out = capsys.readouterr().out
+    assert f"version {version_id}: " in out and "calls queued" in out
+    assert read_evaluation(root, version_id)["metrics"] == record["metrics"]
