@@ -68,7 +68,8 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec, capsys):
             f"name = '{REGISTERED_MODEL}'")) == 3, 180, "three model versions")
         experiment = registry.get_experiment_by_name(EXPERIMENT)
         runs = registry.search_runs([experiment.experiment_id])
-        assert sorted(r.data.params["name"] for r in runs) == ["a", "b", "c"]
+        expert_runs = [r for r in runs if "expert_id" in r.data.tags]  # not evaluation runs
+        assert sorted(r.data.params["name"] for r in expert_runs) == ["a", "b", "c"]
         latest = registry.get_model_version_by_alias(REGISTERED_MODEL, "latest")
         assert latest.tags[TAG_VERSION] == VersionStore(store).current_id()
         mlflow.set_tracking_uri(tracking.uri)
@@ -86,6 +87,9 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec, capsys):
             assert set(tags) == {"eval.accuracy", "eval.openbookqa", "eval.imdb-sentiment",
                                  TAG_EVAL_CONFIG}
             assert {k: float(tags[f"eval.{k}"]) for k in metrics} == metrics
+            (run,) = registry.search_runs([experiment.experiment_id], filter_string=(
+                f"tags.`{TAG_VERSION}` = '{version_id}'"))
+            assert run.data.metrics == metrics and run.data.params["examples_per_task"] == "6"
         capsys.readouterr()
         assert main(["versions", "--store", str(store), "--tracking-uri", tracking.uri,
                      "--json"]) == 0
