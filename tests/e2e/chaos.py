@@ -129,7 +129,8 @@ class _Settled:
 
 
 def wait_settled(store: Path, expert_ids: set[str], timeout_s: float) -> _Settled:
-    """Until CURRENT holds exactly `expert_ids` and no tracking call is pending."""
+    """Until CURRENT holds exactly `expert_ids`, its tracking call is queued, and no
+    tracking call is pending."""
     from coordinator.tracking_queue import OpQueue
     from coordinator.version_store import VersionStore
 
@@ -141,8 +142,10 @@ def wait_settled(store: Path, expert_ids: set[str], timeout_s: float) -> _Settle
             current = versions.current_id()
             if current:
                 have = {e["expert_id"] for e in versions.manifest(current)["experts"]}
-                pending = OpQueue(store / "tracking").counts()["pending"]
-                if have == expert_ids and pending == 0:
+                queue = OpQueue(store / "tracking")
+                pending = queue.counts()["pending"]
+                # CURRENT moves before the version's tracking call is queued: wait for it.
+                if have == expert_ids and pending == 0 and queue.has(f"version:{current}"):
                     return _Settled(True)
                 reason = f"current version has {len(have)} experts, {pending} calls wait"
         except Exception as err:  # a file mid-replacement, a locked queue: look again
