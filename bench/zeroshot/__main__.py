@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.zeroshot.config import DIAGNOSED, METHODS, PLANS, Plan
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="content-addressed cache of trained bundles")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--test-examples", type=int,
+                        help="score at most this many test examples per task (default: the "
+                             "mode's; recorded in results.json)")
     parser.add_argument("--report-only", action="store_true",
                         help="only redraw results.md and the PNGs from OUT/results.json")
     parser.add_argument("--threads", type=int, default=0,
@@ -115,7 +119,7 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     summary = report.summarise(plan, results)
     wall = time.monotonic() - started
     payload = {"plan": plan.to_json(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "command": "python -m bench.zeroshot" + _mode_flag(plan),
+               "command": " ".join(["python -m bench.zeroshot", *args.argv]),
                "wall_seconds": round(wall, 1), "load_average": list(os.getloadavg()),
                "test_examples": {t: len(v) for t, v in tests.items()},
                "system": describe(system),
@@ -132,10 +136,6 @@ def _threads(requested: int) -> int:
         return requested
     cores = os.cpu_count() or 1
     return 1 if os.getloadavg()[0] >= cores else cores
-
-
-def _mode_flag(plan: Plan) -> str:
-    return "" if plan.name == "full" else f" --{plan.name}"
 
 
 def write_outputs(plan: Plan, payload: dict, out: Path) -> None:
@@ -182,7 +182,10 @@ def notes(plan: Plan) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in results.json
     plan = PLANS["quick" if args.quick else "tiny" if args.tiny else "full"]
+    if args.test_examples:
+        plan = replace(plan, test_examples=args.test_examples)
     results = ROOT / "bench" / "results"
     out = args.out or (results if plan.name == "full" else results / plan.name)
     if args.report_only:
