@@ -48,24 +48,25 @@ class Plan:
         return asdict(self)
 
 
-# Full mode, sized for < 90 minutes on an idle 2-core machine with SmolLM2-135M: 8 experts of
-# 60 steps (~2.5 min each, two at a time), their union trained for 8 x 60 steps, and 13 tasks x
-# 300 test examples x 8-9 methods at ~50 ms an example.
+# Full mode, sized for < 90 minutes on an idle 2-core machine with SmolLM2-135M (an estimate
+# from per-step and per-example costs measured on these machines): 8 experts of 40
+# steps + 30 gate steps (~6 min each, two at a time), their union trained for the same budget
+# (8 x 40 steps), and 13 tasks x 300 test examples x 8-9 methods at ~50-90 ms an example.
 FULL = Plan(
     name="full", base="smollm2-135m", held_in=HELD_IN, held_out=HELD_OUT,
-    train_examples=1000, test_examples=300, diagnostic_examples=64, steps=60, gate_steps=40,
-    batch_size=8, max_length=64, rank=16, multitask_steps=60 * len(HELD_IN),
+    train_examples=1000, test_examples=300, diagnostic_examples=64, steps=40, gate_steps=30,
+    batch_size=8, max_length=64, rank=16, multitask_steps=40 * len(HELD_IN),
     retrieval_examples=1000, eval_batch_size=16, eval_max_length=192, parallel=2,
 )
 
-# Quick mode, < 15 minutes on an idle 2-core machine: 4 held-in tasks (one per family) and
-# 2 held-out tasks, 100 test examples, experts of 30 steps with 20 gate steps, and a multitask
-# LoRA of 60 steps instead of the 4 x 30 a same-budget run would take.
+# Quick mode: 4 held-in tasks (one per family) and 2 held-out tasks, 50 test examples per
+# task, experts of 30 steps with 20 gate steps, and a multitask LoRA of 60 steps instead of
+# the 4 x 30 a same-budget run would take.
 QUICK = Plan(
     name="quick", base="smollm2-135m",
     held_in=("tweet-sentiment", "bbc-topic", "boolq", "siqa"),
     held_out=("imdb-sentiment", "openbookqa"),
-    train_examples=400, test_examples=100, diagnostic_examples=32, steps=30, gate_steps=20,
+    train_examples=400, test_examples=50, diagnostic_examples=32, steps=30, gate_steps=20,
     batch_size=8, max_length=64, rank=16, multitask_steps=60, retrieval_examples=400,
     eval_batch_size=16, eval_max_length=192, parallel=2,
 )
