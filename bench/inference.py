@@ -3,9 +3,11 @@
     .venv/bin/python bench/inference.py            # full run, writes bench/results/inference.json
     .venv/bin/python bench/inference.py --quick    # 8 and 64 experts, 2 rounds: ~1 minute
 
-Experts are seeded random LoRA bundles (r=8 on all 210 linears, routing.synthetic), so the
-figures measure cost, not quality. Every round times each configuration once, in turn, so
-load from other processes hits them alike; ratios are taken within a round, then the median.
+Experts are seeded random LoRA factors and gates (r=8 on all 210 linears, drawn like
+routing.synthetic.random_bundle's), so the figures measure cost, not quality. Every round
+times each configuration once, in turn, so load from other processes hits them alike;
+ratios are taken within a round, then the median. Both wall and CPU seconds are kept: on a
+shared machine, `--threads 1` with CPU seconds gives the steadiest ratios.
 """
 
 from __future__ import annotations
