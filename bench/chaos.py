@@ -55,8 +55,9 @@ def main() -> int:
     print(f"chaos: {args.submissions} submissions, {result.kills} SIGKILLs "
           f"(at {result.kill_moments} s after each start), "
           f"{time.monotonic() - began:.0f} s, assembly {'on' if args.assembly else 'off'}")
-    print(f"  acknowledged experts: {len(result.acknowledged)}; client give-ups retried: "
-          f"{result.client_retries}; restarts waiting for the port: {result.port_waits}")
+    print(f"  acknowledged experts: {len(result.acknowledged)}; submits started again after "
+          f"failing (server down before the upload began): {result.client_retries}; "
+          f"restarts waiting for the port: {result.port_waits}")
     print("  audit: " + ", ".join(f"{k} {v}" for k, v in result.audit.items())
           + f"; caught up {result.settle_s:.0f} s after the last submission")
     print(f"  problems: {len(result.problems)}"

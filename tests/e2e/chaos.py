@@ -33,7 +33,8 @@ class ChaosResult:
     acknowledged: dict[str, str] = field(default_factory=dict)  # bundle name -> expert id
     kills: int = 0
     kill_moments: list[float] = field(default_factory=list)  # seconds after each restart
-    client_retries: int = 0  # submit calls that gave up and were started again
+    client_retries: int = 0  # submits that failed (e.g. server down at the compatibility
+    # check, which submit does not retry) and were started again
     port_waits: int = 0  # restarts that found the port still taken and tried again
     settle_s: float = 0.0  # time for assembly and tracking to catch up after the last kill
     problems: list[str] = field(default_factory=list)  # audit failures; empty when all holds
