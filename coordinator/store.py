@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.bundle import BaseSpec, Bundle
+from protocol.bundle import BaseSpec, Bundle, fsync_path
 from protocol.errors import FailedPrecondition, GaggleError, NotFound
 
 log = logging.getLogger(__name__)
@@ -187,9 +187,9 @@ class Store:
             conn.execute("UPDATE uploads SET committing_expert_id = ? WHERE upload_id = ?",
                          (expert_id, upload_id))
         for child in staged.iterdir():
-            _fsync(child)
+            fsync_path(child)
         os.rename(staged, target)
-        _fsync(self.experts_dir)
+        fsync_path(self.experts_dir)
         record = ExpertRecord(
             expert_id=expert_id, name=bundle.name, contributor=contributor,
             method=bundle.manifest.method, archive_sha256=archive_sha256,
@@ -308,14 +308,6 @@ def _insert_expert(conn: sqlite3.Connection, record: ExpertRecord) -> None:
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temp, "wb") as handle:
@@ -323,7 +315,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def run_experts_command(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from protocol.bundle import fsync_path
 from protocol.errors import InvalidArgument, NotFound
 
 VERSIONS_DIR = "versions"
@@ -76,7 +77,7 @@ class VersionStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         return target
 
     def clean_staging(self) -> None:
@@ -114,14 +115,6 @@ class VersionStore:
         staging = self.root / f".{name}.tmp"
         staging.write_text(version_id + "\n", encoding="utf-8")
         os.replace(staging, self.root / name)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def expert_changes(old: dict | None, new: dict) -> dict[str, list]:

@@ -458,18 +458,19 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, *, overwrite: bool = Fa
         manifest_text = json.dumps(bundle.manifest.to_json(), indent=2, sort_keys=True)
         (staging / MANIFEST).write_text(manifest_text + "\n", encoding="utf-8")
         for child in staging.iterdir():
-            _fsync(child)
+            fsync_path(child)
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that a rename inside it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

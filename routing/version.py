@@ -12,7 +12,6 @@ Only JSON and safetensors are parsed; nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from protocol.bundle import sha256_file
 from protocol.errors import InvalidArgument
 from routing.stack import ModuleRouter, RouterWeights
 
@@ -60,7 +60,7 @@ def save_router(weights: RouterWeights, folder: str | os.PathLike, *,
         manifest = {"format_version": ROUTER_FORMAT, "base_model": weights.base_model,
                     "fingerprint": weights.fingerprint, "experts": weights.experts,
                     "modules": modules, "metadata": metadata or {},
-                    "files": {ROUTER_TENSORS: _sha256(staging / ROUTER_TENSORS)}}
+                    "files": {ROUTER_TENSORS: sha256_file(staging / ROUTER_TENSORS)}}
         (staging / ROUTER_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n",
                                                encoding="utf-8")
         if target.exists():
@@ -94,7 +94,7 @@ def load_router(folder: str | os.PathLike) -> RouterWeights:
     manifest = read_router_manifest(root)
     path = root / ROUTER_TENSORS
     expected = manifest.get("files", {}).get(ROUTER_TENSORS)
-    if not path.exists() or _sha256(path) != expected:
+    if not path.exists() or sha256_file(path) != expected:
         raise InvalidArgument(f"{path} is missing or does not match the sha256 in "
                               f"{ROUTER_MANIFEST}: re-export the router", field="router")
     try:
@@ -143,9 +143,3 @@ def _module_from(entry: dict, tensors: dict[str, torch.Tensor]) -> ModuleRouter:
                         kinds=list(entry["kinds"]), **fields)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
