@@ -146,7 +146,10 @@ class Demo:
         def complete() -> bool:
             nonlocal versions
             versions = self.versions()
-            return bool(versions) and max(v["n_experts"] for v in versions) >= expected
+            # The version must also be current: the coordinator moves CURRENT last, after the
+            # version's files and its usage report are written.
+            return any(v["n_experts"] >= expected and "current" in v.get("aliases", [])
+                       for v in versions)
 
         wait_until(complete, timeout, "a router version with every expert")
         return versions
