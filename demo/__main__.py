@@ -151,7 +151,8 @@ class Demo:
             return any(v["n_experts"] >= expected and "current" in v.get("aliases", [])
                        for v in versions)
 
-        wait_until(complete, timeout, "a router version with every expert")
+        # Each poll starts a CLI process: poll every 2 s, not as fast as for a port.
+        wait_until(complete, timeout, "a router version with every expert", interval=2.0)
         return versions
 
     def versions(self) -> list[dict]:

@@ -33,7 +33,7 @@ def loopback_env() -> dict[str, str]:
 
 
 def wait_until(ready: Callable[[], bool], timeout: float, what: str,
-               process: subprocess.Popen | None = None) -> None:
+               process: subprocess.Popen | None = None, interval: float = 0.25) -> None:
     """Poll `ready` until it holds; fail early if `process` dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -42,7 +42,7 @@ def wait_until(ready: Callable[[], bool], timeout: float, what: str,
                                "ready; see its log")
         if ready():
             return
-        time.sleep(0.25)
+        time.sleep(interval)
     raise TimeoutError(f"{what} was not ready after {timeout:.0f} s")
 
 
