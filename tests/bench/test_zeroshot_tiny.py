@@ -102,7 +102,8 @@ def test_retrieval_with_one_expert_everywhere_equals_that_single_expert(routed, 
     assert np.allclose(_flat(retrieved), _flat(single), atol=1e-5)
     unroute(routed.model)
     plain = evaluate(routed.model, routed.tokenizer, EXAMPLES, progress=False).scores
-    assert not np.allclose(_flat(retrieved), _flat(plain), atol=1e-4)  # the expert did change the scores
+    # The chosen expert did change the scores.
+    assert not np.allclose(_flat(retrieved), _flat(plain), atol=1e-4)
 
 
 def _flat(scores: list[list[float]]) -> np.ndarray:
