@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from protocol.errors import GaggleError
+from protocol.commands import run_handler
 
 TOKEN_ENV = "GAGGLE_TOKEN"
 
@@ -100,17 +100,7 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module_name, function_name = args.handler.split(":")
-    try:
-        module = __import__(module_name, fromlist=[function_name])
-        return int(getattr(module, function_name)(args) or 0)
-    except GaggleError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_handler(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
