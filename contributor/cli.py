@@ -31,6 +31,9 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                         help="micro-batches accumulated per gate step")
     parser.add_argument("--threads", type=int,
                         help="CPU threads (default 0: all cores, or 1 if the machine is busy)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                        help="matmul precision (default auto: bf16 autocast where the CPU runs "
+                             "it natively, else fp32; weights and shipped tensors stay fp32)")
     parser.add_argument("--no-activations", action="store_true",
                         help="do not ship activations.safetensors (mean module inputs)")
 

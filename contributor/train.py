@@ -52,6 +52,8 @@ from protocol.bundle import save_bundle, validate_bundle
 from protocol.errors import GaggleError, InvalidArgument
 from routing.base import BaseModel, load_base
 from routing.gate import gate_vectors, gated_experts, mean_input_activations
+from routing.precision import autocast
+from routing.precision import resolve as resolve_precision
 
 _ACTIVATION_BATCH = 16  # no-grad passes afford larger batches than training steps
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the bundle format's name rule
@@ -82,6 +84,7 @@ class TrainConfig:
     activation_examples: int = 128  # examples averaged for those means (no-grad passes)
     seed: int = 0  # data order and LoRA initialisation
     threads: int = 0  # torch CPU threads; 0 = all cores, or 1 when the machine is busy
+    precision: str = "auto"  # matmuls: bf16 autocast where native (routing.precision), or fp32
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "ia3"):
@@ -100,6 +103,7 @@ class TrainConfig:
         if self.threads < 0:
             raise InvalidArgument(f"--threads must be 0 (automatic) or more, got {self.threads}",
                                   field="threads")
+        resolve_precision(self.precision)  # rejects unknown names with a clear error
         if self.max_length < 2:
             raise InvalidArgument(f"--max-length must be at least 2, got {self.max_length}",
                                   field="max-length")
@@ -166,7 +170,8 @@ def _optimise(model: nn.Module, params: list[nn.Parameter],
         for _ in range(steps):
             total = 0.0
             for _ in range(accumulation):
-                loss = target_loss(model, next(data)) / accumulation
+                with autocast(config.precision):  # forward only; backward follows its dtypes
+                    loss = target_loss(model, next(data)) / accumulation
                 loss.backward()
                 total += float(loss.detach())
             if not math.isfinite(total):
@@ -231,7 +236,8 @@ def train_gates(base: BaseModel, expert: Expert, examples: list[TokenizedExample
             passes = tqdm(one_pass(subset, _ACTIVATION_BATCH, pad), desc="activations",
                           unit="batch", total=-(-len(subset) // _ACTIVATION_BATCH),
                           file=sys.stderr, dynamic_ncols=True)
-            activations, tokens = mean_input_activations(base.model, layers, passes)
+            with autocast(config.precision):
+                activations, tokens = mean_input_activations(base.model, layers, passes)
             summary["activation_tokens"] = tokens
     return gates, activations, summary
 
@@ -279,6 +285,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     expert_seconds = time.perf_counter() - started
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
     training = {**token_counts(examples), **_loss_summary("expert", losses), **gate_summary,
+                "bf16": int(resolve_precision(config.precision) == "bf16"),
                 "expert_seconds": round(expert_seconds, 2),
                 "wall_seconds": round(time.perf_counter() - started, 2)}
     _write(expert, base, name, out, gates, activations, training)
@@ -297,6 +304,7 @@ def run_gate_command(args: argparse.Namespace) -> int:
     examples = tokenize(records, base.tokenizer, config.max_length)
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
     training = {**token_counts(examples), "expert_steps": 0, **gate_summary,
+                "bf16": int(resolve_precision(config.precision) == "bf16"),
                 "wall_seconds": round(time.perf_counter() - started, 2)}
     _write(expert, base, name, out, gates, activations, training)
     return 0

@@ -174,7 +174,8 @@ def test_diverging_training_leaves_nothing(cli, tmp_path, data_file):
 @pytest.mark.parametrize("setting, field", [({"steps": 0}, "steps"), ({"lr": -1.0}, "lr"),
                                             ({"gate_lr": float("nan")}, "gate-lr"),
                                             ({"max_length": 1}, "max-length"),
-                                            ({"method": "dora"}, "method")])
+                                            ({"method": "dora"}, "method"),
+                                            ({"precision": "fp16"}, "precision")])
 def test_bad_settings_are_refused(setting, field):
     with pytest.raises(InvalidArgument) as info:
         TrainConfig(**setting)
@@ -216,13 +217,15 @@ def test_threads_auto_uses_all_cores_or_one(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_train_gates_freezes_base_and_expert(tmp_path, method):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_gates_freezes_base_and_expert(tmp_path, method, precision):
     from contributor.data import read_jsonl, tokenize
     from contributor.train import train_expert, train_gates
     from routing.base import load_base
 
     base = load_base("tiny-llama")
-    config = TrainConfig(method=method, steps=2, gate_steps=3, batch_size=4, max_length=32)
+    config = TrainConfig(method=method, steps=2, gate_steps=3, batch_size=4, max_length=32,
+                         precision=precision)
     write_records(tmp_path / "d.jsonl")
     examples = tokenize(read_jsonl(tmp_path / "d.jsonl"), base.tokenizer, config.max_length)
     expert, _ = train_expert(base, examples, config)
@@ -235,4 +238,7 @@ def test_train_gates_freezes_base_and_expert(tmp_path, method):
     assert all(torch.equal(expert.adapter[k], expert_before[k]) for k in expert_before)
     assert gates.keys() == activations.keys() == {m.name for m in expert.modules}
     assert all(gate.abs().sum() > 0 for gate in gates.values())
+    # bf16 autocast runs the matmuls only: what ships stays float32 and finite
+    shipped = [*gates.values(), *activations.values(), *expert.adapter.values()]
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in shipped)
     assert summary["gate_steps"] == 3 and summary["activation_tokens"] > 0
