@@ -11,6 +11,10 @@ Usage::
 loading the model (seconds per start) when a test does not need that path. A coordinator
 assembles a router version (Ray, MLflow) after each accepted expert; tests of storage alone
 pass `extra_args=("--no-assembly",)`.
+
+Any other long-running command (a README command as written, `mlflow ui`, `mlflow models
+serve`) starts with `start_command(argv, ready=lambda: http_ok(url), log_path=...)` on a
+`free_port()`, and `stop()` ends it by its PID, then whatever of its process group is left.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,3 +164,119 @@ def seed_base_spec(store: Path, spec) -> None:
         store_handle.cache_base_spec(spec)
     finally:
         store_handle.close()
+
+
+# ----- any long-running command (a README command, `mlflow ui`, `mlflow models serve`) -----
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    """True when `url` answers 200 within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class CommandProcess:
+    """A command started by `launch_command`, leading its own session (process group), so the
+    workers it spawns (uvicorn, Ray) are reached through its PID's group when it is stopped."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, ready: Callable[[], bool], timeout: float = 120.0,
+                   what: str = "command") -> None:
+        """Poll `ready` until it holds; fail early, with the log, if the command exits first,
+        and stop it if it is not ready in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                _end_group(self.pid)
+                raise RuntimeError(f"{what} exited with {self.process.returncode} before it was "
+                                   f"ready:\n{self.log()[-3000:]}")
+            if ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"{what} was not ready after {timeout:.0f} s:\n{self.log()[-3000:]}")
+
+    def terminate(self) -> None:
+        """SIGTERM now, without waiting: it shuts down while other work goes on; a later
+        `stop()` collects it."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM to the command (graceful), SIGKILL if it does not exit in time; then end
+        whatever of its group outlived it. Returns the command's exit code."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+        code = self.process.wait()
+        _end_group(self.pid)
+        return code
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` still runs (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+def _end_group(pgid: int, grace: float = 5.0) -> None:
+    """Let what is left of a process group we started exit on its own, then SIGTERM it, then
+    SIGKILL it, `grace` seconds apart."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+
+
+def launch_command(argv: list[str], *, log_path: Path, cwd: Path | None = None,
+                   env: dict[str, str] | None = None) -> CommandProcess:
+    """Start `argv` in its own session, its output appended to `log_path`; do not wait."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return CommandProcess(process, log_path)
+
+
+def start_command(argv: list[str], *, ready: Callable[[], bool], log_path: Path,
+                  cwd: Path | None = None, env: dict[str, str] | None = None,
+                  timeout: float = 120.0, what: str = "command") -> CommandProcess:
+    """`launch_command`, then `wait_ready` (the command is stopped if it never gets ready)."""
+    started = launch_command(argv, log_path=log_path, cwd=cwd, env=env)
+    started.wait_ready(ready, timeout, what)
+    return started
