@@ -2,9 +2,12 @@
 
 Both servers run as their own processes on 127.0.0.1: a real `gaggle-coordinator serve` and a
 bare bench-only servicer that only counts the bytes of a client stream (no protobuf, no disk,
-no hashing). `submit` is timed end to end as a contributor sees it: pack the archive, hash it,
-stream it, and wait for the coordinator to verify, validate and commit it. The runs alternate
-and the median of each is reported, with the ratio (target: submit >= 0.8 of raw).
+no hashing). Both get 1 MiB chunks over a channel opened once. `submit` is timed end to end as
+a contributor sees it: hash the archive (read from the bundle's files), stream it, and wait
+for the coordinator to verify the sha256, validate and commit it durably. The runs alternate
+and the median of each is reported, with the ratio (target: submit >= 0.8 of raw). Each run
+also counts the CPU seconds of both its processes (client and server, all threads): on a
+shared machine wall time swings with the load, CPU time much less.
 
     python bench/transport.py [--megabytes 200] [--repeats 3]
 """
@@ -53,23 +56,22 @@ def serve_raw(port_file: Path) -> None:
     server.wait_for_termination()
 
 
-def raw_upload(address: str, archive: Path) -> float:
+def raw_upload(channel: grpc.Channel, archive: Path) -> float:
     """Seconds to stream the archive's bytes to the raw servicer."""
     def chunks():
         with open(archive, "rb") as handle:
             while data := handle.read(CHUNK):
                 yield data
 
-    with grpc.insecure_channel(address) as channel:
-        push = channel.stream_unary(RAW_METHOD)
-        began = time.perf_counter()
-        received = int(push(chunks(), timeout=600))
-        elapsed = time.perf_counter() - began
+    push = channel.stream_unary(RAW_METHOD)
+    began = time.perf_counter()
+    received = int(push(chunks(), timeout=600))
+    elapsed = time.perf_counter() - began
     assert received == archive.stat().st_size, (received, archive.stat().st_size)
     return elapsed
 
 
-def framed_upload(address: str, archive: Path) -> float:
+def framed_upload(channel: grpc.Channel, archive: Path) -> float:
     """Seconds to stream the archive as WriteUpload messages to the counting servicer."""
     from protocol.gaggle.v1 import gaggle_pb2 as pb
 
@@ -80,15 +82,31 @@ def framed_upload(address: str, archive: Path) -> float:
                 yield pb.WriteUploadRequest(upload_id="bench", offset=offset, data=data)
                 offset += len(data)
 
-    with grpc.insecure_channel(address) as channel:
-        push = channel.stream_unary("/bench.Raw/PushMessages",
-                                    request_serializer=pb.WriteUploadRequest.SerializeToString,
-                                    response_deserializer=pb.UploadStatus.FromString)
-        began = time.perf_counter()
-        received = push(requests(), timeout=600).committed_bytes
-        elapsed = time.perf_counter() - began
+    push = channel.stream_unary("/bench.Raw/PushMessages",
+                                request_serializer=pb.WriteUploadRequest.SerializeToString,
+                                response_deserializer=pb.UploadStatus.FromString)
+    began = time.perf_counter()
+    received = push(requests(), timeout=600).committed_bytes
+    elapsed = time.perf_counter() - began
     assert received == archive.stat().st_size
     return elapsed
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (None) or of process `pid` (Linux /proc)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def measured(server_pid: int, run, *args) -> tuple[float, float, object]:
+    """(wall s, CPU s of client and server, result) of `run(*args)`."""
+    cpu, began = cpu_seconds() + cpu_seconds(server_pid), time.perf_counter()
+    result = run(*args)
+    wall = time.perf_counter() - began
+    return wall, cpu_seconds() + cpu_seconds(server_pid) - cpu, result
 
 
 def make_bundles(folder: Path, megabytes: int, count: int) -> tuple[list[Path], object]:
@@ -143,44 +161,48 @@ def main(argv: list[str] | None = None) -> int:
                                                           "--no-assembly"))
         raw_process, raw_address = start_raw_server(folder)
         token = add_token(store, "bench")
-        raw_times, framed_times, submit_times, phases = [], [], [], []
+        runs: dict[str, list[tuple[float, float]]] = {"raw": [], "framed": [], "submit": []}
+        phases = []
         try:
-            with CoordinatorClient(Connection(coordinator.address, token)) as client:
+            with CoordinatorClient(Connection(coordinator.address, token)) as client, \
+                    grpc.insecure_channel(raw_address) as raw_channel:
                 for bundle in bundles:
-                    raw_times.append(raw_upload(raw_address, archive))
-                    framed_times.append(framed_upload(raw_address, archive))
-                    began = time.perf_counter()
-                    result = client.submit(bundle)
-                    submit_times.append(time.perf_counter() - began)
+                    for kind, push in (("raw", raw_upload), ("framed", framed_upload)):
+                        wall, cpu, _ = measured(raw_process.pid, push, raw_channel, archive)
+                        runs[kind].append((wall, cpu))
+                    wall, cpu, result = measured(coordinator.pid, client.submit, bundle)
+                    runs["submit"].append((wall, cpu))
                     assert not result.already_stored and result.bytes_sent == size
                     phases.append(result.seconds)
         finally:
             coordinator.stop()
             raw_process.terminate()
             raw_process.wait()
-    report(size, raw_times, framed_times, submit_times, phases)
+    report(size, runs, phases)
     return 0
 
 
-def report(size: int, raw_times: list[float], framed_times: list[float],
-           submit_times: list[float], phases: list[dict[str, float]]) -> None:
+def report(size: int, runs: dict[str, list[tuple[float, float]]],
+           phases: list[dict[str, float]]) -> None:
     mb = size / 1e6
-    raw, submit = statistics.median(raw_times), statistics.median(submit_times)
-    framed = statistics.median(framed_times)
-    print(f"archive: {mb:.1f} MB, {len(raw_times)} runs each, median; "
-          f"{os.cpu_count()} CPUs, 127.0.0.1")
-    print(f"raw gRPC stream    : {raw:6.2f} s  {mb / raw:7.1f} MB/s   "
-          f"(runs: {', '.join(f'{t:.2f}' for t in raw_times)})")
-    print(f"WriteUpload framing: {framed:6.2f} s  {mb / framed:7.1f} MB/s   "
-          f"(protobuf messages, counted only; runs: "
-          f"{', '.join(f'{t:.2f}' for t in framed_times)})")
-    print(f"submit (end-to-end): {submit:6.2f} s  {mb / submit:7.1f} MB/s   "
-          f"(runs: {', '.join(f'{t:.2f}' for t in submit_times)})")
+    wall = {kind: statistics.median(w for w, _ in rows) for kind, rows in runs.items()}
+    cpu = {kind: statistics.median(c for _, c in rows) for kind, rows in runs.items()}
+    print(f"archive: {mb:.1f} MB, {len(runs['raw'])} runs each, median; "
+          f"{os.cpu_count()} CPUs, 127.0.0.1; load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for kind, label in (("raw", "raw gRPC stream    "), ("framed", "WriteUpload framing"),
+                        ("submit", "submit (end-to-end)")):
+        print(f"{label}: {wall[kind]:6.2f} s  {mb / wall[kind]:7.1f} MB/s  "
+              f"CPU {cpu[kind]:5.2f} s   (runs: "
+              f"{', '.join(f'{w:.2f}' for w, _ in runs[kind])})")
+    order = ["hash", "transfer", "finish"]
+    names = sorted(phases[0], key=lambda n: order.index(n) if n in order else len(order))
     print("submit phases (median s): " + ", ".join(
-        f"{name} {statistics.median(p[name] for p in phases):.2f}" for name in phases[0]))
+        f"{name} {statistics.median(p[name] for p in phases):.2f}" for name in names))
     transfer = statistics.median(p["transfer"] for p in phases)
-    print(f"ratio submit/raw: {raw / submit:.2f} end to end (target >= 0.80); "
-          f"{raw / transfer:.2f} for the byte stream alone")
+    print(f"ratio submit/raw: {wall['raw'] / wall['submit']:.2f} end to end (target >= 0.80); "
+          f"{wall['raw'] / transfer:.2f} for the byte stream alone; CPU seconds raw/submit "
+          f"{cpu['raw'] / cpu['submit']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Talking to a coordinator: compatibility check, resumable upload, listing; `submit`/`status`.
 
 `submit` checks the bundle against the federation (GetFederation) before sending a byte,
-packs it into its deterministic archive, and uploads it in chunks. A dropped connection or a
-restarted coordinator is survived: after a pause (exponential backoff) it asks for the
-committed offset and sends only the rest.
+hashes its deterministic archive, and uploads it in chunks read straight from the bundle's
+files (no archive is written first). A dropped connection or a restarted coordinator is
+survived: after a pause (exponential backoff) it asks for the committed offset and sends only
+the rest. The bundle folder must stay unchanged until submit returns: a changed file no longer
+matches the declared sha256, and the coordinator refuses the upload.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from protocol.archive import pack_bundle
-from protocol.bundle import MANIFEST, Manifest, sha256_file, validate_manifest
+from protocol.archive import BundleArchive
+from protocol.bundle import MANIFEST, Manifest, validate_manifest
 from protocol.errors import (
     FingerprintMismatch,
     GaggleError,
@@ -71,7 +72,7 @@ class SubmitResult:
     bytes_sent: int  # archive bytes sent over all attempts
     resumed_from: int  # offset the last attempt started from (0: not resumed)
     attempts: int
-    seconds: dict[str, float] = field(default_factory=dict)  # pack, transfer, finish
+    seconds: dict[str, float] = field(default_factory=dict)  # hash, transfer, finish
 
 
 class CoordinatorClient:
@@ -115,32 +116,31 @@ class CoordinatorClient:
     def submit(self, bundle_dir: str | Path, *, progress: bool = False,
                limit_rate: float | None = None,
                retry: RetryPolicy = RetryPolicy()) -> SubmitResult:
-        """Check, pack and upload a bundle folder; return the expert id it is stored under."""
+        """Check, hash and upload a bundle folder; return the expert id it is stored under."""
         manifest = read_manifest(Path(bundle_dir))
         federation = self.federation()
         check_compatible(manifest, federation)
-        with tempfile.TemporaryDirectory(prefix="gaggle-submit-") as scratch:
-            began = time.perf_counter()
-            archive = pack_bundle(bundle_dir, Path(scratch) / "bundle.tar")
-            size = archive.stat().st_size
-            if size > federation.max_bundle_bytes:
-                raise ResourceExhausted(
-                    f"the bundle's archive is {size} bytes, over the coordinator's limit of "
-                    f"{federation.max_bundle_bytes}: use a lower rank or fewer modules",
-                    field="size_bytes")
-            upload = _Upload(self, archive, size, sha256_file(archive), manifest.name,
-                             federation.chunk_bytes, limit_rate, progress)
-            upload.seconds["pack"] = time.perf_counter() - began
-            return upload.run(retry)
+        began = time.perf_counter()
+        archive = BundleArchive.of(bundle_dir)
+        if archive.size > federation.max_bundle_bytes:
+            raise ResourceExhausted(
+                f"the bundle's archive is {archive.size} bytes, over the coordinator's limit "
+                f"of {federation.max_bundle_bytes}: use a lower rank or fewer modules",
+                field="size_bytes")
+        upload = _Upload(self, archive, archive.sha256(), manifest.name,
+                         federation.chunk_bytes, limit_rate, progress)
+        upload.seconds["hash"] = time.perf_counter() - began
+        return upload.run(retry)
 
 
 class _Upload:
     """One archive's way to the coordinator, across retries."""
 
-    def __init__(self, client: CoordinatorClient, archive: Path, size: int, sha256: str,
+    def __init__(self, client: CoordinatorClient, archive: BundleArchive, sha256: str,
                  name: str, chunk_bytes: int, limit_rate: float | None,
                  progress: bool) -> None:
-        self.client, self.archive, self.size, self.sha256 = client, archive, size, sha256
+        self.client, self.archive, self.sha256 = client, archive, sha256
+        self.size = archive.size
         self.name, self.chunk_bytes, self.limit_rate = name, chunk_bytes, limit_rate
         self.sent = 0
         self.resumed_from = 0
@@ -202,20 +202,18 @@ class _Upload:
 
     def _chunks(self, upload_id: str, offset: int) -> Iterator[pb.WriteUploadRequest]:
         began, sent_here = time.monotonic(), 0
-        with open(self.archive, "rb") as handle:
-            handle.seek(offset)
-            while data := handle.read(self.chunk_bytes):
-                if self.limit_rate:
-                    # Pace the stream: never ahead of limit_rate bytes per second.
-                    ahead = sent_here / self.limit_rate - (time.monotonic() - began)
-                    if ahead > 0:
-                        time.sleep(ahead)
-                yield pb.WriteUploadRequest(upload_id=upload_id, offset=offset, data=data)
-                offset += len(data)
-                sent_here += len(data)
-                self.sent += len(data)
-                if self._bar is not None:
-                    self._bar.update(len(data))
+        for data in self.archive.blocks(offset, self.chunk_bytes):
+            if self.limit_rate:
+                # Pace the stream: never ahead of limit_rate bytes per second.
+                ahead = sent_here / self.limit_rate - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)
+            yield pb.WriteUploadRequest(upload_id=upload_id, offset=offset, data=data)
+            offset += len(data)
+            sent_here += len(data)
+            self.sent += len(data)
+            if self._bar is not None:
+                self._bar.update(len(data))
 
     def _result(self, expert: pb.Expert, already: bool, attempt: int) -> SubmitResult:
         return SubmitResult(expert_id=expert.expert_id, name=expert.name,

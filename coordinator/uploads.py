@@ -2,17 +2,18 @@
 
 In the style of google.bytestream: an upload has a declared size and sha256; its bytes go to
 `uploads/<id>.part`, whose size is the committed offset (fsynced before it is reported, so an
-acknowledged offset survives a crash). Finishing verifies the hash, unpacks into staging,
-validates against the base model and hands the bundle to `Store.commit_expert`. A failed
-finish discards the upload, so a rejected bundle leaves the store as it was.
+acknowledged offset survives a crash). The bytes are hashed as they arrive, the archive and
+each file inside it (`ArchiveDigest`), so finishing reads nothing twice: it checks the
+declared sha256, copies the files into staging, validates them against the base model
+(manifest hashes, shapes, dtypes, finite values) and hands the bundle to
+`Store.commit_expert`. A failed finish discards the upload, so a rejected bundle leaves the
+store as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -24,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.store import ExpertRecord, Store
-from protocol.archive import unpack_bundle
-from protocol.bundle import BaseSpec, load_bundle
+from coordinator.upload_writer import UploadWriter
+from protocol.archive import ArchiveDigest, extract_members
+from protocol.bundle import BaseSpec, Bundle, fsync_path, load_bundle
 from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
     InvalidBundle,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
     Unavailable,
 )
@@ -39,7 +40,6 @@ from protocol.errors import (
 log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _LOCK_WAIT_S = 10.0  # how long a second stream waits for the upload's current one to end
-_QUEUED_CHUNKS = 8  # chunks received but not yet on disk, per stream (~8 MiB)
 
 
 @dataclass(frozen=True)
@@ -77,69 +77,6 @@ class FinishResult:
     already_stored: bool  # the same content was stored before; nothing new was written
 
 
-class UploadWriter:
-    """Appends one stream's chunks to an upload's part file, hashing as it goes.
-
-    Writing and hashing run on a helper thread (both release the GIL), so they overlap with
-    receiving the next chunk; `close()` waits for them and fsyncs before the offset is
-    reported.
-    """
-
-    def __init__(self, state: UploadState, path: Path, hasher: hashlib._Hash) -> None:
-        self.state = state
-        self.hasher = hasher
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.offset = os.fstat(self._fd).st_size  # accepted so far (written or queued)
-        self.last_chunk_at = time.monotonic()  # a stalled stream is cancelled (slow drip)
-        self.written = self.offset  # on disk and in `hasher`
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="upload-writer", daemon=True)
-        self._thread.start()
-
-    def append(self, offset: int, data: bytes) -> None:
-        if offset != self.offset:
-            raise OutOfRange(
-                f"chunk at offset {offset}, but upload {self.state.upload_id} has "
-                f"{self.offset} bytes committed: resume from offset {self.offset}",
-                field="offset")
-        if self.offset + len(data) > self.state.size_bytes:
-            raise InvalidArgument(
-                f"chunk at offset {offset} of {len(data)} bytes goes past the declared size "
-                f"{self.state.size_bytes}: declare the archive's exact size in StartUpload",
-                field="data")
-        if self._failure is not None:
-            raise self._failure
-        self._queue.put(data)
-        self.offset += len(data)
-        self.last_chunk_at = time.monotonic()
-
-    def _drain(self) -> None:
-        while (data := self._queue.get()) is not None:
-            if self._failure is not None:
-                continue  # keep draining so that append() never blocks forever
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view):]
-                self.hasher.update(data)
-                self.written += len(data)
-            except BaseException as err:
-                self._failure = err
-
-    def close(self) -> None:
-        """Wait for queued chunks, fsync, close; raise what the writer thread hit, if any."""
-        self._queue.put(None)
-        self._thread.join()
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-        self.offset = self.written
-        if self._failure is not None:
-            raise self._failure
-
-
 class Uploads:
     """All uploads of one store, checked against one base model. Thread-safe."""
 
@@ -149,7 +86,7 @@ class Uploads:
         self.limits = limits
         self._guard = threading.Lock()  # protects the dicts below and upload creation
         self._locks: dict[str, threading.Lock] = {}
-        self._hashers: dict[str, tuple[hashlib._Hash, int]] = {}  # id -> (state, offset)
+        self._digests: dict[str, ArchiveDigest] = {}  # id -> digest of the part file so far
         self._commit = threading.Lock()  # one rename-and-index at a time
         # Streams being written now: id -> (writer, how to cancel its RPC).
         self._streams: dict[str, tuple[UploadWriter, Callable[[], object]]] = {}
@@ -199,7 +136,7 @@ class Uploads:
         self._row(upload_id, contributor)  # unknown ids fail before they get a lock
         with self._hold(upload_id):
             state = self.status(upload_id, contributor)
-            writer = UploadWriter(state, self.part_path(upload_id), self._hasher(state))
+            writer = UploadWriter(state, self.part_path(upload_id), self._digest(state))
             with self._guard:
                 self._streams[upload_id] = (writer, cancel or (lambda: None))
             try:
@@ -210,7 +147,7 @@ class Uploads:
                 finally:
                     with self._guard:
                         self._streams.pop(upload_id, None)
-                        self._hashers[upload_id] = (writer.hasher, writer.written)
+                        self._digests[upload_id] = writer.digest
                     self._touch(upload_id)
 
     def finish(self, upload_id: str, contributor: str) -> FinishResult:
@@ -230,7 +167,8 @@ class Uploads:
                 raise
 
     def _verify_and_commit(self, state: UploadState) -> FinishResult:
-        digest = self._hasher(state).hexdigest()
+        archive = self._digest(state)
+        digest = archive.hexdigest()
         if digest != state.sha256:
             raise InvalidBundle(
                 f"the uploaded archive's sha256 is {digest[:12]}..., not the declared "
@@ -243,9 +181,7 @@ class Uploads:
         staged = self.store.staging_dir / state.upload_id
         shutil.rmtree(staged, ignore_errors=True)
         try:
-            unpack_bundle(self.part_path(state.upload_id), staged,
-                          max_bytes=self.limits.max_bundle_bytes)
-            bundle = load_bundle(staged, self.base)
+            bundle = self._stage(archive, state.upload_id, staged)
             with self._commit:
                 existing = self.store.find_expert(expert_id=bundle.expert_id)
                 if existing is not None:
@@ -261,6 +197,20 @@ class Uploads:
         log.info("expert %s (%s) accepted from %s", record.expert_id, record.name,
                  record.contributor)
         return FinishResult(record, False)
+
+    def _stage(self, archive: ArchiveDigest, upload_id: str, staged: Path) -> Bundle:
+        """Copy the archive's files into `staged` and validate them there, with the hashes
+        taken as they streamed in. A helper thread flushes the files to disk meanwhile, so the
+        commit's fsync finds little left to write."""
+        members = archive.members(self.limits.max_bundle_bytes)
+        extract_members(self.part_path(upload_id), members, staged)
+        flush = threading.Thread(target=_flush_folder, args=(staged,), name="stage-flush")
+        flush.start()
+        try:
+            return load_bundle(staged, self.base, mapped=True,
+                               known_sha256={m.name: m.sha256 for m in members})
+        finally:
+            flush.join()
 
     def cancel_stalled(self, now: float | None = None) -> list[str]:
         """Cancel streams that sent no chunk for `stream_idle_timeout_s` (monotonic time)."""
@@ -349,18 +299,19 @@ class Uploads:
         finally:
             os.close(fd)
 
-    def _hasher(self, state: UploadState) -> hashlib._Hash:
-        """A sha256 over the part file's bytes so far: the cached one, or recomputed."""
+    def _digest(self, state: UploadState) -> ArchiveDigest:
+        """The digest of the part file's bytes so far: the cached one (when it covers exactly
+        the committed bytes), or recomputed from the file, as after a restart."""
         with self._guard:
-            cached = self._hashers.get(state.upload_id)
-        if cached is not None and cached[1] == state.committed_bytes:
-            return cached[0].copy()
-        hasher = hashlib.sha256()
+            cached = self._digests.get(state.upload_id)
+        if cached is not None and cached.covers(state.committed_bytes):
+            return cached.copy()
+        digest = ArchiveDigest()
         with open(self.part_path(state.upload_id), "ab+") as handle:
             handle.seek(0)
             while block := handle.read(1 << 20):
-                hasher.update(block)
-        return hasher
+                digest.update(block)
+        return digest
 
     def _lock_for(self, upload_id: str) -> threading.Lock:
         with self._guard:
@@ -392,6 +343,15 @@ class Uploads:
     def _forget(self, upload_id: str) -> None:
         self.part_path(upload_id).unlink(missing_ok=True)
         with self._guard:
-            self._hashers.pop(upload_id, None)
+            self._digests.pop(upload_id, None)
             self._locks.pop(upload_id, None)
 
+
+
+def _flush_folder(folder: Path) -> None:
+    """fsync every file in `folder`, ignoring failures: the commit fsyncs again and reports."""
+    for child in folder.iterdir():
+        try:
+            fsync_path(child)
+        except OSError:
+            pass

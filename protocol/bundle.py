@@ -22,12 +22,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from protocol.errors import FingerprintMismatch, InvalidBundle
@@ -369,18 +371,26 @@ def validate_bundle(bundle: Bundle, base: BaseSpec | None = None) -> None:
     validate_tensors(bundle)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, mapped: bool = False) -> dict[str, torch.Tensor]:
     try:
-        return load_safetensors_bytes(path.read_bytes())
+        return load_safetensors_file(path) if mapped else load_safetensors_bytes(
+            path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
         raise InvalidBundle(f"{path.name} is not a valid safetensors file: {err}",
                             field=path.name) from None
 
 
-def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None) -> Bundle:
+def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None, *,
+                known_sha256: Mapping[str, str] | None = None,
+                mapped: bool = False) -> Bundle:
     """Load a bundle directory, verify file hashes and validate everything.
 
     Raises InvalidBundle (or FingerprintMismatch when `base` is given) naming the problem.
+    `known_sha256` (file name -> sha256) holds hashes the caller computed over these very
+    bytes (the coordinator hashes each file as it streams in), so the files are not read a
+    second time; they are checked against manifest.files all the same. `mapped` reads the
+    tensors through safetensors' file loader (a private memory map in current versions)
+    instead of into memory: for checking one large bundle, not for holding many at once.
     """
     root = Path(path)
     if not root.is_dir():
@@ -404,15 +414,17 @@ def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None) -> Bundle
             field="files",
         )
     for name in tensor_files:
-        if sha256_file(root / name) != manifest.files[name]:
+        known = (known_sha256 or {}).get(name)
+        if (known or sha256_file(root / name)) != manifest.files[name]:
             raise InvalidBundle(f"{name}: sha256 does not match manifest.files: the file was "
                                 "changed or corrupted after packaging", field=name)
     validate_manifest(manifest, base)
     bundle = Bundle(
         manifest=manifest,
-        adapter=_read_safetensors(root / ADAPTER),
-        gates=_read_safetensors(root / GATES),
-        activations=_read_safetensors(root / ACTIVATIONS) if ACTIVATIONS in present else None,
+        adapter=_read_safetensors(root / ADAPTER, mapped),
+        gates=_read_safetensors(root / GATES, mapped),
+        activations=(_read_safetensors(root / ACTIVATIONS, mapped) if ACTIVATIONS in present
+                     else None),
     )
     validate_tensors(bundle)
     return bundle

@@ -12,9 +12,10 @@ import pytest
 from coordinator.store import Store
 from coordinator.uploads import FinishResult, UploadLimits, Uploads, UploadState
 from protocol.archive import unpack_bundle
-from protocol.bundle import load_bundle
+from protocol.bundle import GATES, load_bundle
 from protocol.errors import (
     FailedPrecondition,
+    InvalidBundle,
     NotFound,
     OutOfRange,
     ResourceExhausted,
@@ -59,6 +60,23 @@ def test_upload_in_chunks_is_stored_under_its_expert_id(uploads, archive, tmp_pa
     assert [e.expert_id for e in uploads.store.list_experts()] == [result.expert.expert_id]
     assert uploads.store.query("SELECT COUNT(*) FROM uploads")[0][0] == 0
     assert not list(uploads.store.uploads_dir.iterdir())
+
+
+def test_a_file_that_differs_from_its_manifest_hash_is_refused_and_leaves_no_trace(
+        uploads, tmp_path, tiny_spec):
+    # The hash compared with manifest.files is the one taken while the bytes streamed in.
+    bundle = make_bundle(tmp_path / "stale", tiny_spec, "stale", seed=3)
+    gates = (bundle / GATES).read_bytes()
+    (bundle / GATES).write_bytes(gates[:-4] + bytes(4))  # same size, other content
+    archive = archive_of(bundle)
+    before = store_snapshot(uploads.store.root)
+    state = begin(uploads, archive)
+    write(uploads, state, archive, 0, chunk=1000)
+    with pytest.raises(InvalidBundle, match=f"{GATES}: sha256 does not match"):
+        uploads.finish(state.upload_id, "alice")
+    assert store_snapshot(uploads.store.root) == before
+    assert not list(uploads.store.uploads_dir.iterdir())
+    assert not list(uploads.store.staging_dir.iterdir())
 
 
 def test_chunk_at_another_offset_is_out_of_range_and_names_the_committed_one(uploads,
