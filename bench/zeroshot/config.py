@@ -37,37 +37,39 @@ class Plan:
     eval_max_length: int  # tokens kept per prompt + choice at evaluation
     parallel: int  # contributor training processes at once (one CPU thread each)
     seed: int = 0  # split seed (tasks.registry.split) and training seed
+    precision: str = "auto"  # training and scoring matmuls (routing.precision): bf16 if native
 
     def train_flags(self, steps: int | None = None) -> list[str]:
         """`gaggle-contributor train` flags shared by every contributor of this plan."""
         return ["--steps", str(steps or self.steps), "--gate-steps", str(self.gate_steps),
                 "--batch-size", str(self.batch_size), "--max-length", str(self.max_length),
-                "--rank", str(self.rank), "--seed", str(self.seed), "--threads", "1"]
+                "--rank", str(self.rank), "--seed", str(self.seed), "--threads", "1",
+                "--precision", self.precision]
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-# Full mode, sized for < 90 minutes on an idle 2-core machine with SmolLM2-135M (an estimate
-# from per-step and per-example costs measured on these machines): 8 experts of 40
-# steps + 30 gate steps (~6 min each, two at a time), their union trained for the same budget
-# (8 x 40 steps), and 13 tasks x 300 test examples x 8-9 methods at ~50-90 ms an example.
+# Full mode, sized for < 90 minutes on an idle 2-core machine with SmolLM2-135M, training and
+# scoring in bf16 where the CPU runs it natively (routing.precision): 8 experts of 80 steps +
+# 30 gate steps (~4 min each, two at a time beside the multitask LoRA), their union trained
+# for the same budget (8 x 80 steps), and 13 tasks x 300 test examples x 8-9 methods.
 FULL = Plan(
     name="full", base="smollm2-135m", held_in=HELD_IN, held_out=HELD_OUT,
-    train_examples=1000, test_examples=300, diagnostic_examples=64, steps=40, gate_steps=30,
-    batch_size=8, max_length=64, rank=16, multitask_steps=40 * len(HELD_IN),
+    train_examples=1000, test_examples=300, diagnostic_examples=64, steps=80, gate_steps=30,
+    batch_size=8, max_length=64, rank=16, multitask_steps=80 * len(HELD_IN),
     retrieval_examples=1000, eval_batch_size=16, eval_max_length=192, parallel=2,
 )
 
 # Quick mode: 4 held-in tasks (one per family) and 2 held-out tasks, 50 test examples per
-# task, experts of 30 steps with 20 gate steps, and a multitask LoRA of 60 steps instead of
-# the 4 x 30 a same-budget run would take.
+# task, experts of 60 steps with 20 gate steps, and a multitask LoRA of 120 steps instead of
+# the 4 x 60 a same-budget run would take.
 QUICK = Plan(
     name="quick", base="smollm2-135m",
     held_in=("tweet-sentiment", "bbc-topic", "boolq", "siqa"),
     held_out=("imdb-sentiment", "openbookqa"),
-    train_examples=400, test_examples=50, diagnostic_examples=32, steps=30, gate_steps=20,
-    batch_size=8, max_length=64, rank=16, multitask_steps=60, retrieval_examples=400,
+    train_examples=400, test_examples=50, diagnostic_examples=32, steps=60, gate_steps=20,
+    batch_size=8, max_length=64, rank=16, multitask_steps=120, retrieval_examples=400,
     eval_batch_size=16, eval_max_length=192, parallel=2,
 )
 
