@@ -108,7 +108,11 @@ def bundle_from_expert(expert: Expert, base: BaseModel | BaseSpec, name: str, *,
                        gates: dict[str, torch.Tensor] | None = None,
                        activations: dict[str, torch.Tensor] | None = None,
                        training: dict | None = None) -> Bundle:
-    """Package an expert with its gates (default: zero vectors, the gate's initial state)."""
+    """Package an expert with its gates (default: zero vectors, the gate's initial state).
+
+    Zero gates are for routing tests only: bundle validation refuses them, since a zero gate
+    was never trained.
+    """
     if gates is None:
         gates = {m.name: torch.zeros(m.d_in, dtype=TENSOR_DTYPE) for m in expert.modules}
     manifest = Manifest(
@@ -168,6 +172,33 @@ def load_peft_adapter(folder: str | Path, base: BaseModel | BaseSpec) -> Expert:
     if config["peft_type"] == "LORA":
         return _lora_from_saved(config, by_module, spec)
     return _ia3_from_saved(config, by_module, spec)
+
+
+def check_trained(expert: Expert, source: str | Path) -> None:
+    """Refuse an adapter whose delta is exactly zero in every module.
+
+    peft initialises LoRA's B (or, with some options, A) to zero and (IA)^3 vectors to 1.0,
+    so a freshly initialised adapter changes nothing. Its gate then gets zero gradient and
+    stays zero, which the coordinator refuses; catching it here saves the gate training.
+    """
+    untouched = _untrained_parts(expert)
+    if untouched:
+        raise InvalidArgument(
+            f"adapter {source} has never been trained: {untouched}, so its delta and its "
+            "gate gradient are zero; train it first", field="adapter")
+
+
+def _untrained_parts(expert: Expert) -> str | None:
+    """Which parts leave every module's delta at zero, in words; None when some module acts."""
+    names = [m.name for m in expert.modules]
+    if expert.method == "ia3":
+        if all(bool((expert.adapter[f"{n}.ia3"] == 1.0).all()) for n in names):
+            return "every (IA)^3 vector is exactly 1.0"
+        return None
+    for part in ("lora_B", "lora_A"):
+        if not any(bool(expert.adapter[f"{n}.{part}"].any()) for n in names):
+            return f"every {part} is zero"
+    return None
 
 
 def _read_adapter_config(root: Path) -> dict:

@@ -47,7 +47,13 @@ from contributor.data import (
     token_counts,
     tokenize,
 )
-from contributor.package import Expert, bundle_from_expert, expert_from_peft, load_peft_adapter
+from contributor.package import (
+    Expert,
+    bundle_from_expert,
+    check_trained,
+    expert_from_peft,
+    load_peft_adapter,
+)
 from protocol.bundle import save_bundle, validate_bundle
 from protocol.errors import GaggleError, InvalidArgument
 from routing.base import BaseModel, load_base
@@ -260,6 +266,22 @@ def _check_output(out: str, name: str | None) -> tuple[Path, str]:
     return target, name
 
 
+def check_gates_moved(gates: dict[str, torch.Tensor]) -> None:
+    """Refuse to ship gates (module -> (d_in,)) that training left at exactly zero.
+
+    A gate gets gradient only through its module's delta: a zero gate means that module's
+    expert delta is zero, and the coordinator would refuse the bundle anyway.
+    """
+    still_zero = [name for name, gate in gates.items() if not bool(gate.any())]
+    if still_zero:
+        more = f" (and {len(still_zero) - 1} more modules)" if len(still_zero) > 1 else ""
+        raise InvalidArgument(
+            f"gate training left the gate of module {still_zero[0]}{more} all zero: the "
+            "expert's delta there is zero, so the gate got no gradient; train the expert so "
+            "that every adapted module changes (more --steps, or a trained --adapter)",
+            field="gate")
+
+
 def _write(expert: Expert, base: BaseModel, name: str, out: Path, gates: dict,
            activations: dict | None, training: dict) -> None:
     spec = base.spec()
@@ -284,6 +306,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     expert, losses = train_expert(base, examples, config)
     expert_seconds = time.perf_counter() - started
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
+    check_gates_moved(gates)
     training = {**token_counts(examples), **_loss_summary("expert", losses), **gate_summary,
                 "bf16": int(resolve_precision(config.precision) == "bf16"),
                 "expert_seconds": round(expert_seconds, 2),
@@ -300,9 +323,11 @@ def run_gate_command(args: argparse.Namespace) -> int:
     records = read_jsonl(args.data)
     base = load_base(args.base)
     expert = load_peft_adapter(args.adapter, base)
+    check_trained(expert, args.adapter)  # a zero delta would leave the gate at zero
     started = time.perf_counter()
     examples = tokenize(records, base.tokenizer, config.max_length)
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
+    check_gates_moved(gates)
     training = {**token_counts(examples), "expert_steps": 0, **gate_summary,
                 "bf16": int(resolve_precision(config.precision) == "bf16"),
                 "wall_seconds": round(time.perf_counter() - started, 2)}

@@ -9,10 +9,15 @@ import argparse
 import sys
 
 from protocol.commands import run_handler
+from protocol.errors import GaggleError
 
 
-def _store(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", required=True, help="the coordinator's store folder")
+def _store(parser: argparse.ArgumentParser, *, create: bool = False) -> None:
+    """--store; unless `create`, the command refuses a folder that holds no store yet."""
+    parser.add_argument("--store", required=True,
+                        help="the coordinator's store folder" + (" (created if missing)"
+                                                                 if create else ""))
+    parser.set_defaults(store_must_exist=not create)
 
 
 def _tracking(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name", help="contributor name")
     add.add_argument("--admin", action="store_true",
                      help="an admin token (token management and promote over gRPC)")
-    _store(add)
+    _store(add, create=True)  # an operator adds tokens before the first serve
     revoke = token_sub.add_parser("revoke", help="revoke a contributor's tokens")
     revoke.add_argument("name", help="contributor name")
     _store(revoke)
@@ -113,7 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_handler(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if getattr(args, "store_must_exist", False):
+        # Before the handler runs: opening a store creates one, so a mistyped --store would
+        # otherwise leave an empty store behind and report that it holds nothing.
+        from coordinator.store import require_store
+
+        try:
+            require_store(args.store)
+        except GaggleError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return run_handler(args)
 
 
 if __name__ == "__main__":

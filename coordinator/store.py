@@ -34,6 +34,8 @@ from protocol.errors import FailedPrecondition, GaggleError, NotFound
 
 log = logging.getLogger(__name__)
 
+INDEX = "index.sqlite"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS contributors (
     name TEXT PRIMARY KEY,
@@ -102,7 +104,7 @@ class Store:
         for folder in (self.experts_dir, self.uploads_dir, self.staging_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.root / "index.sqlite", timeout=30,
+        self._conn = sqlite3.connect(self.root / INDEX, timeout=30,
                                      isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -293,6 +295,20 @@ class Store:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def require_store(path: str | os.PathLike) -> Path:
+    """The root of an existing store at `path`; NotFound, creating nothing, when none is there.
+
+    `Store(path)` creates a store where there is none, which only `serve` and `token add`
+    should do: for every other command a mistyped --store must fail, not list an empty one.
+    """
+    root = Path(path)
+    if not (root / INDEX).is_file():
+        reason = f"it holds no {INDEX}" if root.is_dir() else "no such folder"
+        raise NotFound(f"no gaggle store at {root} ({reason}): check --store, or start one "
+                       f"with gaggle-coordinator serve --store {root}", field="store")
+    return root
+
+
 def _statements() -> list[str]:
     # executescript would COMMIT our open transaction, so run the schema one statement each.
     lines = [line.split("--", 1)[0] for line in SCHEMA.splitlines()]
@@ -320,7 +336,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def run_experts_command(args: argparse.Namespace) -> int:
     """`gaggle-coordinator experts --store DIR`: one line per stored expert."""
-    store = Store(args.store)
+    store = Store(require_store(args.store))
     experts = store.list_experts()
     if not experts:
         print(f"no experts in {store.root}")

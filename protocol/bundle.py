@@ -334,8 +334,26 @@ def validate_tensors(bundle: Bundle) -> None:
     vectors = {m.name: (m.d_in,) for m in manifest.modules}
     _check_tensor_set(ADAPTER, bundle.adapter, expected_adapter)
     _check_tensor_set(GATES, bundle.gates, vectors)
+    _check_gates_trained(bundle.gates, manifest.modules)
     if bundle.activations is not None:
         _check_tensor_set(ACTIVATIONS, bundle.activations, vectors)
+
+
+def _check_gates_trained(gates: dict[str, torch.Tensor], modules: list[ModuleSpec]) -> None:
+    """Refuse a gate vector (d_in,) that is all zero.
+
+    Gates start at zero and only move when the expert's delta is non-zero, so a zero gate was
+    never trained. It scores every token the same for this expert, and the router refuses such
+    keys (routing.router.check_router_keys): accepting it would break every later version.
+    """
+    for module in modules:
+        if not bool(gates[module.name].any()):
+            raise InvalidBundle(
+                f"{GATES}: the gate of module {module.name} is all zero, so it was never "
+                "trained and would break routing for every version holding this expert: "
+                "retrain the gate with gaggle-contributor gate on a trained adapter",
+                field=GATES,
+            )
 
 
 def _check_tensor_set(file: str, tensors: dict[str, torch.Tensor],

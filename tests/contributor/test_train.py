@@ -92,6 +92,61 @@ def test_gate_recycles_a_saved_peft_adapter(cli, tmp_path, data_file, tiny_spec,
     assert all(gate.abs().sum() > 0 for gate in bundle.gates.values())
 
 
+def _untrained_adapter(folder, method: str, zero: str = "") -> None:
+    """Save a peft adapter straight from its initialisation (LoRA B = 0, (IA)^3 = 1.0), or
+    with random factors except `zero` ("lora_A") set to zero."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from routing.base import load_base
+
+    base = load_base("tiny-llama")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=not zero) if method == "lora" else IA3Config()
+    model = get_peft_model(base.model, config)
+    if zero:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if f".{zero}." in name:
+                    param.zero_()
+    model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("method, zero, expected", [
+    ("lora", "", "every lora_B is zero"),
+    ("lora", "lora_A", "every lora_A is zero"),
+    ("ia3", "", "every (IA)^3 vector is exactly 1.0"),
+])
+def test_gate_refuses_an_adapter_that_was_never_trained(cli, tmp_path, data_file, method, zero,
+                                                        expected):
+    adapter = tmp_path / "adapter"
+    _untrained_adapter(adapter, method, zero)
+    out = tmp_path / "out"
+    code, _, err = cli("gate", "--adapter", adapter, "--base", "tiny-llama", "--data",
+                       data_file, "--out", out, *GATE_FAST)
+    _assert_clean_failure(code, err, f"adapter {adapter} has never been trained: {expected}, "
+                          "so its delta and its gate gradient are zero; train it first",
+                          tmp_path, out)  # one line: refused before any training bar
+
+
+def test_gate_refuses_to_ship_a_gate_that_training_left_at_zero(cli, tmp_path, data_file):
+    """One module of an otherwise trained adapter has a zero delta: its gate gets no
+    gradient, and the command fails instead of writing a bundle the coordinator refuses."""
+    adapter = tmp_path / "adapter"
+    tensors = _saved_adapter(adapter, "lora")
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    module = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    out = tmp_path / "out"
+    code, _, err = cli("gate", "--adapter", adapter, "--base", "tiny-llama", "--data",
+                       data_file, "--out", out, *GATE_FAST)
+    assert code != 0
+    last = err.splitlines()[-1]  # after the training progress bars
+    assert last.startswith(f"error: gate training left the gate of module {module} all zero")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
 def _misfit_adapter(folder):
     tensors = _saved_adapter(folder, "lora")
     key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))

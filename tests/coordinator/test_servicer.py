@@ -13,11 +13,18 @@ from contributor.client import Connection, CoordinatorClient
 from coordinator.auth import TokenBook
 from coordinator.server import CoordinatorServer, ServerConfig
 from coordinator.store import ExpertRecord, Store
-from protocol.bundle import load_bundle
+from protocol.bundle import GATES, load_bundle
 from protocol.errors import NotFound
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
-from tests.coordinator.bundles import archive_of, make_bundle
+from tests.coordinator.bundles import (
+    archive_of,
+    make_bundle,
+    raw_upload,
+    staging_is_empty,
+    store_snapshot,
+    tamper,
+)
 
 
 @pytest.fixture
@@ -78,6 +85,28 @@ def test_lookups_of_unknown_things_are_not_found(running):
             stub.QueryUpload(pb.QueryUploadRequest(upload_id="nope"),
                              metadata=(("authorization", f"Bearer {token}"),), timeout=10)
         assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_upload_with_a_zero_gate_is_invalid_argument_and_leaves_no_trace(running, tmp_path,
+                                                                             tiny_spec):
+    """An untrained gate would break routing for every later version: refused on arrival."""
+    server, token, accepted, _ = running
+    bundle = make_bundle(tmp_path / "b", tiny_spec, "untrained", seed=6)
+    module = "model.layers.1.self_attn.v_proj"
+
+    def zero_gate(tensors):
+        tensors[module] = tensors[module].clone().zero_()
+
+    tamper(bundle, GATES, zero_gate)
+    before = store_snapshot(server.store.root)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        outcome = raw_upload(channel, token, archive_of(bundle))
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{GATES}: the gate of module {module} is all zero" in outcome.details
+    assert "retrain the gate with gaggle-contributor gate" in outcome.details
+    assert store_snapshot(server.store.root) == before and accepted == []
+    assert staging_is_empty(server.store.root)
+    assert not any(server.store.uploads_dir.iterdir())
 
 
 def test_a_stream_without_upload_id_is_invalid_argument(running):

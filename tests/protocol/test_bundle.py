@@ -19,6 +19,7 @@ from protocol.bundle import (
     load_bundle,
     save_bundle,
     sha256_file,
+    validate_bundle,
 )
 from protocol.errors import FingerprintMismatch, GaggleError, InvalidBundle
 from routing.synthetic import random_bundle
@@ -90,6 +91,8 @@ CASES = {
               "has shape (7,)"),
     "dtype": (lambda p: _rewrite_tensor(p, GATES, _first_gate(p),
                                         torch.zeros(32, dtype=torch.float16)), "dtype"),
+    "zero_gate": (lambda p: _rewrite_tensor(p, GATES, _first_gate(p), torch.zeros_like(
+        load_bundle_raw(p, GATES)[_first_gate(p)])), "is all zero"),
     "gate_missing": (lambda p: _rewrite_tensor(p, GATES, _first_gate(p), None),
                      "a module without a gate"),
     "extra_tensor": (lambda p: _rewrite_tensor(p, GATES, "model.bogus", torch.zeros(32)),
@@ -118,6 +121,23 @@ def test_validation_rejects(case, saved, tiny_spec):
     with pytest.raises(InvalidBundle, match=None) as info:
         load_bundle(path, tiny_spec)
     assert message in str(info.value)
+
+
+def test_zero_gate_is_refused_naming_the_file_the_module_and_the_fix(tiny_spec, tmp_path):
+    bundle = random_bundle(tiny_spec, "untrained")
+    module = sorted(bundle.gates)[1]
+    bundle.gates[module] = torch.zeros_like(bundle.gates[module])
+    with pytest.raises(InvalidBundle) as info:
+        validate_bundle(bundle, tiny_spec)
+    assert info.value.field == GATES and info.value.status == "INVALID_ARGUMENT"
+    message = str(info.value)
+    assert message.startswith(f"{GATES}: the gate of module {module} is all zero")
+    assert "retrain the gate with gaggle-contributor gate" in message
+    with pytest.raises(InvalidBundle, match="all zero"):
+        save_bundle(bundle, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+    bundle.gates[module][0] = 1e-6  # one non-zero element is a gate that moved
+    validate_bundle(bundle, tiny_spec)
 
 
 def test_fingerprint_mismatch_is_its_own_error(saved, tiny_spec):
