@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from routing.layers import RoutedLinear, RoutingState
+from routing.layers import RoutedLinear, RoutingState, parameter_free_layer_norm, top_k
 from routing.stack import ExpertPiece, stack_module, with_ia3_prototypes
 from tests.routing.reference import reference_routed_delta
 
@@ -56,6 +56,47 @@ def test_fast_layer_matches_reference_loop(count, method, dispatch):
     expected = reference_routed_delta(pieces, layer.base.weight.detach(), x.reshape(-1, D_IN),
                                       method, top_k=2)
     torch.testing.assert_close(got.reshape(-1, D_OUT), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+def test_inputs_far_from_zero_mean_route_like_the_reference(dispatch):
+    # scores are raw products scaled by a one-pass inverse std, with no centred copy of x:
+    # a mean twice the spread (SmolLM2's projection inputs reach 0.2) must still pick and
+    # weigh experts as the layer-normed reference does
+    pieces = random_pieces(64, ("lora",), seed=11)
+    layer = build_layer(pieces, "phatgoose", top_k=2, dispatch=dispatch)
+    gen = torch.Generator().manual_seed(12)
+    x = 0.5 * torch.randn(3, 7, D_IN, generator=gen) + 1.0
+    with torch.inference_mode():
+        got = layer(x) - layer.base(x)
+    expected = reference_routed_delta(pieces, layer.base.weight.detach(), x.reshape(-1, D_IN),
+                                      "phatgoose", top_k=2)
+    torch.testing.assert_close(got.reshape(-1, D_OUT), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_std_is_the_layer_norm_scale_and_is_shared_until_the_input_changes():
+    state = RoutingState()
+    x = 3.0 + torch.randn(2, 5, D_IN, generator=torch.Generator().manual_seed(13))
+    flat = x.reshape(-1, D_IN)
+    scale = state.inverse_std(x)  # (N, 1)
+    centred = flat - flat.mean(-1, keepdim=True)
+    torch.testing.assert_close(centred * scale, parameter_free_layer_norm(flat))
+    assert state.inverse_std(x) is scale  # a sibling projection reuses it
+    x.mul_(2.0)  # an in-place edit bumps the version: recomputed, halved
+    torch.testing.assert_close(state.inverse_std(x), scale / 2, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("experts", [4, 16, 64, 300])
+@pytest.mark.parametrize("k", [1, 2, 3, 6])
+def test_top_k_keeps_the_lower_expert_on_ties(experts, k):
+    # rounded scores tie often; the reference loop keeps the lower index among equals
+    scores = torch.randn(40, experts, generator=torch.Generator().manual_seed(experts)).round()
+    values, index = top_k(scores.clone(), k)
+    order = sorted(range(experts), key=lambda e: -scores[0, e])  # stable, like the reference
+    assert index[0].tolist() == order[:k]
+    expected = scores.sort(dim=-1, descending=True, stable=True)
+    torch.testing.assert_close(values, expected.values[:, :k])
+    assert torch.equal(index, expected.indices[:, :k])
 
 
 @pytest.mark.parametrize("kinds", [("lora",), ("ia3_out",), ("ia3_in",), ("lora", "ia3_in")])
