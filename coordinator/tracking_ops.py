@@ -127,7 +127,6 @@ def replay_promotion(client, op: Op) -> None:
 def replay_evaluation(client, experiment_id: str, op: Op) -> None:
     """Tag the version's model version with `eval.*` and log the metrics in an evaluation run
     (linked to the logged model, so its page shows them too)."""
-    from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
     record = op.payload
@@ -137,18 +136,26 @@ def replay_evaluation(client, experiment_id: str, op: Op) -> None:
             f"router version {record['version_id']} has no model version in "
             f"{REGISTERED_MODEL} to attach its evaluation to",
             error_code="RESOURCE_DOES_NOT_EXIST")
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_OP}` = '{op.op_id}'",
+                               max_results=1)
+    if not (found and found[0].info.status == "FINISHED"):
+        _log_evaluation_run(client, experiment_id, op, record, model_version,
+                            found[0] if found else None)
+    # The tags go last and the mean last of all: a reader that sees `eval.accuracy` sees every
+    # other eval tag and the finished run with its metrics. (A replay sets them again.)
     tags = {f"{TAG_EVAL_PREFIX}{k}": repr(float(v)) for k, v in record["metrics"].items()}
     tags[TAG_EVAL_CONFIG] = record["config_key"]
-    # The mean goes last: a reader that sees `eval.accuracy` sees every other eval tag too.
-    # (A replay sets them again, which is harmless.)
     mean = f"{TAG_EVAL_PREFIX}accuracy"
     for key, value in sorted(tags.items(), key=lambda kv: (kv[0] == mean, kv[0])):
         client.set_model_version_tag(REGISTERED_MODEL, model_version.version, key, value)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_OP}` = '{op.op_id}'",
-                               max_results=1)
-    if found and found[0].info.status == "FINISHED":
-        return
-    run = found[0] if found else client.create_run(
+
+
+def _log_evaluation_run(client, experiment_id: str, op: Op, record: dict, model_version,
+                        run) -> None:
+    """The evaluation run: the config as params, the metrics linked to the logged model."""
+    from mlflow.entities import Metric, Param
+
+    run = run or client.create_run(
         experiment_id, run_name=f"eval-{record['version_id']}",
         tags={TAG_OP: op.op_id, TAG_VERSION: record["version_id"],
               TAG_EVAL_CONFIG: record["config_key"]})
