@@ -11,6 +11,21 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_env():
+    """`mlflow.set_tracking_uri` / `set_registry_uri` also set MLFLOW_* environment variables,
+    which every later subprocess would inherit (a README walk-through once sent its registry
+    calls to another test's stopped server): put them back after each test."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {key: os.environ.get(key) for key in keys}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_base():
     """The seeded random 2-layer Llama (`tiny-llama`) with its tokenizer and fingerprint."""

@@ -187,7 +187,8 @@ def walk(tmp_path_factory, readme):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # where to track is the README's to say
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(key, None)  # where to track is the README's to say
     values = {"HOST": "127.0.0.1", "STORE": str(workdir / "store"),
               "smollm2-135m": "tiny-llama",  # tests never load SmolLM2
               "50051": str(free_port()), "5000": str(free_port()), "5001": str(free_port())}
