@@ -47,8 +47,10 @@ FULL = DemoPlan(
     train_examples=400,
     eval_examples=100,
     # Three experts train at once on two cores: fewer steps than the contributor's defaults
-    # (100 + 50) keep the whole demo near 15 minutes.
-    train_flags=("--steps", "60", "--gate-steps", "30"),
+    # (100 + 50) keep the whole demo near 15 minutes, and one thread each, because OpenMP
+    # threads spin on oversubscribed cores (with the default of every core, three 2-thread
+    # trainers ran 10-20 s a step instead of ~3).
+    train_flags=("--steps", "60", "--gate-steps", "30", "--threads", "1"),
 )
 TINY = DemoPlan(
     base="tiny-llama",
@@ -56,7 +58,7 @@ TINY = DemoPlan(
     held_out=FULL.held_out,
     train_examples=24,
     eval_examples=16,
-    train_flags=("--steps", "4", "--gate-steps", "4", "--max-length", "64"),
+    train_flags=("--steps", "4", "--gate-steps", "4", "--max-length", "64", "--threads", "1"),
 )
 
 

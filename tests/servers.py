@@ -22,17 +22,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from demo.processes import free_port, http_ok  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 _READY_RE = re.compile(r"gaggle-coordinator serving on [^\s:]+:(\d+)")
@@ -167,22 +167,6 @@ def seed_base_spec(store: Path, spec) -> None:
 
 
 # ----- any long-running command (a README command, `mlflow ui`, `mlflow models serve`) -----
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_ok(url: str) -> bool:
-    """True when `url` answers 200 within 2 s."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
 
 @dataclass
 class CommandProcess:
