@@ -177,7 +177,8 @@ class Demo:
 
 
 def summary(plan: DemoPlan, experts: list[dict], versions: list[dict],
-            scores: dict[str, float], tracking_uri: str, seconds: float) -> str:
+            scores: dict[str, float], tracking_uri: str, seconds: float,
+            mlflow_root: Path | None = None) -> str:
     lines = ["", "gaggle local federation: summary", "",
              "| contributor | task | method | expert id |", "|---|---|---|---|"]
     lines += [f"| {e['contributor']} | {e['task']} | {e['method']} | {e['expert_id'][:12]} |"
@@ -191,6 +192,12 @@ def summary(plan: DemoPlan, experts: list[dict], versions: list[dict],
               f"| PHATGOOSE, newest version (k=2) | {scores['phatgoose']:.3f} |",
               "", f"MLflow UI: {tracking_uri}  (experiment 'gaggle', model 'gaggle-router')",
               f"wall time: {seconds / 60:.1f} min"]
+    if mlflow_root is not None:
+        # Without --keep the server stops with the demo; its data stays in the workdir.
+        lines += ["", "The UI stops with the demo (--keep keeps it up). Browse it later with:",
+                  f"  mlflow server --backend-store-uri sqlite:///{mlflow_root / 'mlflow.db'} "
+                  f"--artifacts-destination {mlflow_root / 'artifacts'} --host 127.0.0.1 "
+                  "--port 5000 --workers 1"]
     return "\n".join(lines)
 
 
@@ -212,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         newest = max(versions, key=lambda v: (v["n_experts"], v["created_at"]))
         scores = demo.evaluate(newest)
         print(summary(plan, experts, versions, scores, demo.tracking_uri,
-                      time.monotonic() - started), flush=True)
+                      time.monotonic() - started,
+                      mlflow_root=None if args.keep else workdir / "mlflow"), flush=True)
         if args.keep:
             demo.step("--keep: services stay up; stop them with Ctrl-C")
             while True:

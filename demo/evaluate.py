@@ -19,16 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", required=True, help="task name (python -m tasks list)")
     parser.add_argument("--limit", type=int, default=100, help="test examples to score")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token and module")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 weights where the CPU runs bf16 natively (~2.5x faster)")
     args = parser.parse_args(argv)
+
+    import torch
 
     from routing.base import load_base
     from routing.evaluate import evaluate
+    from routing.precision import resolve
     from routing.router import route, unroute
     from routing.version import load_router
     from tasks.registry import split
 
     began = time.perf_counter()
     base = load_base(args.base)
+    if resolve(args.precision) == "bf16":
+        base.model.to(torch.bfloat16)  # routed layers follow the base weights' dtype
     examples = split(args.task).test[: args.limit]
     plain = evaluate(base.model, base.tokenizer, examples, desc="base")
     route(base, load_router(args.router), method="phatgoose", top_k=args.top_k)

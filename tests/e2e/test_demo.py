@@ -41,3 +41,30 @@ def test_tiny_demo_prints_the_summary_and_stops_every_process(tmp_path):
     pids = json.loads((workdir / "logs" / "pids.json").read_text())
     assert len(pids) >= 5
     assert not [pid for pid in pids if _alive(pid)]
+    _browse_later_command_serves_the_demo_runs(out)
+
+
+def _browse_later_command_serves_the_demo_runs(out: str) -> None:
+    """The summary's "browse it later" command, run as printed (on a free port), serves the
+    demo's MLflow data: the experiment and the registered router model are there."""
+    import shlex
+    import urllib.request
+
+    from demo.processes import ProcessGroup, free_port, http_ok, wait_until
+
+    [line] = [line for line in out.splitlines() if line.strip().startswith("mlflow server")]
+    argv = shlex.split(line)
+    port = str(free_port())
+    argv[argv.index("--port") + 1] = port
+    group = ProcessGroup(Path(argv[argv.index("--artifacts-destination") + 1]).parent / "later")
+    try:
+        process = group.start("mlflow-later", [str(Path(sys.executable).with_name("mlflow")),
+                                               *argv[1:]])
+        uri = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(f"{uri}/health"), 120, "mlflow server", process)
+        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/registered-models/get"
+                                    "?name=gaggle-router", timeout=30) as reply:
+            model = json.loads(reply.read())["registered_model"]
+        assert model["name"] == "gaggle-router" and model.get("latest_versions")
+    finally:
+        group.stop_all()
