@@ -23,19 +23,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: bf16 weights where the CPU runs bf16 natively (~2.5x faster)")
     args = parser.parse_args(argv)
 
-    import torch
-
     from routing.base import load_base
     from routing.evaluate import evaluate
-    from routing.precision import resolve
+    from routing.precision import for_scoring
     from routing.router import route, unroute
     from routing.version import load_router
     from tasks.registry import split
 
     began = time.perf_counter()
     base = load_base(args.base)
-    if resolve(args.precision) == "bf16":
-        base.model.to(torch.bfloat16)  # routed layers follow the base weights' dtype
+    for_scoring(base.model, args.precision)
     examples = split(args.task).test[: args.limit]
     plain = evaluate(base.model, base.tokenizer, examples, desc="base")
     route(base, load_router(args.router), method="phatgoose", top_k=args.top_k)

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from protocol.errors import InvalidArgument
-from routing.precision import autocast
 
 # Called before every forward with the example index of each row, in row order: lets a caller
 # set per-example routing inputs. With a shared prompt there are two forwards per batch: the
@@ -218,7 +217,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def choice_scores(model: nn.Module, tokenizer, examples: Sequence[ChoiceExample], *,
                   batch_size: int = 16, max_length: int = 256, share_prompt: bool = True,
                   before_batch: BeforeBatch | None = None, progress: bool = False,
-                  desc: str = "eval", precision: str = "fp32") -> list[list[float]]:
+                  desc: str = "eval") -> list[list[float]]:
     """Mean log-likelihood of every choice of every example: [example][choice].
 
     share_prompt: run each prompt once and reuse its key/value cache for its choices (needs a
@@ -226,8 +225,6 @@ def choice_scores(model: nn.Module, tokenizer, examples: Sequence[ChoiceExample]
     LMs do); otherwise one full sequence per (example, choice). Both give the same
     scores. `batch_size` counts sequences per forward: prompts when shared, else
     (example, choice) rows. Examples are sorted by length so a batch pads little.
-    precision: "fp32", or "bf16" / "auto" for bf16 autocast (routing.precision): about 2.4x
-    faster on a CPU with AMX; log-probabilities are still taken in float32.
     """
     if batch_size < 1 or max_length < 2:
         raise InvalidArgument(
@@ -241,9 +238,8 @@ def choice_scores(model: nn.Module, tokenizer, examples: Sequence[ChoiceExample]
     device = _model_device(model)
     score = _score_shared if share_prompt else _score_rowwise
     scores: list[list[float]] = [[] for _ in examples]
-    with torch.inference_mode(), autocast(precision, device.type), \
-            tqdm(total=len(encoded), desc=desc, unit="example", disable=not progress,
-                 leave=False) as bar:
+    with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="example",
+                                      disable=not progress, leave=False) as bar:
         for batch in _batches(encoded, batch_size, share_prompt):
             for item, values in zip(batch, score(model, batch, pad_id, device, before_batch),
                                     strict=True):
@@ -270,13 +266,13 @@ def _batches(encoded: list[_Encoded], batch_size: int, share_prompt: bool):
 def evaluate(model: nn.Module, tokenizer, examples: Sequence[ChoiceExample], *,
              batch_size: int = 16, max_length: int = 256, share_prompt: bool = True,
              before_batch: BeforeBatch | None = None, progress: bool = True,
-             desc: str = "eval", precision: str = "fp32") -> EvalResult:
+             desc: str = "eval") -> EvalResult:
     """Rank-classify `examples`: predictions, labels, per-choice scores and accuracy."""
     began = time.perf_counter()
     scores = choice_scores(model, tokenizer, examples, batch_size=batch_size,
                            max_length=max_length, share_prompt=share_prompt,
                            before_batch=before_batch,
-                           progress=progress, desc=desc, precision=precision)
+                           progress=progress, desc=desc)
     predictions = [int(np.argmax(row)) for row in scores]
     return EvalResult(scores=scores, predictions=predictions,
                       labels=[int(e.label) for e in examples],

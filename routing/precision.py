@@ -45,3 +45,13 @@ def autocast(precision: str, device: str = "cpu") -> Iterator[str]:
     chosen = resolve(precision, device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=chosen == "bf16"):
         yield chosen
+
+
+def for_scoring(model: torch.nn.Module, precision: str, device: str = "cpu") -> str:
+    """Cast `model` to bf16 weights for scoring when `precision` resolves to bf16; returns the
+    choice. Casting the weights, not autocast: routed layers follow the base weights' dtype
+    (routing.layers), and their in-place mixture does not run under autocast."""
+    chosen = resolve(precision, device)
+    if chosen == "bf16":
+        model.to(torch.bfloat16)
+    return chosen

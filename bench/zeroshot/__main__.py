@@ -87,7 +87,7 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     from bench.zeroshot.system import describe, run_federation
     from protocol.bundle import load_bundle
     from routing.base import load_base
-    from routing.precision import resolve as resolve_precision
+    from routing.precision import for_scoring
     from routing.version import load_router
     from tasks.registry import split
 
@@ -96,11 +96,9 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     base = load_base(plan.base)
     step(f"base model {plan.base}, fingerprint {base.fingerprint[:12]}")
     system = run_federation(plan, workdir, args.cache, base.fingerprint)
-    if resolve_precision(plan.precision) == "bf16":
-        # Scoring with bf16 weights: routed layers follow the base weights' dtype, so every
-        # method runs in bf16 (about 2.5x faster with AMX); log-probabilities stay float32.
-        base.model.to(torch.bfloat16)
-        step("scoring in bf16")
+    # bf16 weights where native: every method then runs in bf16 (about 2.5x faster with AMX);
+    # log-probabilities stay float32.
+    step(f"scoring in {for_scoring(base.model, plan.precision)}")
     step(f"exported version {system.version['version_id']} to {system.router}")
     weights = load_router(system.router)
     encoder = Encoder()

@@ -1,4 +1,6 @@
-"""routing.precision: the precision names and bf16 autocast for scoring."""
+"""routing.precision: the precision names, bf16 autocast, and bf16 weights for scoring."""
+
+import copy
 
 import pytest
 import torch
@@ -29,10 +31,16 @@ def test_autocast_runs_matmuls_in_bf16_only_when_asked():
 def test_bf16_scores_stay_close_to_fp32(tiny_base):
     examples = [Example(f"review {i}: it was", ("good", "bad", "fine"), i % 3)
                 for i in range(6)]
-    exact = choice_scores(tiny_base.model, tiny_base.tokenizer, examples, precision="fp32")
-    fast = choice_scores(tiny_base.model, tiny_base.tokenizer, examples, precision="bf16")
+    exact = choice_scores(tiny_base.model, tiny_base.tokenizer, examples)
+    model = copy.deepcopy(tiny_base.model)
+    assert precision.for_scoring(model, "bf16") == "bf16"
+    assert next(model.parameters()).dtype == torch.bfloat16
+    fast = choice_scores(model, tiny_base.tokenizer, examples)
     assert len(fast) == len(exact)
     for row_fast, row_exact in zip(fast, exact, strict=True):
         torch.testing.assert_close(torch.tensor(row_fast), torch.tensor(row_exact),
                                    atol=0.05, rtol=0.02)
     assert fast != exact  # bf16 did run: the scores moved, a little
+    model = copy.deepcopy(tiny_base.model)
+    assert precision.for_scoring(model, "fp32") == "fp32"
+    assert next(model.parameters()).dtype == torch.float32
