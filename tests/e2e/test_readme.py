@@ -145,7 +145,12 @@ def test_commands_run_elsewhere_are_what_those_tests_run(readme):
         if entry is None:
             continue
         if entry.make_prints is not None:
-            dry = subprocess.run(["make", "-n", *shlex.split(command.key)[1:]], cwd=ROOT,
+            # CI runs this suite under `make test`; a nested make would otherwise print
+            # "Entering/Leaving directory" lines around the recipe.
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+            dry = subprocess.run(["make", "-n", "--no-print-directory",
+                                  *shlex.split(command.key)[1:]], cwd=ROOT, env=env,
                                  capture_output=True, text=True, timeout=60)
             assert dry.returncode == 0, dry.stderr
             assert dry.stdout.strip().splitlines()[-1].strip() == entry.make_prints, command
