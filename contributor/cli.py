@@ -29,6 +29,9 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-lr", type=float, help="gate learning rate")
     parser.add_argument("--gate-accumulation", type=int,
                         help="micro-batches accumulated per gate step")
+    parser.add_argument("--schedule", choices=("constant", "linear"),
+                        help="learning rate after the warmup: constant, or a linear decay to "
+                             "zero (default: constant)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads (default 0: all cores, or 1 if the machine is busy)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"),

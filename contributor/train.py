@@ -73,6 +73,20 @@ _ACTIVATION_BATCH = 16  # no-grad passes afford larger batches than training ste
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the bundle format's name rule
 
 
+SCHEDULES = ("constant", "linear")
+
+
+def lr_factor(step: int, steps: int, warmup_fraction: float, schedule: str) -> float:
+    """The LR multiplier at optimiser step `step` (0-based) of `steps`: linear warmup, then
+    constant, or a linear decay that reaches zero after the last step."""
+    warmup = max(1, round(warmup_fraction * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return (steps - step) / max(1, steps - warmup + 1)
+
+
 class TrainingDiverged(GaggleError):
     """The loss became NaN or Inf."""
 
@@ -90,7 +104,8 @@ class TrainConfig:
     lr: float = 5e-3  # expert AdamW learning rate (weight decay 0)
     batch_size: int = 8  # examples per expert step and per gate micro-batch
     max_length: int = 64  # tokens per example (prompt cut from the start when longer)
-    warmup_fraction: float = 0.06  # linear warmup share of each run, then constant LR
+    warmup_fraction: float = 0.06  # linear warmup share of each run
+    schedule: str = "constant"  # after warmup: "constant" LR, or "linear" decay to zero
     gate_steps: int = 50  # gate optimiser steps (PHATGOOSE: 100; see the module docstring)
     gate_lr: float = 5e-3  # gate AdamW learning rate (weight decay 0), PHATGOOSE's
     gate_accumulation: int = 1  # micro-batches per gate step
@@ -118,6 +133,9 @@ class TrainConfig:
             raise InvalidArgument(f"--threads must be 0 (automatic) or more, got {self.threads}",
                                   field="threads")
         resolve_precision(self.precision)  # rejects unknown names with a clear error
+        if self.schedule not in SCHEDULES:
+            raise InvalidArgument(f"--schedule must be one of {', '.join(SCHEDULES)}, got "
+                                  f"{self.schedule!r}", field="schedule")
         if self.max_length < 2:
             raise InvalidArgument(f"--max-length must be at least 2, got {self.max_length}",
                                   field="max-length")
@@ -172,13 +190,12 @@ def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 def _optimise(model: nn.Module, params: list[nn.Parameter],
               data: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
               config: TrainConfig, desc: str, accumulation: int = 1) -> list[float]:
-    """AdamW (wd 0) with linear warmup then a constant LR; returns the loss of each step."""
+    """AdamW (wd 0) with the config's warmup and schedule; returns the loss of each step."""
     from tqdm import tqdm
 
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, round(config.warmup_fraction * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: min(1.0, (step + 1) / warmup))
+        optimiser, lambda step: lr_factor(step, steps, config.warmup_fraction, config.schedule))
     losses: list[float] = []
     with tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         for _ in range(steps):
@@ -317,6 +334,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     check_gates_moved(gates)
     training = {**token_counts(examples), **_loss_summary("expert", losses), **gate_summary,
                 "bf16": int(resolve_precision(config.precision) == "bf16"),
+                "lr_decay": int(config.schedule == "linear"),
                 "expert_seconds": round(expert_seconds, 2),
                 "wall_seconds": round(time.perf_counter() - started, 2)}
     _write(expert, base, name, out, gates, activations, training)
@@ -338,6 +356,7 @@ def run_gate_command(args: argparse.Namespace) -> int:
     check_gates_moved(gates)
     training = {**token_counts(examples), "expert_steps": 0, **gate_summary,
                 "bf16": int(resolve_precision(config.precision) == "bf16"),
+                "lr_decay": int(config.schedule == "linear"),
                 "wall_seconds": round(time.perf_counter() - started, 2)}
     _write(expert, base, name, out, gates, activations, training)
     return 0

@@ -230,11 +230,30 @@ def test_diverging_training_leaves_nothing(cli, tmp_path, data_file):
                                             ({"gate_lr": float("nan")}, "gate-lr"),
                                             ({"max_length": 1}, "max-length"),
                                             ({"method": "dora"}, "method"),
-                                            ({"precision": "fp16"}, "precision")])
+                                            ({"precision": "fp16"}, "precision"),
+                                            ({"schedule": "cosine"}, "schedule")])
 def test_bad_settings_are_refused(setting, field):
     with pytest.raises(InvalidArgument) as info:
         TrainConfig(**setting)
     assert info.value.field == field
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
+    from contributor.train import lr_factor
+
+    constant = [lr_factor(step, 50, 0.06, "constant") for step in range(50)]
+    linear = [lr_factor(step, 50, 0.06, "linear") for step in range(50)]
+    assert constant[:3] == linear[:3] == [1 / 3, 2 / 3, 1.0]  # 6% of 50 steps: 3 warmup steps
+    assert constant[3:] == [1.0] * 47
+    assert all(a > b > 0 for a, b in zip(linear[2:-1], linear[3:], strict=True))  # decreasing
+    assert linear[-1] == pytest.approx(1 / 48)  # the next step would be at zero
+
+
+def test_linear_schedule_runs_from_the_cli(cli, tmp_path, data_file):
+    out = tmp_path / "expert"
+    assert cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out, *FAST,
+               "--schedule", "linear")[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["training"]["lr_decay"] == 1
 
 
 def test_manifest_is_json_numbers_only(cli, tmp_path, data_file):
