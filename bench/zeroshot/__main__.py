@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.zeroshot.config import DIAGNOSED, METHODS, PLANS, Plan
+from bench.zeroshot.config import METHODS, PLANS, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="only redraw results.md and the PNGs from OUT/results.json")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads for scoring (0: all cores, or 1 when the "
-                             "machine is already busy)")
+                        help="torch CPU threads of the main process, which embeds the "
+                             "retrieval index (0: all cores, or 1 when the machine is already "
+                             "busy); each scoring worker takes cores / workers")
     return parser.parse_args(argv)
 
 
@@ -55,40 +56,15 @@ def step(message: str) -> None:
     print(f"[zeroshot {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def diagnostics(base, weights, plan: Plan) -> dict:
-    """Own-expert top-1 shares (held-in) and PHATGOOSE expert usage (held-out), validation."""
-    from bench.zeroshot.diagnostics import token_choices
-    from routing.router import route, unroute
-    from tasks.registry import split
-
-    validation = {t: split(t, plan.seed).validation[:plan.diagnostic_examples]
-                  for t in (*plan.held_in, *plan.held_out)}
-    own_share: dict[str, dict] = {}
-    usage: dict[str, list] = {}
-    for method in DIAGNOSED:
-        route(base, weights, method=method, top_k=2)
-        own_share[method] = {
-            t: token_choices(base, validation[t], max_length=plan.eval_max_length).own_share(t)
-            for t in plan.held_in}
-        if method == "phatgoose":
-            usage = {t: token_choices(base, validation[t], max_length=plan.eval_max_length)
-                     .usage().tolist() for t in plan.held_out}
-    unroute(base.model)
-    return {"own_share": own_share, "held_out_usage": usage, "experts": list(weights.experts),
-            "examples_per_task": plan.diagnostic_examples, "split": "validation"}
-
-
 def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) -> dict:
     import torch
 
     from bench.zeroshot import report
     from bench.zeroshot.retrieval import Encoder, RetrievalIndex
-    from bench.zeroshot.scoring import Collection, Scorer
+    from bench.zeroshot.scoring import score_in_workers
     from bench.zeroshot.system import describe, run_federation
-    from protocol.bundle import load_bundle
     from routing.base import load_base
-    from routing.precision import for_scoring
-    from routing.version import load_router
+    from routing.precision import resolve
     from tasks.registry import split
 
     started = time.monotonic()
@@ -98,28 +74,20 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     system = run_federation(plan, workdir, args.cache, base.fingerprint)
     # bf16 weights where native: every method then runs in bf16 (about 2.5x faster with AMX);
     # log-probabilities stay float32.
-    step(f"scoring in {for_scoring(base.model, plan.precision)}")
+    step(f"scoring in {resolve(plan.precision)}")
     step(f"exported version {system.version['version_id']} to {system.router}")
-    weights = load_router(system.router)
-    encoder = Encoder()
     began = time.monotonic()
-    index = RetrievalIndex.from_files(encoder, {c.task: c.data for c in system.contributions},
+    index = RetrievalIndex.from_files(Encoder(), {c.task: c.data for c in system.contributions},
                                       plan.retrieval_examples)
     seconds = {"retrieval_index": time.monotonic() - began}
-    collection = Collection(weights, load_bundle(system.multitask), index, encoder)
     # The test splits, scored exactly once per method for the final table.
     tests = {t: split(t, plan.seed).test[:plan.test_examples]
              for t in (*plan.held_in, *plan.held_out)}
-    scorer = Scorer(base, collection, plan, progress=step)
     methods = [m for m in args.methods.split(",") if m]
-    results = {}
-    for method in methods:
-        began = time.monotonic()
-        results[method] = scorer.run(method, tests)
-        seconds[f"score_{method}"] = time.monotonic() - began
-    began = time.monotonic()
-    diagnosed = diagnostics(base, weights, plan)
-    seconds["diagnostics"] = time.monotonic() - began
+    del base  # each scoring worker loads its own copy
+    results, diagnosed, took = score_in_workers(plan, system.router, system.multitask, index,
+                                                methods, tests, plan.parallel, progress=step)
+    seconds.update(took)
     summary = report.summarise(plan, results)
     wall = time.monotonic() - started
     payload = {"plan": plan.to_json(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

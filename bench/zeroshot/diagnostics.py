@@ -89,3 +89,29 @@ def token_choices(base: BaseModel, examples: Sequence[Example], *, batch_size: i
                 # One call per forward: rows are the batch's (sequence, position) in order.
                 kept.setdefault(module, []).append(parts[-1][mask.reshape(-1)])
     return TokenChoices(trace.experts, {m: torch.cat(v) for m, v in kept.items()})
+
+
+def routing_diagnostics(base: BaseModel, weights, plan) -> dict:
+    """Own-expert top-1 shares (held-in) and PHATGOOSE expert usage (held-out), validation.
+
+    weights: the exported RouterWeights; plan: the benchmark's config.Plan.
+    """
+    from bench.zeroshot.config import DIAGNOSED
+    from routing.router import route, unroute
+    from tasks.registry import split
+
+    validation = {t: split(t, plan.seed).validation[:plan.diagnostic_examples]
+                  for t in (*plan.held_in, *plan.held_out)}
+    own_share: dict[str, dict] = {}
+    usage: dict[str, list] = {}
+    for method in DIAGNOSED:
+        route(base, weights, method=method, top_k=2)
+        own_share[method] = {
+            t: token_choices(base, validation[t], max_length=plan.eval_max_length).own_share(t)
+            for t in plan.held_in}
+        if method == "phatgoose":
+            usage = {t: token_choices(base, validation[t], max_length=plan.eval_max_length)
+                     .usage().tolist() for t in plan.held_out}
+    unroute(base.model)
+    return {"own_share": own_share, "held_out_usage": usage, "experts": list(weights.experts),
+            "examples_per_task": plan.diagnostic_examples, "split": "validation"}
