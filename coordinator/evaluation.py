@@ -30,7 +30,7 @@ EVAL_DIR = "evaluations"
 CONFIG_FILE = "config.json"
 MEAN = "accuracy"  # the key of the mean over tasks (tag `eval.accuracy`)
 DEFAULT_MAX_DROP = 0.01  # promote's threshold when no evaluation config says otherwise
-METHODS = ("phatgoose", "arrow", "average_activation", "uniform_merge")
+METHODS = ("phatgoose", "phatgoose_centred", "arrow", "average_activation", "uniform_merge")
 log = logging.getLogger(__name__)
 
 

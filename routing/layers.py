@@ -45,7 +45,7 @@ from routing.stack import ModuleRouter
 # experts 1.41x both; 32 experts grouped 1.50x vs dense 1.62x.
 DENSE_MAX_COLUMNS = 128
 # Methods that score every token against per-expert keys (the others pick experts otherwise).
-SCORED_METHODS = ("phatgoose", "arrow", "average_activation")
+SCORED_METHODS = ("phatgoose", "phatgoose_centred", "arrow", "average_activation")
 
 
 @dataclass
@@ -137,6 +137,9 @@ class RoutedLinear(nn.Module):
         self._buffer("ia3_out", router.ia3_out)  # (E, d_out)
         self._buffer("ia3_in", router.ia3_in)  # (E, d_in)
         self._buffer("route_keys", _route_keys(router, method))  # (E, d_in)
+        # phatgoose_centred: <x - mean input, key_e> = <x, key_e> - bias_e (E,)
+        self._buffer("route_bias", _centring_bias(router) if method == "phatgoose_centred"
+                     else None)
         fused = None
         if self.dense and lora_A is not None and method in SCORED_METHODS:
             # one (E + E*r, d_in) matrix so that one GEMM gives the scores and x A_e^T of
@@ -194,6 +197,8 @@ class RoutedLinear(nn.Module):
             return self._retrieval_select(x.shape)
         if scores is None:
             scores = flat @ self.route_keys.T  # (N, E)
+        if self.route_bias is not None:
+            scores -= self.route_bias
         if self.method == "arrow":  # |x . proto|: a prototype's sign is arbitrary
             top, index = top_k(scores.abs_(), self.top_k)
         else:
@@ -340,6 +345,24 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if pick + 1 < k:
             scores.scatter_(-1, index, float("-inf"))
     return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
+
+
+def _centring_bias(router: ModuleRouter) -> torch.Tensor:
+    """bias_e = <mu, key_e> (E,), mu = the experts' mean activations averaged over experts.
+
+    Deviation from METHODS.md, opt-in as method "phatgoose_centred": PHATGOOSE scores
+    <LN(x), LN(v_e)>; this scores <x - mu, LN(v_e)> / sqrt(d_in), scaled by x's inverse std
+    as LN(x) is. A gate trained only on its own data learns mostly whether to open there,
+    along the direction every token shares (mu), so <mu, key_e> becomes a per-expert bias
+    that sends every task's tokens to the expert with the largest gain on its own data
+    (measured in contributor/train.py). mu comes from the bundles' shipped mean activations
+    (the Average Activation baseline's); no data reaches the router.
+    """
+    if router.activations is None:
+        raise InvalidArgument(f"method phatgoose_centred needs every expert's mean activations; "
+                              f"module {router.name} lacks them", field="method")
+    keys = parameter_free_layer_norm(router.keys.double()) / math.sqrt(router.d_in)
+    return (keys @ router.activations.double().mean(dim=0)).float()
 
 
 def _route_keys(router: ModuleRouter, method: str) -> torch.Tensor:

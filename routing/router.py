@@ -5,9 +5,11 @@
         logits = model(input_ids).logits
     unroute(model)                                               # the plain base model again
 
-Methods: phatgoose (gate keys), average_activation (mean activations as keys), arrow (|x .
-prototype|), uniform_merge, single:<expert name>, retrieval (expert per example given at call
-time), smear (per-example parameter-averaged expert). See METHODS.md for the formulas.
+Methods: phatgoose (gate keys), phatgoose_centred (gate keys, inputs centred by the experts'
+mean activations: a documented deviation, see routing.layers._centring_bias),
+average_activation (mean activations as keys), arrow (|x . prototype|), uniform_merge,
+single:<expert name>, retrieval (expert per example given at call time), smear (per-example
+parameter-averaged expert). See METHODS.md for the formulas.
 
 Per-token methods work unchanged with `generate()` and its KV cache. smear averages over the
 tokens of each call, so under incremental decoding each new token gets its own merge: use it
@@ -29,8 +31,8 @@ from routing.base import fingerprint as model_fingerprint
 from routing.layers import RoutedLinear, RoutingState
 from routing.stack import ModuleRouter, RouterWeights, stack_experts, with_ia3_prototypes
 
-METHODS = ("phatgoose", "arrow", "average_activation", "uniform_merge", "retrieval", "smear",
-           "single:<expert name>")
+METHODS = ("phatgoose", "phatgoose_centred", "arrow", "average_activation", "uniform_merge",
+           "retrieval", "smear", "single:<expert name>")
 _STATE_ATTR = "gaggle_routing"
 
 
@@ -137,13 +139,13 @@ def check_router_keys(weights: RouterWeights, mode: str) -> None:
     A zero key row gives the same score to every token, the classic sign of gates that were
     never trained or were lost when a checkpoint was reloaded.
     """
-    if mode not in ("phatgoose", "smear", "average_activation"):
+    if mode not in ("phatgoose", "phatgoose_centred", "smear", "average_activation"):
         return
     for name, module in weights.modules.items():
         keys = module.activations if mode == "average_activation" else module.keys
-        if keys is None:
+        if keys is None or (mode == "phatgoose_centred" and module.activations is None):
             raise FailedPrecondition(
-                f"method average_activation needs every expert's mean activations, but module "
+                f"method {mode} needs every expert's mean activations, but module "
                 f"{name} lacks them for some expert: repackage those experts with activations",
                 field="activations")
         zero = (keys == 0).all(dim=1)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from tasks.registry import HELD_IN, HELD_OUT
 
-METHODS = ("base", "phatgoose", "arrow", "average_activation", "uniform_merge", "smear",
-           "retrieval", "multitask", "oracle")
+METHODS = ("base", "phatgoose", "phatgoose_centred", "arrow", "average_activation",
+           "uniform_merge", "smear", "retrieval", "multitask", "oracle")
 PRIVILEGED = ("retrieval", "multitask", "oracle")  # need data or labels a router never sees
-DIAGNOSED = ("phatgoose", "average_activation")  # own-expert top-1 share is reported for these
+# own-expert top-1 share is reported for these
+DIAGNOSED = ("phatgoose", "phatgoose_centred", "average_activation")
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ QUICK = Plan(
     name="quick", base="smollm2-135m",
     held_in=("tweet-sentiment", "bbc-topic", "boolq", "siqa"),
     held_out=("imdb-sentiment", "openbookqa"),
-    train_examples=400, test_examples=50, diagnostic_examples=32, steps=60, gate_steps=20,
-    batch_size=8, max_length=64, rank=16, multitask_steps=120, retrieval_examples=400,
+    train_examples=400, test_examples=50, diagnostic_examples=32, steps=50, gate_steps=20,
+    batch_size=8, max_length=64, rank=16, multitask_steps=100, retrieval_examples=400,
     eval_batch_size=16, eval_max_length=192, parallel=2,
 )
 

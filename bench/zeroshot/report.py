@@ -8,7 +8,8 @@ from pathlib import Path
 from bench.zeroshot.config import METHODS, PRIVILEGED, Plan
 from routing.evaluate import EvalResult, bootstrap_task_mean
 
-LABELS = {"base": "base", "phatgoose": "PHATGOOSE", "arrow": "Arrow",
+LABELS = {"base": "base", "phatgoose": "PHATGOOSE", "phatgoose_centred": "PHATGOOSE centred†",
+          "arrow": "Arrow",
           "average_activation": "avg act", "uniform_merge": "uniform merge",
           "smear": "SMEAR", "retrieval": "retrieval*", "multitask": "multitask*",
           "oracle": "oracle*"}
@@ -48,7 +49,12 @@ def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) ->
         lines.append(f"| **{group} mean** [95% CI] | " + " | ".join(cells) + " |")
     lines += ["", "\\* privileged: " + ", ".join(PRIVILEGED) + " use data or labels a "
               "data-free router never sees (example embeddings, all data in one place, the "
-              "task's identity).", ""]
+              "task's identity)."]
+    if "phatgoose_centred" in methods:
+        lines += ["", "† PHATGOOSE centred: PHATGOOSE's gate keys scored against each token "
+                  "minus the mean of the experts' shipped mean activations, a deviation from "
+                  "METHODS.md (routing.layers._centring_bias explains why)."]
+    lines += [""]
     lines += own_share_table(plan, diagnostics.get("own_share", {}))
     return "\n".join(lines) + "\n"
 

@@ -60,7 +60,8 @@ class Scorer:
         """Accuracy of `method` on every task it applies to (oracle: held-in tasks only)."""
         results: dict[str, EvalResult] = {}
         weights = self.collection.weights
-        if method in ("phatgoose", "arrow", "average_activation", "uniform_merge"):
+        if method in ("phatgoose", "phatgoose_centred", "arrow", "average_activation",
+                      "uniform_merge"):
             route(self.base, weights, method=method, top_k=2)
         elif method == "multitask":
             route(self.base, [self.collection.multitask], method="single:multitask")
@@ -138,9 +139,9 @@ class PromptMask:
 
 # Relative cost of each job, to hand out the longest first so the workers end together: SMEAR
 # scores every choice row in full (no shared prompt), routed methods cost more than the base.
-_COST = {"smear": 3.0, "diagnostics": 1.6, "phatgoose": 1.5, "average_activation": 1.5,
-         "retrieval": 1.4, "arrow": 1.3, "base": 1.0, "multitask": 1.0, "uniform_merge": 0.9,
-         "oracle": 0.7}
+_COST = {"smear": 3.0, "diagnostics": 2.2, "phatgoose": 1.5, "phatgoose_centred": 1.5,
+         "average_activation": 1.5, "retrieval": 1.4, "arrow": 1.3, "base": 1.0,
+         "multitask": 1.0, "uniform_merge": 0.9, "oracle": 0.7}
 DIAGNOSTICS = "diagnostics"  # the job that runs bench.zeroshot.diagnostics.routing_diagnostics
 
 _scorer: Scorer | None = None  # one per worker process, built by _start_worker

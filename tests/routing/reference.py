@@ -39,9 +39,13 @@ def top_right_singular_vector(matrix: torch.Tensor) -> torch.Tensor:
     return vh[0].float()
 
 
-def score(piece: ExpertPiece, weight: torch.Tensor, x: torch.Tensor, method: str) -> float:
+def score(piece: ExpertPiece, weight: torch.Tensor, x: torch.Tensor, method: str,
+          mean_input: torch.Tensor | None = None) -> float:
     if method == "arrow":
         return abs(float(x @ piece.prototype))
+    if method == "phatgoose_centred":  # <x - mean input, LN(gate)>, at LN(x)'s scale
+        scale = 1.0 / math.sqrt(float(x.var(unbiased=False)) + 1e-5)
+        return float((x - mean_input) @ layer_norm(piece.gate)) * scale / math.sqrt(x.shape[0])
     key = piece.activation if method == "average_activation" else piece.gate
     return float(layer_norm(x) @ layer_norm(key)) / math.sqrt(x.shape[0])
 
@@ -53,8 +57,9 @@ def reference_routed_delta(pieces: list[ExpertPiece], weight: torch.Tensor, x: t
     if method == "arrow":
         for piece in pieces:
             piece.prototype = top_right_singular_vector(full_delta(piece, weight))
+    mean_input = torch.stack([piece.activation for piece in pieces]).mean(dim=0)
     for t in range(x.shape[0]):
-        scores = [score(piece, weight, x[t], method) for piece in pieces]
+        scores = [score(piece, weight, x[t], method, mean_input) for piece in pieces]
         kept = sorted(range(len(pieces)), key=lambda e: -scores[e])[:top_k]
         exps = [math.exp(scores[e] - scores[kept[0]]) for e in kept]
         for e, value in zip(kept, exps, strict=True):

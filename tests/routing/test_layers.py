@@ -45,7 +45,8 @@ def build_layer(pieces: list[ExpertPiece], method: str, top_k: int, dispatch: st
 
 
 @pytest.mark.parametrize("count", [2, 8, 64])
-@pytest.mark.parametrize("method", ["phatgoose", "arrow", "average_activation"])
+@pytest.mark.parametrize("method", ["phatgoose", "phatgoose_centred", "arrow",
+                                    "average_activation"])
 @pytest.mark.parametrize("dispatch", ["dense", "grouped"])
 def test_fast_layer_matches_reference_loop(count, method, dispatch):
     pieces = random_pieces(count, ("lora", "ia3_out", "lora", "ia3_in"), seed=count)
@@ -72,6 +73,27 @@ def test_inputs_far_from_zero_mean_route_like_the_reference(dispatch):
     expected = reference_routed_delta(pieces, layer.base.weight.detach(), x.reshape(-1, D_IN),
                                       "phatgoose", top_k=2)
     torch.testing.assert_close(got.reshape(-1, D_OUT), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_centring_removes_the_bias_that_the_shared_input_direction_gives():
+    # every token carries the experts' mean input mu; expert 0's gate points along mu, so
+    # plain PHATGOOSE sends every token to it, while centred scoring follows the rest of x
+    gen = torch.Generator().manual_seed(3)
+    pieces = random_pieces(4, ("lora",), seed=5)
+    mu = 4.0 * torch.randn(D_IN, generator=gen)
+    for piece in pieces:
+        piece.activation = mu.clone()
+    pieces[0].gate = mu + 0.1 * torch.randn(D_IN, generator=gen)
+    x = mu + torch.randn(64, D_IN, generator=gen)
+    chosen = {}
+    for method in ("phatgoose", "phatgoose_centred"):
+        state = RoutingState(trace={})
+        layer = build_layer(pieces, method, top_k=1, dispatch="dense", state=state)
+        with torch.inference_mode():
+            layer(x)
+        chosen[method] = torch.bincount(state.trace["m"][0][:, 0], minlength=4)
+    assert chosen["phatgoose"][0] == 64
+    assert chosen["phatgoose_centred"][0] < 32 and (chosen["phatgoose_centred"][1:] > 0).all()
 
 
 def test_inverse_std_is_the_layer_norm_scale_and_is_shared_until_the_input_changes():

@@ -142,7 +142,8 @@ def test_mixed_collection_routes_each_module_over_its_own_experts(base, tokens):
     assert set(trace.choices("model.layers.0.self_attn.q_proj").unique().tolist()) == {0}
 
 
-@pytest.mark.parametrize("method", ["phatgoose", "arrow", "average_activation", "smear"])
+@pytest.mark.parametrize("method", ["phatgoose", "phatgoose_centred", "arrow",
+                                    "average_activation", "smear"])
 def test_generate_runs_on_a_routed_model(base, method):
     spec = base.spec()
     bundles = [random_bundle(spec, f"e{i}", seed=i, with_activations=True) for i in range(3)]
@@ -191,9 +192,10 @@ def test_zero_gate_keys_are_refused(base):
     route(base, [bundle], "arrow")  # Arrow does not use the gates
 
 
-def test_average_activation_needs_activations(base):
-    with pytest.raises(FailedPrecondition, match="mean activations"):
-        route(base, [random_bundle(base.spec(), "e", seed=1)], "average_activation")
+@pytest.mark.parametrize("method", ["average_activation", "phatgoose_centred"])
+def test_methods_on_mean_activations_need_them(base, method):
+    with pytest.raises(FailedPrecondition, match=f"{method} needs every expert's mean activ"):
+        route(base, [random_bundle(base.spec(), "e", seed=1)], method)
 
 
 def test_fingerprint_mismatch_is_refused(base):
