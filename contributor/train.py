@@ -282,6 +282,12 @@ def train_gates(base: BaseModel, expert: Expert, examples: list[TokenizedExample
     return gates, activations, summary
 
 
+def _recipe_flags(config: TrainConfig) -> dict[str, int]:
+    """The manifest's numeric record of how training ran: bf16 matmuls, LR decay."""
+    return {"bf16": int(resolve_precision(config.precision) == "bf16"),
+            "lr_decay": int(config.schedule == "linear")}
+
+
 def _loss_summary(prefix: str, losses: list[float]) -> dict[str, float | int]:
     tail = losses[-min(10, len(losses)):]  # final loss: mean of the last steps, less noisy
     return {f"{prefix}_steps": len(losses), f"{prefix}_loss_first": losses[0],
@@ -342,8 +348,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
     check_gates_moved(gates)
     training = {**token_counts(examples), **_loss_summary("expert", losses), **gate_summary,
-                "bf16": int(resolve_precision(config.precision) == "bf16"),
-                "lr_decay": int(config.schedule == "linear"),
+                **_recipe_flags(config),
                 "expert_seconds": round(expert_seconds, 2),
                 "wall_seconds": round(time.perf_counter() - started, 2)}
     _write(expert, base, name, out, gates, activations, training)
@@ -364,8 +369,7 @@ def run_gate_command(args: argparse.Namespace) -> int:
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
     check_gates_moved(gates)
     training = {**token_counts(examples), "expert_steps": 0, **gate_summary,
-                "bf16": int(resolve_precision(config.precision) == "bf16"),
-                "lr_decay": int(config.schedule == "linear"),
+                **_recipe_flags(config),
                 "wall_seconds": round(time.perf_counter() - started, 2)}
     _write(expert, base, name, out, gates, activations, training)
     return 0

@@ -136,10 +136,11 @@ class RoutedLinear(nn.Module):
         self._buffer("lora_B_t", lora_B)
         self._buffer("ia3_out", router.ia3_out)  # (E, d_out)
         self._buffer("ia3_in", router.ia3_in)  # (E, d_in)
-        self._buffer("route_keys", _route_keys(router, method))  # (E, d_in)
+        keys = _route_keys(router, method)
+        self._buffer("route_keys", keys)  # (E, d_in)
         # phatgoose_centred: <x - mean input, key_e> = <x, key_e> - bias_e (E,)
-        self._buffer("route_bias", _centring_bias(router) if method == "phatgoose_centred"
-                     else None)
+        self._buffer("route_bias", _centring_bias(router, keys)
+                     if method == "phatgoose_centred" else None)
         fused = None
         if self.dense and lora_A is not None and method in SCORED_METHODS:
             # one (E + E*r, d_in) matrix so that one GEMM gives the scores and x A_e^T of
@@ -347,8 +348,9 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
 
 
-def _centring_bias(router: ModuleRouter) -> torch.Tensor:
-    """bias_e = <mu, key_e> (E,), mu = the experts' mean activations averaged over experts.
+def _centring_bias(router: ModuleRouter, keys: torch.Tensor) -> torch.Tensor:
+    """bias_e = <mu, key_e> (E,), mu = the experts' mean activations averaged over experts;
+    keys: the layer-normed gate keys of _route_keys.
 
     Deviation from METHODS.md, opt-in as method "phatgoose_centred": PHATGOOSE scores
     <LN(x), LN(v_e)>; this scores <x - mu, LN(v_e)> / sqrt(d_in), scaled by x's inverse std
@@ -361,8 +363,7 @@ def _centring_bias(router: ModuleRouter) -> torch.Tensor:
     if router.activations is None:
         raise InvalidArgument(f"method phatgoose_centred needs every expert's mean activations; "
                               f"module {router.name} lacks them", field="method")
-    keys = parameter_free_layer_norm(router.keys.double()) / math.sqrt(router.d_in)
-    return (keys @ router.activations.double().mean(dim=0)).float()
+    return (keys.double() @ router.activations.double().mean(dim=0)).float()
 
 
 def _route_keys(router: ModuleRouter, method: str) -> torch.Tensor:

@@ -26,6 +26,7 @@ from bench.zeroshot.retrieval import Encoder, RetrievalIndex
 from protocol.bundle import Bundle
 from routing.base import BaseModel
 from routing.evaluate import EvalResult, _encode, evaluate
+from routing.layers import SCORED_METHODS
 from routing.router import route, routing_inputs, unroute
 from routing.stack import RouterWeights
 from tasks.task import Example
@@ -60,8 +61,7 @@ class Scorer:
         """Accuracy of `method` on every task it applies to (oracle: held-in tasks only)."""
         results: dict[str, EvalResult] = {}
         weights = self.collection.weights
-        if method in ("phatgoose", "phatgoose_centred", "arrow", "average_activation",
-                      "uniform_merge"):
+        if method in (*SCORED_METHODS, "uniform_merge"):
             route(self.base, weights, method=method, top_k=2)
         elif method == "multitask":
             route(self.base, [self.collection.multitask], method="single:multitask")
