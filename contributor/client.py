@@ -1,11 +1,13 @@
 """Talking to a coordinator: compatibility check, resumable upload, listing; `submit`/`status`.
 
 `submit` checks the bundle against the federation (GetFederation) before sending a byte,
-hashes its deterministic archive, and uploads it in chunks read straight from the bundle's
-files (no archive is written first). A dropped connection or a restarted coordinator is
-survived: after a pause (exponential backoff) it asks for the committed offset and sends only
-the rest. The bundle folder must stay unchanged until submit returns: a changed file no longer
-matches the declared sha256, and the coordinator refuses the upload.
+declares it by its expert id (the sha256 of its manifest, which holds the sha256 of every
+tensor file, so no tensor is read twice), and uploads its deterministic archive in chunks
+read straight from the bundle's files (no archive is written first). A dropped connection or
+a restarted coordinator is survived: after a pause (exponential backoff) it asks for the
+committed offset and sends only the rest. The bundle folder must stay unchanged until submit
+returns: a changed file no longer matches the manifest, and the coordinator refuses the
+upload.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class SubmitResult:
     bytes_sent: int  # archive bytes sent over all attempts
     resumed_from: int  # offset the last attempt started from (0: not resumed)
     attempts: int
-    seconds: dict[str, float] = field(default_factory=dict)  # hash, transfer, finish
+    seconds: dict[str, float] = field(default_factory=dict)  # transfer, finish
 
 
 class CoordinatorClient:
@@ -116,30 +118,28 @@ class CoordinatorClient:
     def submit(self, bundle_dir: str | Path, *, progress: bool = False,
                limit_rate: float | None = None,
                retry: RetryPolicy = RetryPolicy()) -> SubmitResult:
-        """Check, hash and upload a bundle folder; return the expert id it is stored under."""
+        """Check and upload a bundle folder; return the expert id it is stored under."""
         manifest = read_manifest(Path(bundle_dir))
         federation = self.federation()
         check_compatible(manifest, federation)
-        began = time.perf_counter()
         archive = BundleArchive.of(bundle_dir)
         if archive.size > federation.max_bundle_bytes:
             raise ResourceExhausted(
                 f"the bundle's archive is {archive.size} bytes, over the coordinator's limit "
                 f"of {federation.max_bundle_bytes}: use a lower rank or fewer modules",
                 field="size_bytes")
-        upload = _Upload(self, archive, archive.sha256(), manifest.name,
+        upload = _Upload(self, archive, manifest.expert_id, manifest.name,
                          federation.chunk_bytes, limit_rate, progress)
-        upload.seconds["hash"] = time.perf_counter() - began
         return upload.run(retry)
 
 
 class _Upload:
     """One archive's way to the coordinator, across retries."""
 
-    def __init__(self, client: CoordinatorClient, archive: BundleArchive, sha256: str,
+    def __init__(self, client: CoordinatorClient, archive: BundleArchive, expert_id: str,
                  name: str, chunk_bytes: int, limit_rate: float | None,
                  progress: bool) -> None:
-        self.client, self.archive, self.sha256 = client, archive, sha256
+        self.client, self.archive, self.expert_id = client, archive, expert_id
         self.size = archive.size
         self.name, self.chunk_bytes, self.limit_rate = name, chunk_bytes, limit_rate
         self.sent = 0
@@ -168,7 +168,7 @@ class _Upload:
 
     def _attempt(self, attempt: int) -> SubmitResult:
         start = self.client._call("StartUpload", pb.StartUploadRequest(
-            size_bytes=self.size, sha256=self.sha256, name=self.name))
+            size_bytes=self.size, expert_id=self.expert_id, name=self.name))
         if start.HasField("existing"):
             return self._result(start.existing, True, attempt)
         self.resumed_from = start.committed_bytes

@@ -54,12 +54,11 @@ class ExpertEntry:
     name: str  # the name the router knows it by (unique within the version)
     contributor: str
     method: str
-    archive_sha256: str
     path: str  # the expert's bundle folder in the store
 
     def to_json(self) -> dict:
         return {"expert_id": self.expert_id, "name": self.name, "contributor": self.contributor,
-                "method": self.method, "archive_sha256": self.archive_sha256}
+                "method": self.method}
 
 
 def ensure_ray(config: AssemblyConfig | None = None) -> None:
@@ -94,8 +93,7 @@ def select_experts(records: list) -> list[ExpertEntry]:
         ExpertEntry(
             expert_id=r.expert_id,
             name=f"{r.contributor}.{r.name}" if r.name in shared else r.name,
-            contributor=r.contributor, method=r.method, archive_sha256=r.archive_sha256,
-            path=str(r.path),
+            contributor=r.contributor, method=r.method, path=str(r.path),
         )
         for r in newest.values()
     ]

@@ -49,8 +49,7 @@ def handles_errors(method: Callable) -> Callable:
 def expert_message(record: ExpertRecord) -> pb.Expert:
     return pb.Expert(
         expert_id=record.expert_id, name=record.name, contributor=record.contributor,
-        method=record.method, archive_sha256=record.archive_sha256,
-        size_bytes=record.size_bytes, created_at=record.created_at,
+        method=record.method, size_bytes=record.size_bytes, created_at=record.created_at,
         num_modules=record.num_modules,
     )
 
@@ -88,7 +87,7 @@ class CoordinatorServicer(gaggle_pb2_grpc.CoordinatorServicer):
     @handles_errors
     def StartUpload(self, request, context):
         started = self.uploads.start(current_identity().contributor, request.size_bytes,
-                                     request.sha256, request.name)
+                                     request.expert_id, request.name)
         if isinstance(started, ExpertRecord):
             return pb.StartUploadResponse(existing=expert_message(started))
         return pb.StartUploadResponse(upload_id=started.upload_id,

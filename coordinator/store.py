@@ -54,18 +54,16 @@ CREATE TABLE IF NOT EXISTS experts (
     name TEXT NOT NULL,
     contributor TEXT NOT NULL,
     method TEXT NOT NULL,
-    archive_sha256 TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,  -- archive bytes uploaded
     num_modules INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS experts_by_archive ON experts(archive_sha256);
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY,
     contributor TEXT NOT NULL,
     name TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
+    expert_id TEXT NOT NULL,  -- declared: sha256 of the bundle's canonical manifest
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     committing_expert_id TEXT  -- set just before the rename into experts/, for recovery
@@ -81,7 +79,6 @@ class ExpertRecord:
     name: str
     contributor: str  # from the uploader's token, never from the manifest
     method: str  # "lora" or "ia3"
-    archive_sha256: str  # sha256 of the uploaded archive
     size_bytes: int  # archive size
     created_at: float  # unix time of acceptance
     path: Path  # the bundle folder: load it with protocol.bundle.load_bundle
@@ -114,6 +111,7 @@ class Store:
         with self.transaction() as conn:
             for statement in _statements():
                 conn.execute(statement)
+            _migrate(conn)
         if recover:
             self.recover()
 
@@ -155,11 +153,8 @@ class Store:
                            "`gaggle-coordinator experts` or ListExperts", field="expert_id")
         return self._record(rows[0])
 
-    def find_expert(self, *, expert_id: str | None = None,
-                    archive_sha256: str | None = None) -> ExpertRecord | None:
-        column, value = ("expert_id", expert_id) if expert_id else \
-            ("archive_sha256", archive_sha256)
-        rows = self.query(f"SELECT * FROM experts WHERE {column} = ? LIMIT 1", (value,))
+    def find_expert(self, expert_id: str) -> ExpertRecord | None:
+        rows = self.query("SELECT * FROM experts WHERE expert_id = ?", (expert_id,))
         return self._record(rows[0]) if rows else None
 
     def stored_bytes(self) -> int:
@@ -171,13 +166,12 @@ class Store:
     def _record(self, row: sqlite3.Row) -> ExpertRecord:
         return ExpertRecord(
             expert_id=row["expert_id"], name=row["name"], contributor=row["contributor"],
-            method=row["method"], archive_sha256=row["archive_sha256"],
-            size_bytes=row["size_bytes"], created_at=row["created_at"],
+            method=row["method"], size_bytes=row["size_bytes"], created_at=row["created_at"],
             path=self.experts_dir / row["expert_id"], num_modules=row["num_modules"],
         )
 
     def commit_expert(self, bundle: Bundle, staged: Path, *, contributor: str,
-                      archive_sha256: str, size_bytes: int, upload_id: str) -> ExpertRecord:
+                      size_bytes: int, upload_id: str) -> ExpertRecord:
         """Move a validated, staged bundle folder into place and index it, atomically.
 
         The upload row is marked first, so that a crash between the rename and the index
@@ -194,9 +188,8 @@ class Store:
         fsync_path(self.experts_dir)
         record = ExpertRecord(
             expert_id=expert_id, name=bundle.name, contributor=contributor,
-            method=bundle.manifest.method, archive_sha256=archive_sha256,
-            size_bytes=size_bytes, created_at=time.time(), path=target,
-            num_modules=len(bundle.manifest.modules),
+            method=bundle.manifest.method, size_bytes=size_bytes, created_at=time.time(),
+            path=target, num_modules=len(bundle.manifest.modules),
         )
         with self.transaction() as conn:
             _insert_expert(conn, record)
@@ -281,7 +274,7 @@ class Store:
                     record = ExpertRecord(
                         expert_id=folder.name, name=bundle.name,
                         contributor=upload["contributor"], method=bundle.manifest.method,
-                        archive_sha256=upload["sha256"], size_bytes=upload["size_bytes"],
+                        size_bytes=upload["size_bytes"],
                         created_at=time.time(), path=folder,
                         num_modules=len(bundle.manifest.modules))
                     with self.transaction() as conn:
@@ -315,12 +308,27 @@ def _statements() -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an index written by an earlier gaggle to SCHEMA: uploads were declared by the
+    archive's sha256 and experts recorded it; both now go by the expert id alone."""
+    experts = {row[1] for row in conn.execute("PRAGMA table_info(experts)")}
+    if "archive_sha256" in experts:
+        conn.execute("DROP INDEX IF EXISTS experts_by_archive")
+        conn.execute("ALTER TABLE experts DROP COLUMN archive_sha256")
+    uploads = {row[1] for row in conn.execute("PRAGMA table_info(uploads)")}
+    if "sha256" in uploads:
+        # A live upload declared by archive hash cannot be finished any more: drop it (its
+        # contributor's submit starts a new one) and leave its part file to recover().
+        conn.execute("DELETE FROM uploads WHERE committing_expert_id IS NULL")
+        conn.execute("ALTER TABLE uploads RENAME COLUMN sha256 TO expert_id")
+
+
 def _insert_expert(conn: sqlite3.Connection, record: ExpertRecord) -> None:
     conn.execute(
-        "INSERT OR IGNORE INTO experts (expert_id, name, contributor, method, archive_sha256, "
-        "size_bytes, num_modules, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO experts (expert_id, name, contributor, method, size_bytes, "
+        "num_modules, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (record.expert_id, record.name, record.contributor, record.method,
-         record.archive_sha256, record.size_bytes, record.num_modules, record.created_at),
+         record.size_bytes, record.num_modules, record.created_at),
     )
 
 

@@ -235,7 +235,7 @@ def expert_payload(record) -> dict:
         else:
             metrics[key] = value if isinstance(value, list) else [value]
     return {"expert_id": record.expert_id, "name": record.name,
-            "contributor": record.contributor, "sha256": record.archive_sha256,
+            "contributor": record.contributor,
             "created_at_ms": int(float(record.created_at) * 1000),
             "params": params, "metrics": metrics}
 

@@ -29,7 +29,7 @@ _MAX_METRICS_PER_BATCH = 1000
 
 
 def replay_expert_run(client, experiment_id: str, op: Op) -> None:
-    """One finished run per expert: params, loss curves as metrics, id and hash as tags."""
+    """One finished run per expert: params, loss curves as metrics, id and contributor as tags."""
     from mlflow.entities import Metric, Param
 
     payload = op.payload
@@ -40,7 +40,7 @@ def replay_expert_run(client, experiment_id: str, op: Op) -> None:
     run = found[0] if found else client.create_run(
         experiment_id, run_name=payload["name"],
         tags={TAG_OP: op.op_id, "expert_id": payload["expert_id"],
-              "sha256": payload["sha256"], "contributor": payload["contributor"]},
+              "contributor": payload["contributor"]},
     )
     run_id = run.info.run_id
     if not run.data.params:

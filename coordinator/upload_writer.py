@@ -16,15 +16,17 @@ if TYPE_CHECKING:
     from coordinator.uploads import UploadState
 
 _QUEUED_CHUNKS = 8  # chunks received but not yet handled, per thread and stream (~8 MiB)
+_FLUSH_BYTES = 32 << 20  # written but unsynced bytes that wake the flusher
 
 
 class UploadWriter:
-    """Appends one stream's chunks to an upload's part file, hashing and parsing as it goes.
+    """Appends one stream's chunks to an upload's part file, parsing and hashing as it goes.
 
-    Two helper threads overlap with receiving the next chunk (writes and hashes release the
-    GIL): one writes each chunk and feeds the archive's hash, then hands the chunk to the
-    other, which parses the tar and hashes the files inside. So the parse never runs ahead of
-    what is on disk. `close()` waits for both and fsyncs before the offset is reported.
+    Helper threads overlap with receiving the next chunk (writes, hashes and syncs release
+    the GIL): one writes each chunk, then hands it to a second, which parses the tar and
+    hashes the files inside, so the parse never runs ahead of what is on disk. A third
+    fdatasyncs the part file every _FLUSH_BYTES, so the disk writes while the stream runs.
+    `close()` waits for all three and fsyncs the rest before the offset is reported.
     """
 
     def __init__(self, state: UploadState, path: Path, digest: ArchiveDigest) -> None:
@@ -33,12 +35,16 @@ class UploadWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.offset = os.fstat(self._fd).st_size  # accepted so far (written or queued)
         self.last_chunk_at = time.monotonic()  # a stalled stream is cancelled (slow drip)
-        self.written = self.offset  # on disk and in `digest`
+        self.written = self.offset  # on disk
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._to_parse: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._failure: BaseException | None = None
+        self._unsynced = threading.Condition()  # guards written vs _synced and _closing
+        self._synced = self.offset
+        self._closing = False
         self._threads = [threading.Thread(target=self._drain, name="upload-writer", daemon=True),
-                         threading.Thread(target=self._parse, name="upload-parser", daemon=True)]
+                         threading.Thread(target=self._parse, name="upload-parser", daemon=True),
+                         threading.Thread(target=self._flush, name="upload-flusher", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -67,8 +73,10 @@ class UploadWriter:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(self._fd, view):]
-                self.digest.hash_archive(data)
-                self.written += len(data)
+                with self._unsynced:
+                    self.written += len(data)
+                    if self.written - self._synced >= _FLUSH_BYTES:
+                        self._unsynced.notify()
                 self._to_parse.put(data)
             except BaseException as err:
                 self._failure = err
@@ -77,15 +85,35 @@ class UploadWriter:
     def _parse(self) -> None:
         while (data := self._to_parse.get()) is not None:
             try:
-                self.digest.parse(data)
+                self.digest.update(data)
             except BaseException as err:  # a bug: a malformed archive is kept for members()
                 self._failure = err
+
+    def _flush(self) -> None:
+        while True:
+            with self._unsynced:
+                self._unsynced.wait_for(
+                    lambda: self._closing or self.written - self._synced >= _FLUSH_BYTES)
+                if self._closing:
+                    return
+                target = self.written
+            try:
+                os.fdatasync(self._fd)
+            except OSError as err:
+                self._failure = err
+                return
+            with self._unsynced:
+                self._synced = target
 
     def close(self) -> None:
         """Wait for queued chunks, fsync, close; raise what a helper thread hit, if any."""
         self._queue.put(None)
-        for thread in self._threads:
+        for thread in self._threads[:2]:
             thread.join()
+        with self._unsynced:
+            self._closing = True
+            self._unsynced.notify()
+        self._threads[2].join()
         try:
             os.fsync(self._fd)
         finally:

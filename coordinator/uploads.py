@@ -1,13 +1,14 @@
 """Resumable uploads of bundle archives: start, append at the committed offset, finish.
 
-In the style of google.bytestream: an upload has a declared size and sha256; its bytes go to
-`uploads/<id>.part`, whose size is the committed offset (fsynced before it is reported, so an
-acknowledged offset survives a crash). The bytes are hashed as they arrive, the archive and
-each file inside it (`ArchiveDigest`), so finishing reads nothing twice: it checks the
-declared sha256, copies the files into staging, validates them against the base model
-(manifest hashes, shapes, dtypes, finite values) and hands the bundle to
-`Store.commit_expert`. A failed finish discards the upload, so a rejected bundle leaves the
-store as it was.
+In the style of google.bytestream: an upload has a declared size and expert id (the sha256 of
+the bundle's canonical manifest); its bytes go to `uploads/<id>.part`, whose size is the
+committed offset (fsynced before it is reported, so an acknowledged offset survives a crash).
+Each file inside the archive is hashed as it arrives (`ArchiveDigest`), so finishing reads
+nothing twice: it copies the files into staging, validates them against the base model
+(each file's sha256 against the manifest, the manifest against the declared expert id,
+shapes, dtypes, finite values) and hands the bundle to `Store.commit_expert`. That chain of
+hashes covers every byte that is kept, so the archive as a whole is never hashed, by either
+side. A failed finish discards the upload, so a rejected bundle leaves the store as it was.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from protocol.errors import (
 )
 
 log = logging.getLogger(__name__)
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 _LOCK_WAIT_S = 10.0  # how long a second stream waits for the upload's current one to end
 
 
@@ -67,7 +68,7 @@ class UploadState:
     contributor: str
     name: str
     size_bytes: int  # declared archive size
-    sha256: str  # declared archive sha256
+    expert_id: str  # declared expert id: sha256 of the bundle's canonical manifest
     committed_bytes: int  # durable bytes so far: resume from here
 
 
@@ -94,19 +95,19 @@ class Uploads:
     def part_path(self, upload_id: str) -> Path:
         return self.store.uploads_dir / f"{upload_id}.part"
 
-    def start(self, contributor: str, size_bytes: int, sha256: str,
+    def start(self, contributor: str, size_bytes: int, expert_id: str,
               name: str) -> UploadState | ExpertRecord:
-        """Open an upload, resume the contributor's live one for the same archive, or answer
-        the stored expert when this archive is already stored."""
-        self._check_declaration(size_bytes, sha256, name)
-        existing = self.store.find_expert(archive_sha256=sha256)
+        """Open an upload, resume the contributor's live one for the same bundle, or answer
+        the stored expert when this bundle is already stored."""
+        self._check_declaration(size_bytes, expert_id, name)
+        existing = self.store.find_expert(expert_id)
         if existing is not None:
             return existing
         with self._guard:
             rows = self.store.query("SELECT * FROM uploads WHERE contributor = ?",
                                     (contributor,))
             for row in rows:
-                if row["sha256"] == sha256 and row["size_bytes"] == size_bytes:
+                if row["expert_id"] == expert_id and row["size_bytes"] == size_bytes:
                     self._touch(row["upload_id"])
                     return self._state(row)
             self._check_capacity(contributor, len(rows), size_bytes)
@@ -115,12 +116,12 @@ class Uploads:
             now = time.time()
             with self.store.transaction() as conn:
                 conn.execute(
-                    "INSERT INTO uploads (upload_id, contributor, name, size_bytes, sha256, "
+                    "INSERT INTO uploads (upload_id, contributor, name, size_bytes, expert_id, "
                     "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (upload_id, contributor, name, size_bytes, sha256, now, now))
+                    (upload_id, contributor, name, size_bytes, expert_id, now, now))
         log.info("upload %s started by %s: %s, %d bytes", upload_id, contributor, name,
                  size_bytes)
-        return UploadState(upload_id, contributor, name, size_bytes, sha256, 0)
+        return UploadState(upload_id, contributor, name, size_bytes, expert_id, 0)
 
     def status(self, upload_id: str, contributor: str) -> UploadState:
         return self._state(self._row(upload_id, contributor))
@@ -167,30 +168,27 @@ class Uploads:
                 raise
 
     def _verify_and_commit(self, state: UploadState) -> FinishResult:
-        archive = self._digest(state)
-        digest = archive.hexdigest()
-        if digest != state.sha256:
-            raise InvalidBundle(
-                f"the uploaded archive's sha256 is {digest[:12]}..., not the declared "
-                f"{state.sha256[:12]}...: it changed or was corrupted on the way; pack it "
-                "again and resubmit", field="sha256")
-        existing = self.store.find_expert(archive_sha256=state.sha256)
-        if existing is not None:
+        existing = self.store.find_expert(state.expert_id)
+        if existing is not None:  # stored meanwhile, by another upload of the same bundle
             self._discard(state.upload_id)
             return FinishResult(existing, True)
         staged = self.store.staging_dir / state.upload_id
         shutil.rmtree(staged, ignore_errors=True)
         try:
-            bundle = self._stage(archive, state.upload_id, staged)
+            bundle = self._stage(self._digest(state), state.upload_id, staged)
+            if bundle.expert_id != state.expert_id:
+                raise InvalidBundle(
+                    f"the uploaded manifest's expert id is {bundle.expert_id[:12]}..., not the "
+                    f"declared {state.expert_id[:12]}...: the bundle changed or was corrupted "
+                    "on the way; leave its folder alone and resubmit", field="expert_id")
             with self._commit:
-                existing = self.store.find_expert(expert_id=bundle.expert_id)
+                existing = self.store.find_expert(bundle.expert_id)
                 if existing is not None:
                     self._discard(state.upload_id)
                     return FinishResult(existing, True)
                 record = self.store.commit_expert(
                     bundle, staged, contributor=state.contributor,
-                    archive_sha256=state.sha256, size_bytes=state.size_bytes,
-                    upload_id=state.upload_id)
+                    size_bytes=state.size_bytes, upload_id=state.upload_id)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         self._forget(state.upload_id)
@@ -244,10 +242,11 @@ class Uploads:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _check_declaration(self, size_bytes: int, sha256: str, name: str) -> None:
-        if not _SHA_RE.match(sha256):
-            raise InvalidArgument("sha256 must be the archive's sha256 as 64 lowercase hex "
-                                  "digits", field="sha256")
+    def _check_declaration(self, size_bytes: int, expert_id: str, name: str) -> None:
+        if not _ID_RE.match(expert_id):
+            raise InvalidArgument("expert_id must be the bundle's expert id (the sha256 of its "
+                                  "canonical manifest) as 64 lowercase hex digits",
+                                  field="expert_id")
         if size_bytes <= 0:
             raise InvalidArgument(f"size_bytes must be the archive's size, got {size_bytes}",
                                   field="size_bytes")
@@ -283,7 +282,7 @@ class Uploads:
 
     def _state(self, row) -> UploadState:
         return UploadState(row["upload_id"], row["contributor"], row["name"],
-                           row["size_bytes"], row["sha256"],
+                           row["size_bytes"], row["expert_id"],
                            self._committed(row["upload_id"]))
 
     def _committed(self, upload_id: str) -> int:

@@ -5,11 +5,12 @@ gives the same bytes and the same sha256. `BundleArchive` describes those bytes 
 headers plus spans of the bundle's own files, so they are hashed and sent straight from the
 files, with no archive written first.
 
-Reading trusts nothing. `ArchiveDigest` parses the tar as it streams in and hashes the whole
-archive and each file in the same pass; it accepts only regular files with the bundle's known
-names, no duplicates, and nothing but zeros after the end. `extract_members` then copies
-exactly the bytes it hashed. `unpack_bundle` (tarfile-based) checks every member before a
-byte is written.
+Reading trusts nothing. `ArchiveDigest` parses the tar as it streams in and hashes each file
+in the same pass; it accepts only regular files with the bundle's known names, no
+duplicates, and nothing but zeros after the end. `extract_members` then copies exactly the
+bytes it hashed. The archive as a whole is never hashed: the manifest's sha256 (the expert
+id, declared before the upload) and the manifest's sha256 of each file cover its content.
+`unpack_bundle` (tarfile-based) checks every member before a byte is written.
 """
 
 from __future__ import annotations
@@ -96,13 +97,6 @@ class BundleArchive:
         if pending:
             yield pending
 
-    def sha256(self) -> str:
-        """sha256 of the archive, read once from the bundle's files."""
-        digest = hashlib.sha256()
-        for block in self.blocks():
-            digest.update(block)
-        return digest.hexdigest()
-
 
 def _length(piece: bytes | _FileSpan) -> int:
     return len(piece) if isinstance(piece, bytes) else piece.size
@@ -134,19 +128,16 @@ class ArchiveMember:
 
 
 class ArchiveDigest:
-    """sha256 of an archive streaming in, and of each file inside it, in one pass.
+    """The files of an archive streaming in, and the sha256 of each, in one pass.
 
-    Feed the bytes in order with `update`, or split it over two threads: `hash_archive` and
-    `parse` each touch only their own half of the state (and both release the GIL while
-    hashing). `members()` then answers the files or raises the first thing wrong with the
-    archive. The parse is strict where tarfile is lenient (no pax or GNU extension headers,
-    nothing but zeros after the end), which only ever refuses more.
+    Feed the bytes in order with `update`; `members()` then answers the files or raises the
+    first thing wrong with the archive. The parse is strict where tarfile is lenient (no pax
+    or GNU extension headers, nothing but zeros after the end), which only ever refuses more.
+    Hashing releases the GIL, so a helper thread can run it beside the receiving one.
     """
 
     def __init__(self) -> None:
-        self.hashed = 0  # bytes fed to the archive's hash
-        self.parsed = 0  # bytes fed to the parse (and the files' hashes)
-        self._archive = hashlib.sha256()
+        self.parsed = 0  # bytes fed so far
         self._members: list[ArchiveMember] = []
         # The file whose content is streaming: name, content offset, size, its sha256 so far.
         self._current: tuple[str, int, int, hashlib._Hash] | None = None
@@ -156,18 +147,8 @@ class ArchiveDigest:
         self._ended = False  # the end-of-archive block was seen
         self._error: InvalidBundle | None = None
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         """Feed the next bytes of the archive."""
-        self.hash_archive(data)
-        self.parse(data)
-
-    def hash_archive(self, data: bytes) -> None:
-        """The archive-hash half of `update`."""
-        self._archive.update(data)
-        self.hashed += len(data)
-
-    def parse(self, data: bytes) -> None:
-        """The parse-and-hash-the-files half of `update`."""
         if self._error is None:
             try:
                 self._parse(memoryview(data))
@@ -176,16 +157,12 @@ class ArchiveDigest:
         self.parsed += len(data)
 
     def covers(self, size: int) -> bool:
-        """Whether both halves were fed exactly the first `size` bytes."""
-        return self.hashed == self.parsed == size
-
-    def hexdigest(self) -> str:
-        return self._archive.hexdigest()
+        """Whether exactly the first `size` bytes were fed."""
+        return self.parsed == size
 
     def copy(self) -> ArchiveDigest:
         other = ArchiveDigest.__new__(ArchiveDigest)
         other.__dict__.update(self.__dict__)
-        other._archive = self._archive.copy()
         other._members = list(self._members)
         other._header = bytearray(self._header)
         if self._current is not None:

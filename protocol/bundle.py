@@ -131,6 +131,12 @@ class Manifest:
     def canonical_bytes(self) -> bytes:
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
 
+    @property
+    def expert_id(self) -> str:
+        """Content address of the bundle: sha256 of the canonical manifest, which holds the
+        sha256 of every tensor file, so it names the tensors' bytes too."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
 
 @dataclass
 class Bundle:
@@ -147,8 +153,8 @@ class Bundle:
 
     @property
     def expert_id(self) -> str:
-        """Content address: sha256 of the canonical manifest, which hashes every tensor file."""
-        return hashlib.sha256(self.manifest.canonical_bytes()).hexdigest()
+        """Content address: the manifest's (Manifest.expert_id)."""
+        return self.manifest.expert_id
 
     @property
     def modules(self) -> dict[str, ModuleSpec]:

@@ -7,8 +7,10 @@ own checks, so tests can send what a hostile or broken client would.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sqlite3
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from protocol.archive import pack_bundle_bytes
-from protocol.bundle import MANIFEST, BaseSpec, save_bundle, sha256_file
+from protocol.bundle import MANIFEST, BaseSpec, Manifest, save_bundle, sha256_file
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 from routing.synthetic import random_bundle
@@ -64,7 +66,7 @@ class RawOutcome:
 
 
 def raw_upload(channel: grpc.Channel, token: str, archive: bytes, *,
-               declared_size: int | None = None, declared_sha256: str | None = None,
+               declared_size: int | None = None, declared_id: str | None = None,
                send: bytes | None = None, chunk: int = 1 << 20) -> RawOutcome:
     """Start, write (`send`, default the archive) and finish an upload with the bare stub."""
     stub = gaggle_pb2_grpc.CoordinatorStub(channel)
@@ -73,7 +75,7 @@ def raw_upload(channel: grpc.Channel, token: str, archive: bytes, *,
     try:
         start = stub.StartUpload(pb.StartUploadRequest(
             size_bytes=len(archive) if declared_size is None else declared_size,
-            sha256=declared_sha256 or hashlib.sha256(archive).hexdigest(), name="raw"),
+            expert_id=declared_id or archive_id(archive), name="raw"),
             metadata=metadata, timeout=30)
         if start.HasField("existing"):
             return RawOutcome(grpc.StatusCode.OK, "existing", start.existing.expert_id)
@@ -93,10 +95,22 @@ def archive_of(bundle_dir: Path) -> bytes:
     return pack_bundle_bytes(bundle_dir)
 
 
+def archive_id(archive: bytes) -> str:
+    """The expert id an honest client declares for `archive`: its manifest's. An archive
+    without a readable manifest gets a stand-in (its sha256), which the coordinator refuses
+    at finish all the same."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
+            member = tar.extractfile(MANIFEST)
+            return Manifest.from_json(json.load(member)).expert_id
+    except Exception:  # any hostile or truncated archive
+        return hashlib.sha256(archive).hexdigest()
+
+
 def store_snapshot(store: Path) -> tuple[list, list]:
     """What a rejected upload must not change: the experts' index rows and their files."""
     with sqlite3.connect(store / "index.sqlite") as conn:
-        rows = sorted(conn.execute("SELECT expert_id, name, contributor, archive_sha256 "
+        rows = sorted(conn.execute("SELECT expert_id, name, contributor, size_bytes "
                                    "FROM experts").fetchall())
     files = sorted(str(p.relative_to(store)) for p in (store / "experts").rglob("*"))
     return rows, files

@@ -4,7 +4,7 @@ runners that push one case through the coordinator's own upload path.
 Layers: the manifest (fields, types, sizes, raw JSON), a safetensors file (header length,
 offsets, dtypes, shapes, tensor names, bytes), the tar archive (member names with path
 separators, links, devices, duplicates, lying sizes, truncation) and the byte stream
-(truncated, reordered or misplaced chunks, a lying size or sha256). Used by
+(truncated, reordered or misplaced chunks, a lying size or expert id). Used by
 tests/coordinator/test_fuzz.py and bench/fuzz.py.
 """
 
@@ -27,6 +27,7 @@ from coordinator.uploads import Uploads
 from protocol.bundle import ADAPTER, GATES, MANIFEST, BaseSpec, load_bundle, save_bundle
 from protocol.errors import GaggleError
 from routing.synthetic import random_bundle
+from tests.coordinator.bundles import archive_id
 
 # What a hostile upload may be answered with: the client's fault, never the server's.
 CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE",
@@ -58,14 +59,14 @@ class Case:
     layer: str  # what was corrupted: manifest, safetensors, tar, stream
     what: str  # the mutation, for the counts
     size_bytes: int  # declared archive size
-    sha256: str  # declared archive sha256
+    expert_id: str  # declared expert id (the manifest's sha256)
     name: str  # declared upload name
     chunks: tuple[tuple[int, bytes], ...]  # (offset, data) in sending order
 
     def __repr__(self) -> str:  # short: failure reports must not print megabytes
         sent = [(offset, len(data)) for offset, data in self.chunks][:6]
         return (f"Case({self.layer}/{self.what}, size={self.size_bytes}, "
-                f"sha={self.sha256[:12]!r}, name={self.name[:20]!r}, chunks={sent}...)")
+                f"id={self.expert_id[:12]!r}, name={self.name[:20]!r}, chunks={sent}...)")
 
 
 def valid_files(spec: BaseSpec, folder: Path) -> list[dict[str, bytes]]:
@@ -313,12 +314,12 @@ def stream_case(draw, layer: str, what: str, archive: bytes,
                 honest: bool = False) -> Case:
     """Send `archive`, honestly or with a broken stream or declaration."""
     chunks = chunked(archive, draw(st.sampled_from((512, 4096, 1 << 20))))
-    digest = hashlib.sha256(archive).hexdigest()
+    digest = archive_id(archive)
     size, name = len(archive), "fuzz"
     if not honest:
         layer, what = "stream", draw(st.sampled_from((
             "truncated", "reordered", "wrong_offset", "duplicate", "size_larger",
-            "size_smaller", "wrong_sha", "bad_sha", "bad_name", "oversized", "zero_size")))
+            "size_smaller", "wrong_id", "bad_id", "bad_name", "oversized", "zero_size")))
         if what == "truncated":
             chunks = chunked(archive[:draw(st.integers(0, len(archive) - 1))], 4096)
         elif what == "reordered" and len(chunks) > 1:
@@ -334,9 +335,9 @@ def stream_case(draw, layer: str, what: str, archive: bytes,
             size += draw(st.integers(1, 10_000))
         elif what == "size_smaller":
             size = draw(st.integers(1, len(archive) - 1))
-        elif what == "wrong_sha":
-            digest = hashlib.sha256(archive + b"x").hexdigest()
-        elif what == "bad_sha":
+        elif what == "wrong_id":  # well formed, but not this bundle's
+            digest = hashlib.sha256(archive).hexdigest()
+        elif what == "bad_id":
             digest = draw(st.sampled_from((digest.upper(), digest[:63], "", "../" * 21 + "x",
                                            digest + "0")))
         elif what == "bad_name":
@@ -381,7 +382,7 @@ def run_in_process(uploads: Uploads, case: Case, contributor: str = "fuzzer") ->
     """
     upload_id = None
     try:
-        started = uploads.start(contributor, case.size_bytes, case.sha256, case.name)
+        started = uploads.start(contributor, case.size_bytes, case.expert_id, case.name)
         if isinstance(started, ExpertRecord):
             return "ALREADY_STORED"
         upload_id = started.upload_id
@@ -408,7 +409,7 @@ def run_over_grpc(channel, token: str, case: Case, timeout: float = 30.0) -> str
     metadata = (("authorization", f"Bearer {token}"),)
     try:
         start = stub.StartUpload(pb.StartUploadRequest(
-            size_bytes=case.size_bytes, sha256=case.sha256, name=case.name),
+            size_bytes=case.size_bytes, expert_id=case.expert_id, name=case.name),
             metadata=metadata, timeout=timeout)
         if start.HasField("existing"):
             return "ALREADY_STORED"

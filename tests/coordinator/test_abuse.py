@@ -3,7 +3,6 @@ rate-limited failed authentications, against real servers."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -20,7 +19,7 @@ from coordinator.store import Store
 from coordinator.version_store import VERSION_FILE, VersionStore
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
-from tests.coordinator.bundles import archive_of, make_bundle, store_snapshot
+from tests.coordinator.bundles import archive_id, archive_of, make_bundle, store_snapshot
 from tests.servers import add_token, seed_base_spec, start_coordinator
 
 
@@ -148,7 +147,7 @@ def strict_server(tmp_path_factory, tiny_spec):
 
 def _start(stub, token: str, archive: bytes) -> pb.StartUploadResponse:
     return stub.StartUpload(pb.StartUploadRequest(
-        size_bytes=len(archive), sha256=hashlib.sha256(archive).hexdigest(), name="abuse"),
+        size_bytes=len(archive), expert_id=archive_id(archive), name="abuse"),
         metadata=_meta(token), timeout=10)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from coordinator.server import ServerConfig
 from coordinator.store import Store
 from coordinator.uploads import Uploads
 from protocol.errors import InvalidArgument
-from tests.coordinator.bundles import archive_of, make_bundle
+from tests.coordinator.bundles import archive_id, archive_of, make_bundle
 
 
 def config_from(argv: list[str]) -> ServerConfig:
@@ -54,7 +53,7 @@ def test_experts_command_lists_stored_experts(tmp_path, tiny_spec, capsys):
     store = Store(tmp_path / "store")
     uploads = Uploads(store, tiny_spec, ServerConfig(store=tmp_path, base="x").limits)
     archive = archive_of(make_bundle(tmp_path / "b", tiny_spec, "listed-one"))
-    state = uploads.start("alice", len(archive), hashlib.sha256(archive).hexdigest(), "x")
+    state = uploads.start("alice", len(archive), archive_id(archive), "x")
     with uploads.writer(state.upload_id, "alice") as writer:
         writer.append(0, archive)
     record = uploads.finish(state.upload_id, "alice").expert

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 
@@ -18,6 +17,7 @@ from protocol.errors import NotFound
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 from tests.coordinator.bundles import (
+    archive_id,
     archive_of,
     make_bundle,
     raw_upload,
@@ -134,7 +134,7 @@ def test_a_silent_stream_is_cancelled_and_the_upload_can_resume(tmp_path, tiny_s
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = gaggle_pb2_grpc.CoordinatorStub(channel)
             start = stub.StartUpload(pb.StartUploadRequest(
-                size_bytes=len(archive), sha256=hashlib.sha256(archive).hexdigest(),
+                size_bytes=len(archive), expert_id=archive_id(archive),
                 name="drip"), metadata=metadata, timeout=10)
 
             def drip():

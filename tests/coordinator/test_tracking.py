@@ -80,7 +80,7 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
     assert len(client.search_runs([experiment.experiment_id])) == 3
     for record in records:
         (run,) = _runs_of(client, record.expert_id)
-        assert run.data.tags["sha256"] == record.archive_sha256
+        assert run.data.tags["contributor"] == record.contributor
         assert run.data.params["contributor"] == "alice"
         assert run.data.params["method"] == record.method
         assert run.data.params["expert_steps"] == "6"

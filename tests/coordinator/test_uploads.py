@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 import time
 
 import pytest
 
-from coordinator.store import Store
+from coordinator.store import ExpertRecord, Store
 from coordinator.uploads import FinishResult, UploadLimits, Uploads, UploadState
 from protocol.archive import unpack_bundle
 from protocol.bundle import GATES, load_bundle
@@ -20,7 +19,7 @@ from protocol.errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from tests.coordinator.bundles import archive_of, make_bundle, store_snapshot
+from tests.coordinator.bundles import archive_id, archive_of, make_bundle, store_snapshot
 
 LIMITS = UploadLimits(max_bundle_bytes=1 << 20, max_concurrent_uploads=2, idle_timeout_s=60)
 
@@ -38,7 +37,7 @@ def archive(tmp_path, tiny_spec) -> bytes:
 
 
 def begin(uploads: Uploads, archive: bytes, who: str = "alice") -> UploadState:
-    state = uploads.start(who, len(archive), hashlib.sha256(archive).hexdigest(), "unit")
+    state = uploads.start(who, len(archive), archive_id(archive), "unit")
     assert isinstance(state, UploadState)
     return state
 
@@ -141,11 +140,12 @@ def test_idle_uploads_expire_and_free_their_slot(uploads, archive):
         uploads.status(state.upload_id, "alice")
 
 
-def test_same_content_in_another_archive_returns_the_stored_expert(uploads, archive):
+def test_same_content_in_another_archive_is_answered_at_start(uploads, archive):
     first = begin(uploads, archive)
     write(uploads, first, archive, 0)
     stored = uploads.finish(first.upload_id, "alice").expert
-    # Same files, another tar dialect: other archive bytes, same expert.
+    # Same files, another tar dialect: other archive bytes, same expert id, so the stored
+    # expert is the answer before a byte is sent.
     members = tarfile.open(fileobj=io.BytesIO(archive))
     other = io.BytesIO()
     with tarfile.open(fileobj=other, mode="w", format=tarfile.GNU_FORMAT) as out:
@@ -155,12 +155,11 @@ def test_same_content_in_another_archive_returns_the_stored_expert(uploads, arch
     other_bytes = other.getvalue()
     assert other_bytes != archive
     before = store_snapshot(uploads.store.root)
-    second = begin(uploads, other_bytes, who="bob")
-    write(uploads, second, other_bytes, 0, who="bob")
-    result = uploads.finish(second.upload_id, "bob")
-    assert result.already_stored and result.expert.expert_id == stored.expert_id
-    assert result.expert.contributor == "alice"
+    answer = uploads.start("bob", len(other_bytes), archive_id(other_bytes), "unit")
+    assert isinstance(answer, ExpertRecord) and answer.expert_id == stored.expert_id
+    assert answer.contributor == "alice"
     assert store_snapshot(uploads.store.root) == before
+    assert uploads.store.query("SELECT COUNT(*) FROM uploads")[0][0] == 0
 
 
 def _crash_after_rename(uploads: Uploads, archive: bytes) -> str:

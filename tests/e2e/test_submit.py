@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from coordinator.auth import TokenBook
 from coordinator.store import Store
-from protocol.bundle import ADAPTER, load_bundle
+from protocol.bundle import ADAPTER, GATES, load_bundle
 from tests.coordinator.bundles import (
     archive_of,
     make_bundle,
@@ -111,6 +112,12 @@ def test_bad_tokens_are_unauthenticated_and_store_nothing(server, tmp_path, tiny
     assert store_snapshot(server.store) == before
 
 
+def _flip_last_byte(path: Path) -> tuple[Path, dict]:
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    return path.parent, {}
+
+
 def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
     key = sorted(k for k in tensors if k.endswith("lora_A"))[0]
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
@@ -128,8 +135,11 @@ REJECTIONS = {
               grpc.StatusCode.INVALID_ARGUMENT, ["shape", "expected"]),
     "truncated": (lambda b, a: (b, {"send": a[:-1000]}),
                   grpc.StatusCode.FAILED_PRECONDITION, ["send the rest from offset"]),
-    "sha256": (lambda b, a: (b, {"declared_sha256": "0" * 64}),
-               grpc.StatusCode.INVALID_ARGUMENT, ["sha256", "declared"]),
+    "declared-id": (lambda b, a: (b, {"declared_id": "0" * 64}),
+                    grpc.StatusCode.INVALID_ARGUMENT, ["expert id", "declared"]),
+    # A tensor file changed after packaging: the manifest's sha256 of it no longer holds.
+    "file-sha256": (lambda b, a: _flip_last_byte(b / GATES),
+                    grpc.StatusCode.INVALID_ARGUMENT, [GATES, "sha256 does not match"]),
     "oversized": (lambda b, a: (b, {"declared_size": MAX_BUNDLE + 1}),
                   grpc.StatusCode.RESOURCE_EXHAUSTED, ["limit", str(MAX_BUNDLE)]),
     "overlong": (lambda b, a: (b, {"declared_size": len(a) - 512}),

@@ -50,7 +50,6 @@ def test_archive_read_from_the_files_is_the_tarfile_archive(bundle_dir):
     archive = BundleArchive.of(bundle_dir)
     assert archive.size == len(reference)
     assert pack_bundle_bytes(bundle_dir) == reference
-    assert archive.sha256() == hashlib.sha256(reference).hexdigest()
 
 
 @pytest.mark.parametrize("offset", [0, 1, 511, 512, 513, 5000, -1])
@@ -72,10 +71,10 @@ def test_blocks_refuse_a_file_that_shrank_after_hashing(bundle_dir):
 
 
 @pytest.mark.parametrize("chunk", [1, 100, 512, 4096, 1 << 20])
-def test_digest_hashes_the_archive_and_each_file_whatever_the_chunking(bundle_dir, chunk):
+def test_digest_hashes_each_file_whatever_the_chunking(bundle_dir, chunk):
     archive = tar_of(bundle_dir)
     digest = digest_of(archive, chunk)
-    assert digest.hexdigest() == hashlib.sha256(archive).hexdigest()
+    assert digest.covers(len(archive))
     members = digest.members(max_bytes=len(archive))
     assert [m.name for m in members] == sorted(p.name for p in bundle_dir.iterdir())
     for member in members:
@@ -90,7 +89,7 @@ def test_a_copied_digest_continues_on_its_own(bundle_dir):
     copy = digest.copy()
     copy.update(archive[700:])
     digest.update(b"something else")
-    assert copy.hexdigest() == hashlib.sha256(archive).hexdigest()
+    assert copy.covers(len(archive)) and not digest.covers(len(archive))
     assert copy.members(len(archive)) == digest_of(archive, 4096).members(len(archive))
 
 
@@ -123,7 +122,7 @@ HOSTILE = {
 def test_digest_refuses_what_is_not_a_plain_bundle_archive(case):
     archive, message = HOSTILE[case]
     digest = digest_of(archive, 1000)
-    assert digest.hexdigest() == hashlib.sha256(archive).hexdigest()  # hashed all the same
+    assert digest.covers(len(archive))  # fed to the end all the same
     with pytest.raises(InvalidBundle, match=message):
         digest.members(max_bytes=1 << 20)
 

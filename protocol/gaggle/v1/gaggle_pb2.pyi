@@ -33,14 +33,14 @@ class Federation(_message.Message):
     def __init__(self, base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., max_bundle_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., max_concurrent_uploads: _Optional[int] = ..., server_version: _Optional[str] = ..., bundle_format_version: _Optional[int] = ..., contributor: _Optional[str] = ...) -> None: ...
 
 class StartUploadRequest(_message.Message):
-    __slots__ = ("size_bytes", "sha256", "name")
+    __slots__ = ("size_bytes", "expert_id", "name")
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     size_bytes: int
-    sha256: str
+    expert_id: str
     name: str
-    def __init__(self, size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    def __init__(self, size_bytes: _Optional[int] = ..., expert_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class StartUploadResponse(_message.Message):
     __slots__ = ("upload_id", "committed_bytes", "existing")
@@ -111,12 +111,11 @@ class GetExpertRequest(_message.Message):
     def __init__(self, expert_id: _Optional[str] = ...) -> None: ...
 
 class Expert(_message.Message):
-    __slots__ = ("expert_id", "name", "contributor", "method", "archive_sha256", "size_bytes", "created_at", "num_modules")
+    __slots__ = ("expert_id", "name", "contributor", "method", "size_bytes", "created_at", "num_modules")
     EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
-    ARCHIVE_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     NUM_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -124,11 +123,10 @@ class Expert(_message.Message):
     name: str
     contributor: str
     method: str
-    archive_sha256: str
     size_bytes: int
     created_at: float
     num_modules: int
-    def __init__(self, expert_id: _Optional[str] = ..., name: _Optional[str] = ..., contributor: _Optional[str] = ..., method: _Optional[str] = ..., archive_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., num_modules: _Optional[int] = ...) -> None: ...
+    def __init__(self, expert_id: _Optional[str] = ..., name: _Optional[str] = ..., contributor: _Optional[str] = ..., method: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., num_modules: _Optional[int] = ...) -> None: ...
 
 class AddTokenRequest(_message.Message):
     __slots__ = ("name", "admin")

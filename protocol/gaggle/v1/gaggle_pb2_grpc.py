@@ -82,8 +82,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartUpload(self, request, context):
-        """Open an upload of a bundle archive of a declared size and sha256. Starting the same
-        archive again resumes the live upload; an archive already stored answers its expert.
+        """Open an upload of a bundle archive of a declared size and expert id. Starting the same
+        bundle again resumes the live upload; a bundle already stored answers its expert.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,7 +105,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FinishUpload(self, request, context):
-        """Verify the sha256, validate the bundle against the base model and store it atomically.
+        """Verify the declared expert id and every file's sha256, validate the bundle against the
+        base model and store it atomically.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
