@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sqlite3
 import tarfile
 import time
 
@@ -213,3 +214,47 @@ def test_base_spec_is_cached_and_a_switch_is_refused_once_experts_exist(uploads,
     other = type(tiny_spec)(name="other", fingerprint="0" * 64, linears=tiny_spec.linears)
     with pytest.raises(FailedPrecondition, match="--base tiny-llama"):
         store.cache_base_spec(other)
+
+
+def test_a_declared_expert_id_other_than_the_manifests_is_refused_and_leaves_no_trace(
+        uploads, archive):
+    before = store_snapshot(uploads.store.root)
+    state = uploads.start("alice", len(archive), "ab" * 32, "unit")
+    write(uploads, state, archive, 0)
+    with pytest.raises(InvalidBundle, match="not the declared abababababab"):
+        uploads.finish(state.upload_id, "alice")
+    assert store_snapshot(uploads.store.root) == before
+    assert not list(uploads.store.uploads_dir.iterdir())
+    assert not list(uploads.store.staging_dir.iterdir())
+
+
+def test_an_index_from_before_expert_id_declarations_is_migrated(tmp_path):
+    root = tmp_path / "old"
+    root.mkdir()
+    with sqlite3.connect(root / "index.sqlite") as conn:
+        conn.executescript("""
+            CREATE TABLE experts (expert_id TEXT PRIMARY KEY, name TEXT NOT NULL,
+                contributor TEXT NOT NULL, method TEXT NOT NULL, archive_sha256 TEXT NOT NULL,
+                size_bytes INTEGER NOT NULL, num_modules INTEGER NOT NULL,
+                created_at REAL NOT NULL);
+            CREATE INDEX experts_by_archive ON experts(archive_sha256);
+            CREATE TABLE uploads (upload_id TEXT PRIMARY KEY, contributor TEXT NOT NULL,
+                name TEXT NOT NULL, size_bytes INTEGER NOT NULL, sha256 TEXT NOT NULL,
+                created_at REAL NOT NULL, updated_at REAL NOT NULL,
+                committing_expert_id TEXT);
+            INSERT INTO experts VALUES ('e1', 'kept', 'alice', 'lora', 'aa', 10, 2, 1.0);
+            INSERT INTO uploads VALUES ('u1', 'alice', 'live', 10, 'bb', 1.0, 1.0, NULL);
+        """)
+    store = Store(root)
+    try:
+        (kept,) = store.list_experts()
+        assert (kept.expert_id, kept.name, kept.size_bytes) == ("e1", "kept", 10)
+        columns = {row[1] for row in store.query("PRAGMA table_info(experts)")}
+        assert "archive_sha256" not in columns
+        # An upload declared by archive hash can no longer be finished: it is dropped, and
+        # its contributor's next submit starts afresh.
+        assert store.query("SELECT COUNT(*) FROM uploads")[0][0] == 0
+        assert "expert_id" in {row[1] for row in store.query("PRAGMA table_info(uploads)")}
+    finally:
+        store.close()
+    Store(root).close()  # opening a migrated index again changes nothing
