@@ -43,9 +43,9 @@ class UploadWriter:
         self._synced = self.offset
         self._closing = False
         self._threads = [threading.Thread(target=self._drain, name="upload-writer", daemon=True),
-                         threading.Thread(target=self._parse, name="upload-parser", daemon=True),
-                         threading.Thread(target=self._flush, name="upload-flusher", daemon=True)]
-        for thread in self._threads:
+                         threading.Thread(target=self._parse, name="upload-parser", daemon=True)]
+        self._flusher = threading.Thread(target=self._flush, name="upload-flusher", daemon=True)
+        for thread in (*self._threads, self._flusher):
             thread.start()
 
     def append(self, offset: int, data: bytes) -> None:
@@ -108,12 +108,12 @@ class UploadWriter:
     def close(self) -> None:
         """Wait for queued chunks, fsync, close; raise what a helper thread hit, if any."""
         self._queue.put(None)
-        for thread in self._threads[:2]:
+        for thread in self._threads:
             thread.join()
         with self._unsynced:
             self._closing = True
             self._unsynced.notify()
-        self._threads[2].join()
+        self._flusher.join()
         try:
             os.fsync(self._fd)
         finally:
