@@ -13,7 +13,6 @@ folder, so no run can reuse an earlier version. Target: 10,000 experts in under 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -39,7 +38,6 @@ class CachedExpert:
     name: str
     contributor: str
     method: str
-    archive_sha256: str
     created_at: float
     path: Path
 
@@ -66,14 +64,9 @@ def cached_experts(count: int, spec) -> list[CachedExpert]:
                 print(f"  made {i + 1} bundles ({time.perf_counter() - started:.0f} s)",
                       flush=True)
         manifest = Manifest.from_json(json.loads((path / MANIFEST).read_text()))
-        expert_id = _expert_id(manifest)
-        experts.append(CachedExpert(expert_id, manifest.name, "bench", manifest.method,
-                                    expert_id, float(i), path))
+        experts.append(CachedExpert(manifest.expert_id, manifest.name, "bench",
+                                    manifest.method, float(i), path))
     return experts
-
-
-def _expert_id(manifest: Manifest) -> str:
-    return hashlib.sha256(manifest.canonical_bytes()).hexdigest()
 
 
 def _warm_worker() -> int:

@@ -3,8 +3,9 @@
 Both servers run as their own processes on 127.0.0.1: a real `gaggle-coordinator serve` and a
 bare bench-only servicer that only counts the bytes of a client stream (no protobuf, no disk,
 no hashing). Both get 1 MiB chunks over a channel opened once. `submit` is timed end to end as
-a contributor sees it: hash the archive (read from the bundle's files), stream it, and wait
-for the coordinator to verify the sha256, validate and commit it durably. The runs alternate
+a contributor sees it: declare the bundle by its expert id, stream the archive (read from the
+bundle's files), and wait for the coordinator to check each file's sha256 against the
+manifest, validate and commit it durably. The runs alternate
 and the median of each is reported, with the ratio (target: submit >= 0.8 of raw). Each run
 also counts the CPU seconds of both its processes (client and server, all threads): on a
 shared machine wall time swings with the load, CPU time much less.
@@ -195,7 +196,7 @@ def report(size: int, runs: dict[str, list[tuple[float, float]]],
         print(f"{label}: {wall[kind]:6.2f} s  {mb / wall[kind]:7.1f} MB/s  "
               f"CPU {cpu[kind]:5.2f} s   (runs: "
               f"{', '.join(f'{w:.2f}' for w, _ in runs[kind])})")
-    order = ["hash", "transfer", "finish"]
+    order = ["transfer", "finish"]
     names = sorted(phases[0], key=lambda n: order.index(n) if n in order else len(order))
     print("submit phases (median s): " + ", ".join(
         f"{name} {statistics.median(p[name] for p in phases):.2f}" for name in names))

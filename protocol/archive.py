@@ -2,8 +2,8 @@
 
 Packing is deterministic (sorted names, zero times and owners), so the same bundle always
 gives the same bytes and the same sha256. `BundleArchive` describes those bytes as tar
-headers plus spans of the bundle's own files, so they are hashed and sent straight from the
-files, with no archive written first.
+headers plus spans of the bundle's own files, so they are sent straight from the files, with
+no archive written first.
 
 Reading trusts nothing. `ArchiveDigest` parses the tar as it streams in and hashes each file
 in the same pass; it accepts only regular files with the bundle's known names, no
