@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="4 held-in + 2 held-out tasks, 100 test examples, short training")
+                      help="3 held-in + 2 held-out tasks, 40 test examples, short training")
     mode.add_argument("--tiny", action="store_true",
                       help="the random 2-layer model and a few steps (tests)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results[/MODE])")
@@ -38,8 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="store, logs and exported router (default runs/zeroshot-MODE-TIME)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-cache" / "experts",
                         help="content-addressed cache of trained bundles")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods",
+                        help="comma-separated subset of " + ",".join(METHODS) + " (default: "
+                             "all of them; the full mode leaves out phatgoose_centred)")
     parser.add_argument("--test-examples", type=int,
                         help="score at most this many test examples per task (default: the "
                              "mode's; recorded in results.json)")
@@ -49,7 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch CPU threads of the main process, which embeds the "
                              "retrieval index (0: all cores, or 1 when the machine is already "
                              "busy); each scoring worker takes cores / workers")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted(set((args.methods or "").split(",")) - set(METHODS) - {""})
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    return args
 
 
 def step(message: str) -> None:
@@ -83,7 +88,7 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     # The test splits, scored exactly once per method for the final table.
     tests = {t: split(t, plan.seed).test[:plan.test_examples]
              for t in (*plan.held_in, *plan.held_out)}
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m] if args.methods else list(plan.methods)
     del base  # each scoring worker loads its own copy
     results, diagnosed, took = score_in_workers(plan, system.router, system.multitask, index,
                                                 methods, tests, plan.parallel, progress=step)

@@ -197,3 +197,14 @@ def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
     second = json.loads((out / "results.json").read_text())
     assert all(e["cached"] for e in second["system"]["experts"])
     assert second["accuracy"]["base"] == first["accuracy"]["base"]
+
+
+def test_methods_default_to_the_plan_and_unknown_ones_are_refused(capsys):
+    from bench.zeroshot.__main__ import parse_args
+    from bench.zeroshot.config import FULL
+
+    assert "phatgoose_centred" not in FULL.methods and TINY.methods == METHODS
+    assert parse_args([]).methods is None
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "base,phatgose"])
+    assert "unknown method(s) phatgose" in capsys.readouterr().err
