@@ -52,10 +52,11 @@ class Plan:
         return asdict(self)
 
 
-# Full mode, sized for < 90 minutes on an idle 2-core machine with SmolLM2-135M, training and
+# Full mode, meant for < 90 minutes on an idle 2-core machine with SmolLM2-135M, training and
 # scoring in bf16 where the CPU runs it natively (routing.precision): 8 experts of 80 steps +
-# 30 gate steps (~4 min each, two at a time beside the multitask LoRA), their union trained
-# for the same budget (8 x 80 steps), and 13 tasks x 300 test examples x 8-9 methods.
+# 30 gate steps (~5 min each, one at a time beside the multitask LoRA, then two at a time),
+# their union trained for the same budget (8 x 80 steps), and 13 tasks x 300 test examples x 9
+# methods. Measured from a clean cache on 2026-11-30: 94 min (training 36.5, scoring 53.5).
 FULL = Plan(
     name="full", base="smollm2-135m", held_in=HELD_IN, held_out=HELD_OUT,
     train_examples=1000, test_examples=300, diagnostic_examples=64, steps=80, gate_steps=30,
