@@ -54,6 +54,9 @@ class RoutingState:
 
     expert_index: torch.Tensor | None = None  # (batch,) collection index per example
     attention_mask: torch.Tensor | None = None  # (batch, seq), 1 for real tokens (smear)
+    # smear: (batch,) rows of the previous call whose merge weights each row reuses, so the
+    # choices that continue a shared prompt's cache run the expert merged for that prompt
+    merge_rows: torch.Tensor | None = None
     trace: dict[str, list[torch.Tensor]] | None = None  # module -> [(N, k) expert ids]
     config: dict = field(default_factory=dict)  # method, top_k, expert names
     # (input tensor, its version, (N, 1) inverse std of its tokens): q/k/v and gate/up
@@ -114,6 +117,7 @@ class RoutedLinear(nn.Module):
         self.top_k = min(top_k, len(router.experts))
         self.state = state
         self.single = single  # local position of the fixed expert for method "single"
+        self._merge_weights: torch.Tensor | None = None  # smear: the last call's, per row
         count = len(router.experts)
         self.rank = router.rank
         # grouped_mm wants 16-byte aligned strides: feature sizes that are multiples of 4
@@ -286,13 +290,22 @@ class RoutedLinear(nn.Module):
         our data-free stand-in for SMEAR's trained router. x: (batch, seq, d_in).
         """
         seq_x = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
-        mask = self.state.attention_mask
-        if mask is not None and tuple(mask.shape) == tuple(seq_x.shape[:2]):
-            mask = mask.to(seq_x.dtype).unsqueeze(-1)
-            mean = (seq_x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        reuse = self.state.merge_rows
+        if reuse is not None:
+            if self._merge_weights is None or reuse.shape[0] != seq_x.shape[0]:
+                raise InvalidArgument(
+                    "smear's merge_rows names rows of a previous call: run the prompts first, "
+                    "then pass one row index per row of this call", field="merge_rows")
+            probs = self._merge_weights.index_select(0, reuse.to(seq_x.device))
         else:
-            mean = seq_x.mean(1)
-        probs = torch.softmax(parameter_free_layer_norm(mean) @ self.route_keys.T, dim=-1)
+            mask = self.state.attention_mask
+            if mask is not None and tuple(mask.shape) == tuple(seq_x.shape[:2]):
+                mask = mask.to(seq_x.dtype).unsqueeze(-1)
+                mean = (seq_x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            else:
+                mean = seq_x.mean(1)
+            probs = torch.softmax(parameter_free_layer_norm(mean) @ self.route_keys.T, dim=-1)
+            self._merge_weights = probs  # (batch, E), for calls that continue these rows
         if self.state.trace is not None:
             top = self.collection[probs.argmax(-1)].repeat_interleave(seq_x.shape[1])
             self.state.trace.setdefault(self.name, []).append(top.unsqueeze(1).cpu())

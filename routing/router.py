@@ -113,12 +113,12 @@ def routing_inputs(model: nn.Module, *, expert_index: torch.Tensor | None = None
     attention_mask: (batch, seq) 1 for real tokens, so smear's sequence mean skips padding.
     """
     state = routing_state(model)
-    previous = (state.expert_index, state.attention_mask)
-    state.expert_index, state.attention_mask = expert_index, attention_mask
+    previous = (state.expert_index, state.attention_mask, state.merge_rows)
+    state.expert_index, state.attention_mask, state.merge_rows = expert_index, attention_mask, None
     try:
         yield state
     finally:
-        state.expert_index, state.attention_mask = previous
+        state.expert_index, state.attention_mask, state.merge_rows = previous
 
 
 def check_fingerprint(weights: RouterWeights, model_fingerprint: str) -> None:

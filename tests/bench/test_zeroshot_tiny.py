@@ -55,16 +55,12 @@ def test_content_key_changes_with_data_flags_and_base(tmp_path):
 
 def test_prompt_mask_covers_each_rows_prompt_only(tiny_base):
     mask = PromptMask(tiny_base.tokenizer, EXAMPLES, 64)
-    rows = [1, 1, 3, 3]  # two examples, two choices each, as row-wise batches list them
-    got = mask.mask(rows)
+    got = mask.mask([1, 3])  # a batch of two prompts, right-padded to the longer
     tok = tiny_base.tokenizer
-    prompt_1 = len(tok(EXAMPLES[1].input, add_special_tokens=False)["input_ids"])
-    longest = max(len(tok(EXAMPLES[3].input, add_special_tokens=False)["input_ids"])
-                  + len(tok(" " + c, add_special_tokens=False)["input_ids"])
-                  for c in EXAMPLES[3].choices)
-    assert got.shape[1] >= longest
-    assert got[0].sum() == got[1].sum() == prompt_1
-    assert bool(got[0, :prompt_1].all()) and not bool(got[0, prompt_1:].any())
+    lengths = [len(tok(EXAMPLES[i].input, add_special_tokens=False)["input_ids"]) for i in (1, 3)]
+    assert got.shape == (2, max(lengths))
+    for row, length in enumerate(lengths):
+        assert bool(got[row, :length].all()) and not bool(got[row, length:].any())
 
 
 def test_smear_scores_equal_unpadded_runs_routed_on_the_prompt(routed, weights):
