@@ -169,3 +169,29 @@ def test_smear_runs_the_parameter_averaged_expert():
     with torch.inference_mode():
         got = layer(x) - layer.base(x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_smear_merge_rows_reuse_each_prompts_merged_expert():
+    """Choices continuing a prompt run the expert merged from that prompt, not from themselves."""
+    from protocol.errors import InvalidArgument
+
+    layer = build_layer(random_pieces(3, ("lora", "lora"), seed=4), "smear", top_k=2,
+                        dispatch="dense")
+    generator = torch.Generator().manual_seed(5)
+    prompts = torch.randn(2, 6, D_IN, generator=generator)  # two prompts of 6 tokens
+    choices = torch.randn(3, 2, D_IN, generator=generator)  # three choices of 2 tokens
+    with torch.inference_mode():
+        layer.state.merge_rows = torch.tensor([0])
+        with pytest.raises(InvalidArgument, match="run the prompts first"):
+            layer(choices[:1])  # nothing merged yet
+        layer.state.merge_rows = None
+        layer(prompts)
+        layer.state.merge_rows = torch.tensor([1, 1, 0])  # rows 0, 1 continue prompt 1
+        got = layer(choices)
+        layer.state.merge_rows = None
+        for row, prompt in enumerate((1, 1, 0)):
+            # the same prompt's tokens followed by the choice's, merged over the prompt only
+            layer.state.attention_mask = torch.tensor([[1] * 6 + [0] * 2])
+            whole = layer(torch.cat([prompts[prompt:prompt + 1], choices[row:row + 1]], 1))
+            torch.testing.assert_close(got[row], whole[0, 6:], atol=1e-5, rtol=1e-5)
+        layer.state.attention_mask = None
