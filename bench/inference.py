@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from routing.base import BaseModel, load_base  # noqa: E402
+from routing.precision import PRECISIONS, for_scoring  # noqa: E402
 from routing.layers import RoutedLinear, parameter_free_layer_norm  # noqa: E402
 from routing.router import route, unroute  # noqa: E402
 from routing.stack import ModuleRouter, RouterWeights  # noqa: E402
@@ -76,7 +77,7 @@ class NaiveRoutedLinear(nn.Module):
         scores = parameter_free_layer_norm(flat) @ layer.route_keys.T
         top, index = scores.topk(layer.top_k, dim=-1)
         weights = torch.zeros_like(scores).scatter_(1, index, torch.softmax(top, -1))
-        delta = torch.zeros(flat.shape[0], out.shape[-1])
+        delta = torch.zeros(flat.shape[0], out.shape[-1], dtype=out.dtype)
         for e in range(layer.lora_A.shape[0]):
             low = F.linear(flat, layer.lora_A[e])
             delta += (weights[:, e:e + 1] * layer.scaling[e]) * (low @ layer.lora_B_t[e])
@@ -201,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default: torch's choice); 1 gives the steadiest "
                         "CPU-time ratios on a busy machine")
     parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="weights and compute of every configuration alike; bf16 (or auto "
+                        "where the CPU runs bf16 natively) casts the base model and so the "
+                        "routed layers")
     parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 7)
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     base = load_base(args.base)
+    precision = for_scoring(base.model, args.precision)
     tokens = torch.randint(0, base.model.config.vocab_size, (args.batch, args.tokens),
                            generator=torch.Generator().manual_seed(0))
     routed = {}
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     result = {"base_model": args.base, "batch": args.batch, "tokens": args.tokens,
               "rank": args.rank, "top_k": args.top_k, "rounds": rounds,
+              "precision": precision,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "results": rows, "wall_s": time.perf_counter() - started,
               "load_average": {"before": load_before, "after": os.getloadavg()}}

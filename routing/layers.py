@@ -44,6 +44,12 @@ from routing.stack import ModuleRouter
 # r=8, one thread, best of 4 rounds: 8 experts dense 1.25x the base vs grouped 1.41x; 16
 # experts 1.41x both; 32 experts grouped 1.50x vs dense 1.62x.
 DENSE_MAX_COLUMNS = 128
+# The same in bf16 (weights cast, AMX): the grouped GEMM's CPU path runs each group as a
+# skinny GEMM (r output columns), which bf16 kernels handle far worse than float32 ones,
+# while one wide dense GEMM is what AMX is fast at. Best of 3 rounds, one thread, routed / base
+# (bf16 base 0.38-0.61 s): 8 experts dense 1.53x vs grouped 7.01x; 32: 1.63 vs 4.81;
+# 64: 2.27 vs 4.35; 128: 2.60 vs 2.58.
+DENSE_MAX_COLUMNS_REDUCED = 1024
 # Methods that score every token against per-expert keys (the others pick experts otherwise).
 SCORED_METHODS = ("phatgoose", "phatgoose_centred", "arrow", "average_activation")
 
@@ -122,8 +128,10 @@ class RoutedLinear(nn.Module):
         self.rank = router.rank
         # grouped_mm wants 16-byte aligned strides: feature sizes that are multiples of 4
         groupable = base.in_features % 4 == 0 and base.out_features % 4 == 0
+        reduced = base.weight.dtype in (torch.bfloat16, torch.float16)
+        dense_max = DENSE_MAX_COLUMNS_REDUCED if reduced else DENSE_MAX_COLUMNS
         self.dense = dispatch == "dense" or not groupable or (
-            dispatch == "auto" and count * self.rank <= DENSE_MAX_COLUMNS)
+            dispatch == "auto" and count * self.rank <= dense_max)
         self._buffer("collection", torch.tensor(collection_index, dtype=torch.long))
         self._buffer("scaling", router.scaling)
         lora_A, lora_B = router.lora_A, router.lora_B

@@ -59,6 +59,27 @@ def test_fast_layer_matches_reference_loop(count, method, dispatch):
     torch.testing.assert_close(got.reshape(-1, D_OUT), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_auto_dispatch_stays_dense_longer_in_bf16():
+    # 64 experts of rank <= 4: 256 LoRA columns, past float32's dense limit (128) but within
+    # bf16's (1024), where the grouped GEMM's skinny per-expert products are slow on CPU
+    pieces = random_pieces(64, ("lora",), seed=5)
+    assert not build_layer(pieces, "phatgoose", top_k=2, dispatch="auto").dense
+    base = nn.Linear(D_IN, D_OUT, bias=False).to(torch.bfloat16)
+    router = stack_module("m", D_IN, D_OUT, pieces)
+    reduced = RoutedLinear(base, router, method="phatgoose", top_k=2, state=RoutingState(),
+                           collection_index=list(range(64)), dispatch="auto")
+    assert reduced.dense and reduced.lora_A.dtype == torch.bfloat16
+    x = torch.randn(2, 6, D_IN, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        got = (reduced(x.bfloat16()) - reduced.base(x.bfloat16())).float()
+    expected = reference_routed_delta(pieces, base.weight.detach().float(), x.reshape(-1, D_IN),
+                                      "phatgoose", top_k=2)
+    # bf16 rounding of inputs, factors and keys: a loose tolerance, and near-tied scores may
+    # pick another expert, so most (not all) tokens must match
+    close = torch.isclose(got.reshape(-1, D_OUT), expected, atol=0.15, rtol=0.05).all(dim=1)
+    assert close.float().mean() >= 0.75
+
+
 @pytest.mark.parametrize("dispatch", ["dense", "grouped"])
 def test_inputs_far_from_zero_mean_route_like_the_reference(dispatch):
     # scores are raw products scaled by a one-pass inverse std, with no centred copy of x:
