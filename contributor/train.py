@@ -44,6 +44,17 @@ every share near chance (0.11-0.21), with held-in accuracy 0.606 vs 0.615 and he
 vs 0.528. Normalised gradient descent instead of AdamW (each step along the gradient, not
 Adam's per-coordinate signs) keeps the collapse (xsum 0.58, piqa 0.37, the rest 0.07-0.30)
 and lowers held-in accuracy to 0.588. Neither is adopted: the recipe stays PHATGOOSE's.
+
+Three more probes on the same eight experts and gates (validation, 32 examples a task, each
+figure a mean over the 210 modules) locate what the keys know. Per key, a gate tells its own
+task's tokens from the other tasks' about as well as a mean activation does (AUC of own
+against other tokens: gates 0.47-0.74, mean activations 0.45-0.74); what differs is how one
+key's scores compare with another's, the per-expert bias above. A gate trained as
+2 * sigmoid(v . x), whose zero start is the expert at its trained strength instead of half of
+it, loses the pull to open everywhere and with it most of that knowledge: AUCs 0.51-0.60, own
+shares 0.11-0.47 (xsum's collapse 0.77 -> 0.47). Offsetting each key by its score of its own
+expert's mean activation moves the collapse elsewhere (xsum 0.04, piqa 0.07, bbc 0.26). None
+is adopted.
 """
 
 from __future__ import annotations
