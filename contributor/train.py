@@ -51,7 +51,7 @@ task's tokens from the other tasks' about as well as a mean activation does (AUC
 against other tokens: gates 0.47-0.74, mean activations 0.45-0.74); what differs is how one
 key's scores compare with another's, the per-expert bias above. A gate trained as
 2 * sigmoid(v . x), whose zero start is the expert at its trained strength instead of half of
-it, loses the pull to open everywhere and with it most of that knowledge: AUCs 0.51-0.60, own
+it, loses the pull to open everywhere and with it most of that knowledge: AUCs 0.47-0.60, own
 shares 0.11-0.47 (xsum's collapse 0.77 -> 0.47). Offsetting each key by its score of its own
 expert's mean activation moves the collapse elsewhere (xsum 0.04, piqa 0.07, bbc 0.26). None
 is adopted.
