@@ -32,8 +32,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from routing.base import BaseModel, load_base  # noqa: E402
-from routing.precision import PRECISIONS, for_scoring  # noqa: E402
 from routing.layers import RoutedLinear, parameter_free_layer_norm  # noqa: E402
+from routing.precision import PRECISIONS, for_scoring  # noqa: E402
 from routing.router import route, unroute  # noqa: E402
 from routing.stack import ModuleRouter, RouterWeights  # noqa: E402
 

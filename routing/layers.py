@@ -16,7 +16,8 @@ Two equivalent ways to apply the LoRA part of the top-k mixture, picked per laye
 - dense: h = x A_all^T for all E experts at once (the same GEMM as the scores), weights zero
   outside the top-k, then one matmul with B_all. Extra activations: (N, E + E*r) + (N, E).
   FLOPs ~ N*E*r*(d_in + d_out). Cheapest when E*r is small (a few experts): two plain GEMMs,
-  no gather.
+  no gather. "auto" picks it up to DENSE_MAX_COLUMNS (float32) or DENSE_MAX_COLUMNS_REDUCED
+  (bf16, fp16) columns E*r.
 - grouped: the N*k (token, expert) assignments are sorted by expert and two grouped GEMMs
   (`torch.nn.functional.grouped_mm`) run each expert's factors on its own tokens only, the
   dispatch of mixture-of-experts layers. Extra activations: (N*k, d_in) gathered inputs,
