@@ -34,9 +34,10 @@ def random_pieces(count: int, kinds: tuple[str, ...], seed: int) -> list[ExpertP
 
 
 def build_layer(pieces: list[ExpertPiece], method: str, top_k: int, dispatch: str,
-                state: RoutingState | None = None, **options) -> RoutedLinear:
+                state: RoutingState | None = None, dtype: torch.dtype = torch.float32,
+                **options) -> RoutedLinear:
     torch.manual_seed(1)
-    base = nn.Linear(D_IN, D_OUT, bias=False)
+    base = nn.Linear(D_IN, D_OUT, bias=False).to(dtype)
     router = with_ia3_prototypes(stack_module("m", D_IN, D_OUT, pieces), base.weight)
     return RoutedLinear(base, router, method=method, top_k=top_k,
                         state=state or RoutingState(),
@@ -64,16 +65,13 @@ def test_auto_dispatch_stays_dense_longer_in_bf16():
     # bf16's (1024), where the grouped GEMM's skinny per-expert products are slow on CPU
     pieces = random_pieces(64, ("lora",), seed=5)
     assert not build_layer(pieces, "phatgoose", top_k=2, dispatch="auto").dense
-    base = nn.Linear(D_IN, D_OUT, bias=False).to(torch.bfloat16)
-    router = stack_module("m", D_IN, D_OUT, pieces)
-    reduced = RoutedLinear(base, router, method="phatgoose", top_k=2, state=RoutingState(),
-                           collection_index=list(range(64)), dispatch="auto")
+    reduced = build_layer(pieces, "phatgoose", top_k=2, dispatch="auto", dtype=torch.bfloat16)
     assert reduced.dense and reduced.lora_A.dtype == torch.bfloat16
     x = torch.randn(2, 6, D_IN, generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         got = (reduced(x.bfloat16()) - reduced.base(x.bfloat16())).float()
-    expected = reference_routed_delta(pieces, base.weight.detach().float(), x.reshape(-1, D_IN),
-                                      "phatgoose", top_k=2)
+    expected = reference_routed_delta(pieces, reduced.base.weight.detach().float(),
+                                      x.reshape(-1, D_IN), "phatgoose", top_k=2)
     # bf16 rounding of inputs, factors and keys: a loose tolerance, and near-tied scores may
     # pick another expert, so most (not all) tokens must match
     close = torch.isclose(got.reshape(-1, D_OUT), expected, atol=0.15, rtol=0.05).all(dim=1)
