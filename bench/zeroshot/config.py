@@ -56,7 +56,7 @@ class Plan:
 # scoring in bf16 where the CPU runs it natively (routing.precision): 8 experts of 80 steps +
 # 30 gate steps (~5 min each, one at a time beside the multitask LoRA, then two at a time),
 # their union trained for the same budget (8 x 80 steps), and 13 tasks x 300 test examples x 9
-# methods. Measured from a clean cache on 2026-11-30: 94 min (training 36.5, scoring 53.5).
+# methods. Measured from a clean cache on 2026-11-30: 91.2 min (training 37.2, scoring 51.0).
 FULL = Plan(
     name="full", base="smollm2-135m", held_in=HELD_IN, held_out=HELD_OUT,
     train_examples=1000, test_examples=300, diagnostic_examples=64, steps=80, gate_steps=30,
