@@ -1,8 +1,13 @@
 """Routing diagnostics: which experts real tokens pick, per layer, from a routing trace.
 
 For a held-in task, the share of its tokens whose top-1 expert is the task's own expert shows
-whether the router keys tell the tasks apart. For a held-out task, the usage of each expert
-per layer shows where its tokens go.
+whether the router keys tell the tasks apart. It is reported over all tokens and over the
+scored positions alone: the last prompt token and the answer tokens but the last, whose
+next-token predictions are what rank classification scores and the only positions where the
+target loss reaches the gates directly during gate training. A PHATGOOSE gate learns from the
+loss, so it tells the tasks apart mostly there; a prompt token's routing reaches the score only
+through attention. For a held-out task, the usage of each expert per layer shows where its
+tokens go.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class TokenChoices:
 
     experts: list[str]  # collection expert names; ids index into this list
     by_module: dict[str, torch.Tensor]  # module -> (tokens, k) expert ids, -1: none
+    scored: torch.Tensor  # (tokens,) bool: the token's next-token prediction is scored
 
     def layers(self) -> dict[int, list[str]]:
         """Block index -> the routed modules inside it."""
@@ -37,15 +43,19 @@ class TokenChoices:
         return dict(sorted(grouped.items()))
 
     def own_share(self, own: str) -> dict:
-        """Share of token-module pairs whose top-1 expert is `own`: per layer and overall."""
+        """Share of token-module pairs whose top-1 expert is `own`: per layer, overall and
+        over the scored positions only."""
         index = self.experts.index(own)
-        per_layer, hits, total = {}, 0, 0
+        per_layer, hits, total, scored_hits, scored_total = {}, 0, 0, 0, 0
         for layer, modules in self.layers().items():
-            top1 = torch.cat([self.by_module[m][:, 0] for m in modules])
-            layer_hits = int((top1 == index).sum())
-            per_layer[layer] = layer_hits / max(1, top1.numel())
-            hits, total = hits + layer_hits, total + top1.numel()
-        return {"overall": hits / max(1, total), "per_layer": per_layer}
+            top1 = torch.stack([self.by_module[m][:, 0] for m in modules])  # (modules, tokens)
+            hit = top1 == index
+            per_layer[layer] = int(hit.sum()) / max(1, hit.numel())
+            hits, total = hits + int(hit.sum()), total + hit.numel()
+            scored_hits += int(hit[:, self.scored].sum())
+            scored_total += int(self.scored.sum()) * len(modules)
+        return {"overall": hits / max(1, total), "scored": scored_hits / max(1, scored_total),
+                "per_layer": per_layer}
 
     def usage(self) -> torch.Tensor:
         """(layers, experts): share of each layer's top-k slots won by each expert."""
@@ -57,13 +67,16 @@ class TokenChoices:
         return torch.stack(rows) if rows else torch.zeros(0, len(self.experts))
 
 
-def _sequences(tokenizer, examples: Sequence[Example], max_length: int) -> list[list[int]]:
-    """Prompt ids then the correct answer's ids, as a contributor's training sees them."""
+def _sequences(tokenizer, examples: Sequence[Example],
+               max_length: int) -> list[tuple[list[int], int]]:
+    """Prompt ids then the correct answer's ids, as a contributor's training sees them, each
+    with its number of answer ids (the cut, when needed, takes prompt ids from the start)."""
     out = []
     for example in examples:
         prompt = tokenizer(example.input, add_special_tokens=False)["input_ids"]
         target = tokenizer(example.target, add_special_tokens=False)["input_ids"]
-        out.append((list(prompt) + list(target))[-max_length:])
+        ids = (list(prompt) + list(target))[-max_length:]
+        out.append((ids, min(len(target), len(ids) - 1)))
     return out
 
 
@@ -74,21 +87,28 @@ def token_choices(base: BaseModel, examples: Sequence[Example], *, batch_size: i
     pad = base.tokenizer.pad_token_id or 0
     sequences = _sequences(base.tokenizer, examples, max_length)
     kept: dict[str, list[torch.Tensor]] = {}
+    scored: list[torch.Tensor] = []
     with capture_routing(base.model) as trace:
         for start in range(0, len(sequences), batch_size):
             chunk = sequences[start:start + batch_size]
-            width = max(len(s) for s in chunk)
+            width = max(len(s) for s, _ in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.bool)
-            for r, sequence in enumerate(chunk):
+            is_scored = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for r, (sequence, answer) in enumerate(chunk):
                 ids[r, :len(sequence)] = torch.tensor(sequence)
                 mask[r, :len(sequence)] = True
+                # Position t predicts token t + 1: the answer's ids are predicted from the
+                # last prompt position up to the answer's second-to-last one.
+                is_scored[r, len(sequence) - answer - 1:len(sequence) - 1] = True
+            scored.append(is_scored[mask])
             trace.records.clear()
             base.model(input_ids=ids, attention_mask=mask.long())
             for module, parts in trace.records.items():
                 # One call per forward: rows are the batch's (sequence, position) in order.
                 kept.setdefault(module, []).append(parts[-1][mask.reshape(-1)])
-    return TokenChoices(trace.experts, {m: torch.cat(v) for m, v in kept.items()})
+    return TokenChoices(trace.experts, {m: torch.cat(v) for m, v in kept.items()},
+                        torch.cat(scored))
 
 
 def routing_diagnostics(base: BaseModel, weights, plan) -> dict:

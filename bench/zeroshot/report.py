@@ -63,13 +63,22 @@ def own_share_table(plan: Plan, own_share: dict) -> list[str]:
     if not own_share:
         return []
     methods = list(own_share)
+    # Results written before the scored-position share existed hold the overall one only.
+    scored = all("scored" in own_share[m][t] for m in methods for t in plan.held_in)
+
+    def cell(share: dict) -> str:
+        return f"{share['overall']:.2f} / {share['scored']:.2f}" if scored \
+            else f"{share['overall']:.2f}"
+
+    what = ("all tokens / scored positions, i.e. the last prompt token and the answer tokens "
+            "whose predictions rank classification scores" if scored else "all tokens")
     lines = ["Share of held-in validation tokens whose top-1 expert is the task's own "
-             "(all layers; chance = 1/" + str(len(plan.held_in)) + "):", "",
+             f"({what}; all layers; chance = 1/{len(plan.held_in)}):", "",
              "| task | " + " | ".join(LABELS[m] for m in methods) + " |",
              "|---|" + "---:|" * len(methods)]
     for task in plan.held_in:
-        lines.append(f"| {task} | " + " | ".join(
-            f"{own_share[m][task]['overall']:.2f}" for m in methods) + " |")
+        lines.append(f"| {task} | " + " | ".join(cell(own_share[m][task]) for m in methods)
+                     + " |")
     return lines
 
 

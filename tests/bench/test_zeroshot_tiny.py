@@ -128,10 +128,29 @@ def test_own_share_counts_real_tokens_and_layers(routed, weights):
                for e in EXAMPLES)
     assert all(c.shape[0] == real for c in choices.by_module.values())  # padding excluded
     assert choices.own_share("gamma")["overall"] == 1.0
+    assert choices.own_share("gamma")["scored"] == 1.0
     assert choices.own_share("alpha")["overall"] == 0.0
     assert sorted(choices.own_share("gamma")["per_layer"]) == [0, 1]
     usage = choices.usage()
     assert usage.shape == (2, 3) and torch.allclose(usage[:, 2], torch.ones(2))
+
+
+def test_scored_positions_are_those_that_predict_the_answer(routed, weights):
+    route(routed, weights, method="phatgoose", top_k=2)
+    choices = token_choices(routed, EXAMPLES, batch_size=3)
+    tok = routed.tokenizer
+    expected = []
+    for example in EXAMPLES:
+        prompt = tok(example.input, add_special_tokens=False)["input_ids"]
+        answer = tok(example.target, add_special_tokens=False)["input_ids"]
+        # The last prompt position predicts the answer's first id; the answer's last
+        # position predicts nothing that is scored.
+        expected += [False] * (len(prompt) - 1) + [True] * len(answer) + [False]
+    assert choices.scored.tolist() == expected
+    top1 = torch.stack([ids[:, 0] for ids in choices.by_module.values()])
+    for index, name in enumerate(choices.experts):
+        share = (top1[:, choices.scored] == index).double().mean().item()
+        assert choices.own_share(name)["scored"] == pytest.approx(share)
 
 
 def test_own_share_of_phatgoose_is_a_share_of_top1_choices(routed, weights):
@@ -164,11 +183,17 @@ def test_report_writes_table_chart_and_heatmap(tmp_path):
         assert held_in["mean"] == pytest.approx(np.mean(
             [summary["accuracy"][method][t] for t in TINY.held_in]))
     assert "held_out" not in summary["means"]["oracle"]
-    own = {m: {t: {"overall": 0.5, "per_layer": {0: 0.5}} for t in TINY.held_in}
+    own = {m: {t: {"overall": 0.5, "scored": 0.25, "per_layer": {0: 0.5}} for t in TINY.held_in}
            for m in ("phatgoose", "average_activation")}
     text = markdown(TINY, summary, {"own_share": own}, ["# title"])
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(TINY.held_in) + len(TINY.held_out) + 2 + 1 + len(TINY.held_in)
+    assert rows[-1].endswith("| 0.50 / 0.25 | 0.50 / 0.25 |")
+    for shares in own.values():  # results written before the scored share existed
+        for share in shares.values():
+            del share["scored"]
+    old_rows = markdown(TINY, summary, {"own_share": own}, ["# title"]).splitlines()
+    assert old_rows[-1].endswith("| 0.50 | 0.50 |")
     assert "held-out mean" in text and "oracle*" in text
     assert bar_chart(summary, tmp_path / "means.png", "t").read_bytes()[:8] == PNG_MAGIC
     usage = {"imdb-sentiment": [[0.5, 0.5], [1.0, 0.0]]}
