@@ -14,47 +14,38 @@ AVX512-BF16) cuts a training step about 1.6x. The expert gets the larger share: 
 tweet-sentiment (120 held-out examples, rank classification) the base model scores 36.7%, a
 50-step expert 42.5% and a 100-step expert 66.7%.
 
-The gates are weak router keys at this budget, and not for want of examples. Measured on four
-30-step SmolLM2 experts (tweet-sentiment, bbc-topic, boolq, siqa; share of validation tokens
-whose top-1 expert is their own, chance 0.25): 20 gate steps at batch 8 gave 0.16-0.57; the
-same with lr 5e-2 gave identical routing (Adam's step does not depend on the gradient's size,
-so a larger lr mostly scales the same direction, which the router's LN removes); 4x the
-examples per step (--gate-accumulation 4) gave 0.15-0.56, with gates at cosine 0.91-0.97 to the
-batch-8 ones: the gate directions are stable, not noise. What they encode is how much of the
-expert helps on its own data, and that acts as one bias per expert across every task's tokens.
-Short constant-LR experts can overshoot (an 80-step tweet-sentiment expert's target loss on
-its own training examples is 0.56 at full strength and 0.46 at half strength, g = 0.5, where
-gate training starts), but that is not the cause: with --schedule linear the four 60-step
-experts all do better at full strength than at half (bbc 0.086 vs 0.117, tweet 0.370 vs 0.421,
-boolq 0.315 vs 0.361, siqa 2.84 vs 3.30), and the shares stay 0.23 / 0.19 / 0.67 / 0.28. The
-routing collapses onto the expert with the largest gain: siqa's key takes 44-67% of the top-1
-slots of every task's tokens (held-out ones too), while each other key wins its own task's
-tokens only 1.2-2.5x as often as the other tasks'. Projecting the keys' common direction out
-changes nothing (the shares move by 0.01), and 100 gate steps (PHATGOOSE's count) sharpen the
-collapse (routing among bbc, boolq and siqa: siqa takes 0.85 of its own tokens, 0.60 of
-bbc's). PHATGOOSE's experts train 1000 steps, at an effective batch of 1024 in its reference
-runs, before their 100 gate steps; the shipped mean activations (Average Activation) scored
-0.41-0.72 on the same test.
+What the gates learn. During gate training the target loss reaches a gate directly only at the
+scored positions (the last prompt token and the answer tokens but the last); a prompt token's
+gate gets gradient only through attention. So the keys tell the tasks apart where the answer is
+predicted, and much less at prompt tokens. `python -m bench.gate_shares` on the eight 80-step
+experts of a full zero-shot run, their gates retrained with these defaults (50 steps, batch 8,
+lr 5e-3), routing 32 validation examples a task (own-expert top-1 share, chance 0.125): at the
+scored positions 0.31-0.86, mean 0.47; over all tokens 0.05-0.79, mean 0.29. The shipped mean
+activations (Average Activation) score 0.20-0.73 (mean 0.57) and 0.24-0.71 (0.51). Over all
+tokens the routing collapses onto the expert with the longest targets: xsum-summary's key wins
+0.79 of its own tokens and many of every other task's, because its loss falls on many ordinary
+text positions where the others' falls on an answer slot. In the zero-shot benchmark
+PHATGOOSE's held-in and held-out means are still above Average Activation's (README).
 
-Two changes to the gate itself were measured on the full benchmark's eight 80-step experts
-(30 gate steps retrained; validation, 32 examples a task for the shares, chance 0.125, and
-60 for accuracy). A gate held orthogonal to its module's mean input (and to the all-ones
-direction) during training removes the collapse (xsum's own share 0.79 -> 0.21) but leaves
-every share near chance (0.11-0.21), with held-in accuracy 0.606 vs 0.615 and held-out 0.554
-vs 0.528. Normalised gradient descent instead of AdamW (each step along the gradient, not
-Adam's per-coordinate signs) keeps the collapse (xsum 0.58, piqa 0.37, the rest 0.07-0.30)
-and lowers held-in accuracy to 0.588. Neither is adopted: the recipe stays PHATGOOSE's.
+Steps, batch and learning rate do not change this. Same experts and measurement, mean share at
+the scored positions / over all tokens: 30 steps 0.47 / 0.28, 50 steps 0.47 / 0.29, 100 steps
+0.48 / 0.29, lr 5e-4 0.46 / 0.28. Earlier probes on four 30-step experts: lr 5e-2 routes as
+5e-3 does (Adam's step ignores the gradient's size, and the router's LN removes the scale), 4x
+the examples per step (--gate-accumulation 4) gives gates at cosine 0.91-0.97 to the batch-8
+ones, and linear LR decay in the expert's training leaves the shares where they were. PHATGOOSE
+trains its experts 1000 steps at an effective batch of 1024 before its 100 gate steps; that
+budget is out of reach here.
 
-Three more probes on the same eight experts and gates (validation, 32 examples a task, each
-figure a mean over the 210 modules) locate what the keys know. Per key, a gate tells its own
-task's tokens from the other tasks' about as well as a mean activation does (AUC of own
-against other tokens: gates 0.47-0.74, mean activations 0.45-0.74); what differs is how one
-key's scores compare with another's, the per-expert bias above. A gate trained as
-2 * sigmoid(v . x), whose zero start is the expert at its trained strength instead of half of
-it, loses the pull to open everywhere and with it most of that knowledge: AUCs 0.47-0.60, own
-shares 0.11-0.47 (xsum's collapse 0.77 -> 0.47). Offsetting each key by its score of its own
-expert's mean activation moves the collapse elsewhere (xsum 0.04, piqa 0.07, bbc 0.26). None
-is adopted.
+Changes to the gate itself, each measured on the same eight experts and none adopted (the
+recipe stays PHATGOOSE's): a gate held orthogonal to its module's mean input removes the
+collapse but leaves every share near chance; normalised gradient descent instead of AdamW keeps
+the collapse; a gate of 2 * sigmoid(v . x), whose zero start is the expert at its trained
+strength, loses the pull to open and most of what the keys know; offsetting each key by its
+score of its own mean activation moves the collapse to another expert; adding text sampled from
+the base model as negatives, with the same LM loss, teaches the gates to close on generic text
+(mean gate 0.36-0.58 there against 0.41-0.70 on own data) but not to tell the tasks apart (0.39
+/ 0.24); the LM loss on all of the own data's tokens instead of the targets makes the gates
+close on prompt tokens, where the expert hurts, and lowers the shares (0.25 / 0.19).
 """
 
 from __future__ import annotations
