@@ -13,7 +13,7 @@ share of token-module pairs whose top-1 expert is the task's own is printed twic
 Chance is 1/N for N experts. This takes a minute or two on SmolLM2, against an hour and a
 half for the full benchmark, so a gate recipe can be compared on experts trained once:
 
-    python -m bench.gate_shares runs/<run>/store-or-bundles/ [--examples 32]
+    python -m bench.gate_shares runs/<zeroshot run>/store/experts [--examples 32]
 """
 
 from __future__ import annotations

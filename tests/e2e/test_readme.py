@@ -63,6 +63,8 @@ RUN_HERE = {
     "load_router(": "test_consumer_code_and_model_serving",
     "python bench/inference.py": "test_benchmark_commands",
     "bench/transport.py": "test_benchmark_commands",
+    "python -m bench.expert_gain": "test_benchmark_commands",
+    "python -m bench.gate_shares": "test_benchmark_commands",
 }
 
 
@@ -416,9 +418,20 @@ def test_consumer_code_and_model_serving(walk, operated):
     walk.check_ran("test_consumer_code_and_model_serving")
 
 
-def test_benchmark_commands(walk, tmp_path):
+def test_benchmark_commands(walk, tmp_path, tiny_spec):
     """The README's benchmark commands, shrunk to the tiny model and a few seconds by
     arguments appended after the README's own (later flags win)."""
+    from protocol.bundle import save_bundle
+    from routing.synthetic import random_bundle
+
+    experts = tmp_path / "experts"
+    for seed, task in enumerate(("tweet-sentiment", "boolq")):
+        save_bundle(random_bundle(tiny_spec, task, seed=seed, with_activations=True),
+                    experts / task)
+    gain = walk.spawn("python -m bench.expert_gain", "--base", "tiny-llama", "--train-examples",
+                      "16", "--test-examples", "4", cwd=ROOT)
+    shares = walk.spawn("python -m bench.gate_shares", "--base", "tiny-llama", "--examples", "3",
+                        values={"DIR": str(experts)}, cwd=ROOT)
     inference = walk.spawn("python bench/inference.py", "--base", "tiny-llama", "--experts", "8",
                            "--naive-experts", "8", "--rounds", "1", "--out",
                            str(tmp_path / "inference.json"), cwd=ROOT)
@@ -428,4 +441,9 @@ def test_benchmark_commands(walk, tmp_path):
     assert "routed_8" in inference.result().stdout
     assert (tmp_path / "inference.json").is_file()
     assert "ratio submit/raw" in transport.result().stdout
+    gained = gain.result(300).stdout
+    assert "16 train examples, 4 test examples" in gained and "expert accuracy" in gained
+    table = shares.result().stdout
+    assert "all tokens / scored positions" in table and "average_activation" in table
+    assert {line.split()[0] for line in table.splitlines()[2:4]} == {"boolq", "tweet-sentiment"}
     walk.check_ran("test_benchmark_commands")
