@@ -66,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     gate = sub.add_parser(
         "gate", help="recycle an existing peft adapter: train only its gate",
         description="Load an existing peft adapter (adapter_config.json + "
-                    "adapter_model.safetensors), train its PHATGOOSE gate on your data and "
-                    "write a bundle.",
+                    "adapter_model.safetensors), or the expert of a gaggle bundle, train its "
+                    "PHATGOOSE gate on your data and write a new bundle.",
     )
-    gate.add_argument("--adapter", required=True, help="folder of the existing peft adapter")
+    gate.add_argument("--adapter", required=True,
+                      help="folder of the existing peft adapter, or of a bundle (its expert is "
+                           "kept as it is; its gates are trained again)")
     _add_training_flags(gate)
     gate.set_defaults(handler="contributor.train:run_gate_command")
 

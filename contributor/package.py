@@ -141,6 +141,24 @@ def bundle_from_peft(peft_model: nn.Module, base: BaseModel | BaseSpec, name: st
                               activations=activations, training=training)
 
 
+def load_expert(folder: str | Path, base: BaseModel) -> Expert:
+    """The expert to recycle: a saved peft adapter, or the expert of a gaggle bundle.
+
+    A bundle's gates and mean activations are dropped, so its gate can be trained again, e.g.
+    with other settings. Raises InvalidBundle or FingerprintMismatch for a bundle that does
+    not validate against `base`, and load_peft_adapter's errors otherwise.
+    """
+    root = Path(folder)
+    if not (root / "manifest.json").is_file():
+        return load_peft_adapter(root, base)
+    from protocol.bundle import load_bundle
+
+    bundle = load_bundle(root, base.spec())
+    manifest = bundle.manifest
+    return Expert(method=manifest.method, peft=dict(manifest.peft),
+                  modules=list(manifest.modules), adapter=dict(bundle.adapter))
+
+
 def load_peft_adapter(folder: str | Path, base: BaseModel | BaseSpec) -> Expert:
     """Read a saved peft adapter (adapter_config.json + adapter_model.safetensors).
 

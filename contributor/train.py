@@ -80,7 +80,7 @@ from contributor.package import (
     bundle_from_expert,
     check_trained,
     expert_from_peft,
-    load_peft_adapter,
+    load_expert,
 )
 from protocol.bundle import save_bundle, validate_bundle
 from protocol.errors import GaggleError, InvalidArgument
@@ -367,13 +367,14 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 
 def run_gate_command(args: argparse.Namespace) -> int:
-    """`gaggle-contributor gate`: recycle a saved peft adapter, train only its gate."""
+    """`gaggle-contributor gate`: recycle a saved peft adapter (or a bundle's expert), train
+    only its gate."""
     config = config_from_args(args)
     out, name = _check_output(args.out, args.name)
     set_threads(config.threads)
     records = read_jsonl(args.data)
     base = load_base(args.base)
-    expert = load_peft_adapter(args.adapter, base)
+    expert = load_expert(args.adapter, base)
     check_trained(expert, args.adapter)  # a zero delta would leave the gate at zero
     started = time.perf_counter()
     examples = tokenize(records, base.tokenizer, config.max_length)

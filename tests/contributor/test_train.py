@@ -92,6 +92,26 @@ def test_gate_recycles_a_saved_peft_adapter(cli, tmp_path, data_file, tiny_spec,
     assert all(gate.abs().sum() > 0 for gate in bundle.gates.values())
 
 
+def test_gate_retrains_the_gates_of_a_bundle_and_keeps_its_expert(cli, tmp_path, data_file,
+                                                                  tiny_spec, method):
+    first = tmp_path / "first"
+    code, _, err = cli("train", "--base", "tiny-llama", "--data", data_file, "--out", first,
+                       "--method", method, *FAST)
+    assert code == 0, err
+    again = tmp_path / "again"
+    code, _, err = cli("gate", "--adapter", first, "--base", "tiny-llama", "--data", data_file,
+                       "--out", again, *GATE_FAST, "--gate-steps", "6")
+    assert code == 0, err
+    old, new = load_bundle(first, tiny_spec), load_bundle(again, tiny_spec)
+    assert new.manifest.training["expert_steps"] == 0
+    assert new.manifest.training["gate_steps"] == 6
+    assert new.manifest.peft == old.manifest.peft
+    assert new.adapter.keys() == old.adapter.keys()
+    assert all(torch.equal(new.adapter[key], old.adapter[key]) for key in old.adapter)
+    assert new.gates.keys() == old.gates.keys()
+    assert not all(torch.equal(new.gates[m], old.gates[m]) for m in old.gates)  # 6 steps, not 3
+
+
 def _untrained_adapter(folder, method: str, zero: str = "") -> None:
     """Save a peft adapter straight from its initialisation (LoRA B = 0, (IA)^3 = 1.0), or
     with random factors except `zero` ("lora_A") set to zero."""
