@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from bench.zeroshot.diagnostics import token_choices
-from protocol.bundle import load_bundle
+from bench.zeroshot.diagnostics import own_shares
+from protocol.bundle import MANIFEST, load_bundle
 from protocol.errors import GaggleError, InvalidArgument
 from routing.base import load_base
-from routing.router import route, unroute
 from routing.stack import stack_experts
 from tasks.registry import get_task, split
 
@@ -41,10 +40,10 @@ def bundle_dirs(paths: list[str]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if (path / "manifest.json").is_file():
+        if (path / MANIFEST).is_file():
             found.append(path)
         elif path.is_dir():
-            found += sorted(p for p in path.iterdir() if (p / "manifest.json").is_file())
+            found += sorted(p for p in path.iterdir() if (p / MANIFEST).is_file())
         else:
             raise InvalidArgument(f"{path} is neither a bundle nor a folder of bundles",
                                   field="bundles")
@@ -68,17 +67,9 @@ def gate_shares(base_name: str, paths: list[Path], *, examples: int = 32,
                                   "trained on", field="bundles") from None
     if "average_activation" in methods and any(b.activations is None for b in bundles):
         methods = tuple(m for m in methods if m != "average_activation")
-    base = load_base(base_name)
-    weights = stack_experts(bundles)
-    tasks = [b.name for b in bundles]
-    validation = {t: split(t, seed).validation[:examples] for t in tasks}
-    shares: dict[str, dict] = {}
-    for method in methods:
-        route(base, weights, method=method, top_k=2)
-        shares[method] = {t: token_choices(base, validation[t], max_length=max_length)
-                          .own_share(t) for t in tasks}
-    unroute(base.model)
-    return shares
+    validation = {b.name: split(b.name, seed).validation[:examples] for b in bundles}
+    return own_shares(load_base(base_name), stack_experts(bundles), validation, methods,
+                      max_length=max_length)
 
 
 def table(shares: dict) -> str:

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protocol.bundle import TENSOR_DTYPE, BaseSpec, Bundle, Manifest, ModuleSpec
+from protocol.bundle import (
+    MANIFEST,
+    TENSOR_DTYPE,
+    BaseSpec,
+    Bundle,
+    Manifest,
+    ModuleSpec,
+    load_bundle,
+)
 from protocol.errors import InvalidArgument
 from routing.base import BaseModel
 
@@ -149,10 +157,8 @@ def load_expert(folder: str | Path, base: BaseModel) -> Expert:
     not validate against `base`, and load_peft_adapter's errors otherwise.
     """
     root = Path(folder)
-    if not (root / "manifest.json").is_file():
+    if not (root / MANIFEST).is_file():
         return load_peft_adapter(root, base)
-    from protocol.bundle import load_bundle
-
     bundle = load_bundle(root, base.spec())
     manifest = bundle.manifest
     return Expert(method=manifest.method, peft=dict(manifest.peft),

@@ -50,10 +50,11 @@ class TokenChoices:
         for layer, modules in self.layers().items():
             top1 = torch.stack([self.by_module[m][:, 0] for m in modules])  # (modules, tokens)
             hit = top1 == index
-            per_layer[layer] = int(hit.sum()) / max(1, hit.numel())
-            hits, total = hits + int(hit.sum()), total + hit.numel()
-            scored_hits += int(hit[:, self.scored].sum())
-            scored_total += int(self.scored.sum()) * len(modules)
+            layer_hits, scored = int(hit.sum()), hit[:, self.scored]
+            per_layer[layer] = layer_hits / max(1, hit.numel())
+            hits, total = hits + layer_hits, total + hit.numel()
+            scored_hits += int(scored.sum())
+            scored_total += scored.numel()
         return {"overall": hits / max(1, total), "scored": scored_hits / max(1, scored_total),
                 "per_layer": per_layer}
 
@@ -111,6 +112,24 @@ def token_choices(base: BaseModel, examples: Sequence[Example], *, batch_size: i
                         torch.cat(scored))
 
 
+def own_shares(base: BaseModel, weights, validation: dict[str, Sequence[Example]],
+               methods: Sequence[str], *, max_length: int) -> dict[str, dict]:
+    """method -> task -> TokenChoices.own_share(task), with each method routing top-2 in turn.
+
+    weights: RouterWeights whose expert names are the tasks of `validation` (task -> its
+    examples). The model is left unrouted.
+    """
+    from routing.router import route, unroute
+
+    shares: dict[str, dict] = {}
+    for method in methods:
+        route(base, weights, method=method, top_k=2)
+        shares[method] = {task: token_choices(base, examples, max_length=max_length)
+                          .own_share(task) for task, examples in validation.items()}
+    unroute(base.model)
+    return shares
+
+
 def routing_diagnostics(base: BaseModel, weights, plan) -> dict:
     """Own-expert top-1 shares (held-in) and PHATGOOSE expert usage (held-out), validation.
 
@@ -122,16 +141,11 @@ def routing_diagnostics(base: BaseModel, weights, plan) -> dict:
 
     validation = {t: split(t, plan.seed).validation[:plan.diagnostic_examples]
                   for t in (*plan.held_in, *plan.held_out)}
-    own_share: dict[str, dict] = {}
-    usage: dict[str, list] = {}
-    for method in DIAGNOSED:
-        route(base, weights, method=method, top_k=2)
-        own_share[method] = {
-            t: token_choices(base, validation[t], max_length=plan.eval_max_length).own_share(t)
-            for t in plan.held_in}
-        if method == "phatgoose":
-            usage = {t: token_choices(base, validation[t], max_length=plan.eval_max_length)
-                     .usage().tolist() for t in plan.held_out}
+    own_share = own_shares(base, weights, {t: validation[t] for t in plan.held_in}, DIAGNOSED,
+                           max_length=plan.eval_max_length)
+    route(base, weights, method="phatgoose", top_k=2)
+    usage = {t: token_choices(base, validation[t], max_length=plan.eval_max_length)
+             .usage().tolist() for t in plan.held_out}
     unroute(base.model)
     return {"own_share": own_share, "held_out_usage": usage, "experts": list(weights.experts),
             "examples_per_task": plan.diagnostic_examples, "split": "validation"}
