@@ -54,7 +54,6 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -84,13 +83,13 @@ from contributor.package import (
 )
 from protocol.bundle import save_bundle, validate_bundle
 from protocol.errors import GaggleError, InvalidArgument
+from protocol.names import check_name
 from routing.base import BaseModel, load_base
 from routing.gate import gate_vectors, gated_experts, mean_input_activations
 from routing.precision import autocast
 from routing.precision import resolve as resolve_precision
 
 _ACTIVATION_BATCH = 16  # no-grad passes afford larger batches than training steps
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # the bundle format's name rule
 
 
 SCHEDULES = ("constant", "linear")
@@ -311,9 +310,7 @@ def _check_output(out: str, name: str | None) -> tuple[Path, str]:
         raise InvalidArgument(f"--out {target} already exists: choose a new folder or remove "
                               "the old one", field="out")
     name = name if name is not None else target.name
-    if not _NAME_RE.match(name):
-        raise InvalidArgument(f"expert name {name!r} is not allowed: use 1-64 letters, digits, "
-                              "'.', '_' or '-' (set --name)", field="name")
+    check_name(name, "expert name", "name", " (set --name)")
     return target, name
 
 

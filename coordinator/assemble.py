@@ -21,7 +21,6 @@ import json
 import os
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,7 @@ class ExpertEntry:
     """One expert of a version, as the version manifest records it."""
 
     expert_id: str  # the store's id of the expert
-    name: str  # the name the router knows it by (unique within the version)
+    name: str  # the key the router knows it by: expert_key(contributor, expert name)
     contributor: str
     method: str
     path: str  # the expert's bundle folder in the store
@@ -81,23 +80,25 @@ def ensure_ray(config: AssemblyConfig | None = None) -> None:
 def select_experts(records: list) -> list[ExpertEntry]:
     """The expert set of a new version: the newest expert per (contributor, name).
 
-    A contributor re-submitting a name replaces that expert. When contributors share a name,
-    each keeps its own expert, named `contributor.name` inside the router.
+    A contributor re-submitting a name replaces that expert. Inside the router, in usage
+    reports and in version diffs an expert is known as `contributor/name` (expert_key): a
+    name alone would let one contributor's expert shadow another's, and '/' cannot occur in
+    either part.
     """
     newest: dict[tuple[str, str], object] = {}
     for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
         newest[(record.contributor, record.name)] = record
-    holders = Counter(name for (_, name) in newest)
-    shared = {name for name, count in holders.items() if count > 1}
     entries = [
-        ExpertEntry(
-            expert_id=r.expert_id,
-            name=f"{r.contributor}.{r.name}" if r.name in shared else r.name,
-            contributor=r.contributor, method=r.method, path=str(r.path),
-        )
+        ExpertEntry(expert_id=r.expert_id, name=expert_key(r.contributor, r.name),
+                    contributor=r.contributor, method=r.method, path=str(r.path))
         for r in newest.values()
     ]
     return sorted(entries, key=lambda e: (e.name, e.expert_id))
+
+
+def expert_key(contributor: str, name: str) -> str:
+    """How a version knows an expert: `contributor/name`, unique in a store."""
+    return f"{contributor}/{name}"
 
 
 def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:
@@ -251,11 +252,13 @@ class AssemblyResult:
 
 def assemble(store_root: str | os.PathLike, records: list,
              config: AssemblyConfig | None = None,
-             fingerprint: str | None = None) -> AssemblyResult:
+             fingerprint: str | None = None, base_name: str | None = None) -> AssemblyResult:
     """Assemble an expert set (`records`: the store's ExpertRecords) into the current version.
 
     fingerprint: the federation's base fingerprint; every expert must match it (default: the
-    first expert's). Raises FailedPrecondition when there are no experts and InvalidBundle when
+    first expert's). base_name: the coordinator's name for that base, which the version
+    records and consumers load; a manifest's base name is the contributor's label only
+    (default, without a coordinator: the first expert's label). Raises FailedPrecondition when there are no experts and InvalidBundle when
     a bundle fails its re-verification; then nothing changes.
     """
     started = time.perf_counter()
@@ -274,6 +277,7 @@ def assemble(store_root: str | os.PathLike, records: list,
                               time.perf_counter() - started)
     stages: dict[str, float] = {}
     weights = build_router(entries, config, fingerprint, stages)
+    weights.base_model = base_name or weights.base_model
     saving = time.perf_counter()
     manifest = {
         "format": FORMAT, "version_id": version_id,
@@ -298,7 +302,7 @@ def assemble_store(store_root: str | os.PathLike,
     try:
         base = store.cached_base_spec()
         return assemble(store_root, store.list_experts(), config,
-                        base.fingerprint if base else None)
+                        base.fingerprint if base else None, base.name if base else None)
     finally:
         store.close()
 

@@ -169,7 +169,8 @@ class Assembler:
 
     def _assemble(self, records: list) -> AssemblyResult:
         base = self.store.cached_base_spec()
-        return assemble(self.root, records, self.config, base.fingerprint if base else None)
+        return assemble(self.root, records, self.config, base.fingerprint if base else None,
+                        base.name if base else None)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no assembly is running or wanted (True), or `timeout` passes (False)."""

@@ -31,11 +31,11 @@ from protocol.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from protocol.names import check_name
 from protocol.status import abort
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOKEN_RE = re.compile(r"^gg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 ROLES = ("contributor", "admin")
 # Methods callable without a token: health checks come from load balancers and probes.
@@ -75,9 +75,7 @@ class TokenBook:
 
     def add(self, name: str, role: str = "contributor") -> str:
         """Create the contributor if new, issue a token and return it (shown only once)."""
-        if not _NAME_RE.match(name):
-            raise InvalidArgument(f"contributor name {name[:80]!r} is not allowed: use 1-64 "
-                                  "letters, digits, '.', '_' or '-'", field="name")
+        check_name(name, "contributor name", "name")
         if role not in ROLES:
             raise InvalidArgument(f"role {role!r} is unknown: use one of {list(ROLES)}",
                                   field="role")

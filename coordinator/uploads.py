@@ -28,7 +28,7 @@ from pathlib import Path
 from coordinator.store import ExpertRecord, Store
 from coordinator.upload_writer import UploadWriter
 from protocol.archive import ArchiveDigest, extract_members
-from protocol.bundle import BaseSpec, Bundle, fsync_path, load_bundle
+from protocol.bundle import MANIFEST, BaseSpec, Bundle, fsync_path, load_bundle
 from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -37,6 +37,7 @@ from protocol.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from protocol.names import check_name
 
 log = logging.getLogger(__name__)
 _ID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -181,6 +182,8 @@ class Uploads:
                     f"the uploaded manifest's expert id is {bundle.expert_id[:12]}..., not the "
                     f"declared {state.expert_id[:12]}...: the bundle changed or was corrupted "
                     "on the way; leave its folder alone and resubmit", field="expert_id")
+            # Store exactly the bytes the expert id covers, however the sender formatted them.
+            (staged / MANIFEST).write_bytes(bundle.manifest.canonical_bytes())
             with self._commit:
                 existing = self.store.find_expert(bundle.expert_id)
                 if existing is not None:
@@ -255,9 +258,7 @@ class Uploads:
                 f"the archive is {size_bytes} bytes, over this coordinator's limit of "
                 f"{self.limits.max_bundle_bytes}: use a lower rank or fewer modules",
                 field="size_bytes")
-        if len(name) > 64 or not name.isprintable():
-            raise InvalidArgument("name must be at most 64 printable characters",
-                                  field="name")
+        check_name(name, "the upload's name", "name", ": send the bundle's manifest.name")
 
     def _check_capacity(self, contributor: str, live: int, size_bytes: int) -> None:
         if live >= self.limits.max_concurrent_uploads:

@@ -16,14 +16,12 @@ safetensors are ever parsed: nothing a contributor sends is unpickled.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,33 +31,34 @@ from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from protocol.errors import FingerprintMismatch, InvalidBundle
+from protocol.manifest import (
+    ACTIVATIONS,
+    ADAPTER,
+    FORMAT_VERSION,
+    GATES,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    METHODS,
+    MODULE_KINDS,
+    Manifest,
+    ModuleSpec,
+    check_manifest,
+    parse_manifest,
+    strict_json,
+)
+from protocol.names import preview
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-ADAPTER = "adapter.safetensors"
-GATES = "gates.safetensors"
-ACTIVATIONS = "activations.safetensors"
+__all__ = ["ACTIVATIONS", "ADAPTER", "FORMAT_VERSION", "GATES", "MANIFEST", "METHODS",
+           "MODULE_KINDS", "Manifest", "ModuleSpec", "BaseSpec", "Bundle", "load_bundle",
+           "save_bundle", "validate_bundle", "validate_manifest", "validate_tensors"]
+
 REQUIRED_FILES = (MANIFEST, ADAPTER, GATES)
 OPTIONAL_FILES = (ACTIVATIONS,)
-METHODS = ("lora", "ia3")
-# How each kind of module adds its delta (METHODS.md): a LoRA product, or an (IA)^3 vector
-# scaling the module's output (k/v projections) or its input (feed-forward down projection).
-MODULE_KINDS = {"lora": ("lora",), "ia3": ("ia3_out", "ia3_in")}
 TENSOR_DTYPE = torch.float32
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    """One adapted `nn.Linear` of the base model."""
-
-    name: str  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
-    kind: str  # "lora", "ia3_out" (scales W x) or "ia3_in" (scales x before W)
-    d_in: int  # input features of the base linear layer
-    d_out: int  # output features of the base linear layer
+# What a tensor file's safetensors header may say besides its tensors: torch's and Hugging
+# Face's writers put {"format": "pt"} there. Anything else would be stored free text.
+ALLOWED_METADATA = {"format": ("pt",)}
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,73 +68,6 @@ class BaseSpec:
     name: str
     fingerprint: str  # sha256 over the base weights' names, shapes, dtypes and bytes
     linears: dict[str, tuple[int, int]]  # module name -> (d_in, d_out) for every nn.Linear
-
-
-@dataclass
-class Manifest:
-    """The JSON description of a bundle. Holds no text, labels or samples of the data."""
-
-    name: str
-    base_model: str
-    base_fingerprint: str
-    method: str  # "lora" or "ia3"
-    peft: dict  # lora: rank, alpha, scaling, target_modules; ia3: target/feedforward modules
-    modules: list[ModuleSpec]
-    training: dict = field(default_factory=dict)  # numbers only: steps, losses, counts, time
-    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, set on save
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["base_model"] = {"name": self.base_model, "fingerprint": self.base_fingerprint}
-        del out["base_fingerprint"]
-        return out
-
-    @classmethod
-    def from_json(cls, raw: object) -> Manifest:
-        """Parse and type-check a decoded manifest; raise InvalidBundle naming the field."""
-        if not isinstance(raw, dict):
-            raise InvalidBundle("manifest.json must hold a JSON object", field="manifest")
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
-            raise InvalidBundle(
-                f"manifest.format_version is {version!r}; this gaggle reads version "
-                f"{FORMAT_VERSION}: repackage the bundle with a matching gaggle-contributor",
-                field="format_version",
-            )
-        expected = {"format_version", "name", "base_model", "method", "peft", "modules",
-                    "training", "files"}
-        unknown = set(raw) - expected
-        missing = expected - set(raw)
-        if unknown or missing:
-            raise InvalidBundle(
-                f"manifest fields: missing {sorted(missing)}, unknown {sorted(unknown)}; "
-                "a manifest holds exactly " + ", ".join(sorted(expected)),
-                field="manifest",
-            )
-        base = _expect(raw["base_model"], dict, "base_model")
-        modules = [_module_from_json(m, i) for i, m in
-                   enumerate(_expect(raw["modules"], list, "modules"))]
-        return cls(
-            name=_expect(raw["name"], str, "name"),
-            base_model=_expect(base.get("name"), str, "base_model.name"),
-            base_fingerprint=_expect(base.get("fingerprint"), str, "base_model.fingerprint"),
-            method=_expect(raw["method"], str, "method"),
-            peft=_expect(raw["peft"], dict, "peft"),
-            modules=modules,
-            training=_expect(raw["training"], dict, "training"),
-            files=_expect(raw["files"], dict, "files"),
-            format_version=version,
-        )
-
-    def canonical_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
-
-    @property
-    def expert_id(self) -> str:
-        """Content address of the bundle: sha256 of the canonical manifest, which holds the
-        sha256 of every tensor file, so it names the tensors' bytes too."""
-        return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
 
 @dataclass
@@ -161,30 +93,6 @@ class Bundle:
         return {m.name: m for m in self.manifest.modules}
 
 
-def _expect(value: object, kind: type, name: str):
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidBundle(
-            f"manifest.{name} must be a {kind.__name__}, got {type(value).__name__}", field=name
-        )
-    return value
-
-
-def _module_from_json(raw: object, index: int) -> ModuleSpec:
-    where = f"modules[{index}]"
-    raw = _expect(raw, dict, where)
-    if set(raw) != {"name", "kind", "d_in", "d_out"}:
-        raise InvalidBundle(
-            f"manifest.{where} must have exactly name, kind, d_in, d_out; got {sorted(raw)}",
-            field=where,
-        )
-    return ModuleSpec(
-        name=_expect(raw["name"], str, f"{where}.name"),
-        kind=_expect(raw["kind"], str, f"{where}.kind"),
-        d_in=_expect(raw["d_in"], int, f"{where}.d_in"),
-        d_out=_expect(raw["d_out"], int, f"{where}.d_out"),
-    )
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -204,105 +112,20 @@ def expected_adapter_shapes(module: ModuleSpec, rank: int | None) -> dict[str, t
 
 
 def lora_rank(manifest: Manifest) -> int | None:
-    if manifest.method != "lora":
-        return None
-    rank = manifest.peft.get("rank")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidBundle(
-            f"manifest.peft.rank must be a positive integer for a LoRA expert, got {rank!r}",
-            field="peft.rank",
-        )
-    return rank
+    """The LoRA rank r of a checked manifest; None for (IA)^3."""
+    return manifest.peft["rank"] if manifest.method == "lora" else None
 
 
 def lora_scaling(manifest: Manifest) -> float:
     """The LoRA scaling s in dW = s * B A (peft: lora_alpha / r); 1.0 for (IA)^3."""
-    if manifest.method != "lora":
-        return 1.0
-    scaling = manifest.peft.get("scaling")
-    if not isinstance(scaling, int | float) or isinstance(scaling, bool) \
-            or not _finite(scaling) or scaling <= 0:
-        raise InvalidBundle(
-            f"manifest.peft.scaling must be a positive finite number, got {scaling!r}",
-            field="peft.scaling",
-        )
-    return float(scaling)
+    return float(manifest.peft["scaling"]) if manifest.method == "lora" else 1.0
 
 
 def validate_manifest(manifest: Manifest, base: BaseSpec | None = None) -> None:
-    """Check the manifest on its own and, when given, against the federation's base model."""
-    if not _NAME_RE.match(manifest.name):
-        raise InvalidBundle(
-            f"manifest.name {manifest.name!r} is not allowed: use 1-64 letters, digits, "
-            "'.', '_' or '-', starting with a letter or digit",
-            field="name",
-        )
-    if manifest.method not in METHODS:
-        raise InvalidBundle(
-            f"manifest.method {manifest.method!r} is unknown: use one of {list(METHODS)}",
-            field="method",
-        )
-    if not _SHA_RE.match(manifest.base_fingerprint):
-        raise InvalidBundle("manifest.base_model.fingerprint must be 64 lowercase hex digits",
-                            field="base_model.fingerprint")
-    lora_rank(manifest)
-    lora_scaling(manifest)
-    if not manifest.modules:
-        raise InvalidBundle("manifest.modules is empty: an expert adapts at least one module",
-                            field="modules")
-    seen: set[str] = set()
-    for module in manifest.modules:
-        _validate_module(module, manifest.method, seen)
-    _validate_training(manifest.training)
+    """Check the manifest against the schema and, when given, the federation's base model."""
+    check_manifest(manifest)
     if base is not None:
         validate_against_base(manifest, base)
-
-
-def _validate_module(module: ModuleSpec, method: str, seen: set[str]) -> None:
-    if not _MODULE_RE.match(module.name) or len(module.name) > 256:
-        raise InvalidBundle(
-            f"module name {module.name[:80]!r} is not a dotted module path "
-            "(letters, digits, '_' and '.')",
-            field="modules",
-        )
-    if module.name in seen:
-        raise InvalidBundle(f"module {module.name} is listed twice in manifest.modules",
-                            field="modules")
-    seen.add(module.name)
-    if module.kind not in MODULE_KINDS[method]:
-        raise InvalidBundle(
-            f"module {module.name} has kind {module.kind!r}; a {method} expert's modules are "
-            f"one of {list(MODULE_KINDS[method])}",
-            field="modules",
-        )
-    if not (0 < module.d_in <= 1 << 20 and 0 < module.d_out <= 1 << 20):
-        raise InvalidBundle(f"module {module.name} has implausible shape "
-                            f"d_in={module.d_in}, d_out={module.d_out}", field="modules")
-
-
-def _validate_training(training: dict) -> None:
-    # Only numbers (or lists of numbers) are allowed here, so no text from the data can ride
-    # along in the training summary.
-    for key, value in training.items():
-        values = value if isinstance(value, list) else [value]
-        ok = _NAME_RE.match(key) and len(values) <= 10_000 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and _finite(v)
-            for v in values
-        )
-        if not ok:
-            raise InvalidBundle(
-                f"manifest.training[{key[:40]!r}] must be a finite number or a list of "
-                "numbers under a short name: the training summary carries no text",
-                field="training",
-            )
-
-
-def _finite(value: int | float) -> bool:
-    """math.isfinite that says False, instead of raising, for ints too large for a float."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def validate_against_base(manifest: Manifest, base: BaseSpec) -> None:
@@ -367,12 +190,13 @@ def _check_tensor_set(file: str, tensors: dict[str, torch.Tensor],
     missing = sorted(set(expected) - set(tensors))
     if missing:
         what = "a module without a gate" if file == GATES else "missing tensors"
-        raise InvalidBundle(f"{file}: {what}: {missing[:5]} (of {len(missing)})", field=file)
+        raise InvalidBundle(f"{file}: {what}: {[preview(k) for k in missing[:3]]} (of "
+                            f"{len(missing)})", field=file)
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise InvalidBundle(
-            f"{file}: unknown tensors {extra[:5]} (of {len(extra)}): every tensor must belong "
-            "to a module listed in manifest.modules",
+            f"{file}: unknown tensors {[preview(k) for k in extra[:3]]} (of {len(extra)}): "
+            "every tensor must belong to a module listed in manifest.modules",
             field=file,
         )
     for key, shape in expected.items():
@@ -396,12 +220,37 @@ def validate_bundle(bundle: Bundle, base: BaseSpec | None = None) -> None:
 
 
 def _read_safetensors(path: Path, mapped: bool = False) -> dict[str, torch.Tensor]:
+    _check_header(path)
     try:
         return load_safetensors_file(path) if mapped else load_safetensors_bytes(
             path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
-        raise InvalidBundle(f"{path.name} is not a valid safetensors file: {err}",
+        raise InvalidBundle(f"{path.name} is not a valid safetensors file: {str(err)[:200]}",
                             field=path.name) from None
+
+
+def _check_header(path: Path) -> None:
+    """Read a safetensors header as strictly as a manifest (no duplicate keys, no nesting
+    past the format's), and refuse `__metadata__` beyond ALLOWED_METADATA: the file is
+    stored as sent, so its metadata must not carry text."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            raise InvalidBundle(f"{path.name} is not a valid safetensors file: its header "
+                                "length is out of range", field=path.name)
+        text = handle.read(length)
+    try:
+        header = strict_json(text.decode("utf-8"), max_depth=3)
+    except ValueError as err:  # UnicodeDecodeError is a ValueError too
+        raise InvalidBundle(f"{path.name} is not a valid safetensors file: its header is not "
+                            f"valid: {str(err)[:200]}", field=path.name) from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            value in ALLOWED_METADATA.get(key, ()) for key, value in metadata.items())):
+        raise InvalidBundle(
+            f"{path.name}: the header's __metadata__ may hold only {ALLOWED_METADATA}, got "
+            f"{preview(metadata)}: save the tensors without metadata", field=path.name)
 
 
 def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None, *,
@@ -425,7 +274,8 @@ def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None, *,
     extra = sorted(present - set(REQUIRED_FILES) - set(OPTIONAL_FILES))
     if missing or extra:
         raise InvalidBundle(
-            f"bundle {root}: missing files {missing}, extra files {extra}; a bundle holds "
+            f"bundle: missing files {missing}, extra files {[f[:40] for f in extra[:5]]}; "
+            "a bundle holds "
             f"{', '.join(REQUIRED_FILES)} and optionally {ACTIVATIONS}",
             field="files",
         )
@@ -455,17 +305,10 @@ def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None, *,
 
 
 def _read_manifest(path: Path) -> Manifest:
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
+    if path.stat().st_size > MAX_MANIFEST_BYTES:  # before reading it into memory
         raise InvalidBundle(f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes",
                             field="manifest")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:
-        # ValueError covers bad UTF-8, bad JSON and integers of thousands of digits;
-        # RecursionError a nesting bomb ("[[[[...").
-        raise InvalidBundle(f"manifest.json is not valid UTF-8 JSON: {str(err)[:200]}",
-                            field="manifest") from None
-    return Manifest.from_json(raw)
+    return parse_manifest(path.read_bytes())
 
 
 def save_bundle(bundle: Bundle, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -491,8 +334,8 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, *, overwrite: bool = Fa
                     sorted(tensors.items())}
             (staging / name).write_bytes(save_safetensors_bytes(data))
             bundle.manifest.files[name] = sha256_file(staging / name)
-        manifest_text = json.dumps(bundle.manifest.to_json(), indent=2, sort_keys=True)
-        (staging / MANIFEST).write_text(manifest_text + "\n", encoding="utf-8")
+        # The canonical bytes, so that the expert id is the sha256 of manifest.json itself.
+        (staging / MANIFEST).write_bytes(bundle.manifest.canonical_bytes())
         for child in staging.iterdir():
             fsync_path(child)
         if target.exists():

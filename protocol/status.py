@@ -8,6 +8,7 @@ FingerprintMismatch rather than as a generic FAILED_PRECONDITION.
 
 from __future__ import annotations
 
+import re
 from typing import NoReturn
 
 import grpc
@@ -33,6 +34,23 @@ _DEFAULT_FOR_STATUS.update({
     "UNAVAILABLE": errors.Unavailable,
 })
 
+# A message goes back in gRPC metadata (8 KiB limit by default) and into the sender's terminal:
+# messages quote at most a short preview of any value, and this caps what is left.
+MAX_MESSAGE_BYTES = 1024
+# An absolute filesystem path: never shown to a remote caller (it would map the server's disk).
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\",;:()\[\]]+")
+
+
+def public_message(err: GaggleError) -> str:
+    """`err`'s message as a remote caller may see it: server paths replaced, at most
+    MAX_MESSAGE_BYTES of UTF-8."""
+    text = _SERVER_PATH.sub("<path>", str(err))
+    data = text.encode("utf-8", errors="replace")
+    if len(data) <= MAX_MESSAGE_BYTES:
+        return text
+    return data[:MAX_MESSAGE_BYTES - 4].decode("utf-8", errors="ignore") + " ..."
+
+
 # Statuses a client may retry after a pause: the request itself was not at fault.
 RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE,
@@ -51,9 +69,9 @@ def abort(context: grpc.ServicerContext, err: GaggleError) -> NoReturn:
     """End the RPC with `err`'s status, message, class and field. Raises, never returns."""
     trailers = [(ERROR_CLASS_KEY, type(err).__name__)]
     if err.field:
-        trailers.append((ERROR_FIELD_KEY, err.field))
+        trailers.append((ERROR_FIELD_KEY, err.field[:100]))
     context.set_trailing_metadata(tuple(trailers))
-    context.abort(status_code(err), str(err))
+    context.abort(status_code(err), public_message(err))
     raise AssertionError("context.abort returned")  # grpc always raises; keeps typing honest
 
 
