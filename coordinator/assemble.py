@@ -258,8 +258,9 @@ def assemble(store_root: str | os.PathLike, records: list,
     fingerprint: the federation's base fingerprint; every expert must match it (default: the
     first expert's). base_name: the coordinator's name for that base, which the version
     records and consumers load; a manifest's base name is the contributor's label only
-    (default, without a coordinator: the first expert's label). Raises FailedPrecondition when there are no experts and InvalidBundle when
-    a bundle fails its re-verification; then nothing changes.
+    (default, without a coordinator: the first expert's label). Raises FailedPrecondition
+    when there are no experts and InvalidBundle when a bundle fails its re-verification; then
+    nothing changes.
     """
     started = time.perf_counter()
     config = config or AssemblyConfig()

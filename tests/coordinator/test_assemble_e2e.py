@@ -54,13 +54,13 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec, capsys):
             for count, (name, method) in enumerate((("a", "lora"), ("b", "ia3"),
                                                     ("c", "lora")), start=1):
                 bundle = random_bundle(tiny_spec, name, method=method, seed=count)
-                bundle.manifest.training = {"expert_steps": 5, "expert_loss": [2.0, 1.0]}
+                bundle.manifest.training = {"expert_steps": 5, "expert_loss_curve": [2.0, 1.0]}
                 save_bundle(bundle, tmp_path / name)
                 client.submit(tmp_path / name)
                 wait_for(lambda n=count: len(VersionStore(store).all()) == n, 180,
                          f"version {count}:\n{server.log()}")
         sets = [sorted(e["name"] for e in m["experts"]) for m in VersionStore(store).all()]
-        assert sets == [["a"], ["a", "b"], ["a", "b", "c"]]
+        assert sets == [["alice/a"], ["alice/a", "alice/b"], ["alice/a", "alice/b", "alice/c"]]
         assert {e["contributor"] for e in VersionStore(store).all()[-1]["experts"]} == {"alice"}
 
         registry = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)

@@ -74,7 +74,7 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         assembler.close()
     manifests = VersionStore(store.root).all()
     assert [sorted(e["name"] for e in m["experts"]) for m in manifests] == [
-        ["a"], ["a", "b"], ["a", "b", "c"]]
+        ["alice/a"], ["alice/a", "alice/b"], ["alice/a", "alice/b", "alice/c"]]
 
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert len(client.search_runs([experiment.experiment_id])) == 3
@@ -85,7 +85,7 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         assert run.data.params["method"] == record.method
         assert run.data.params["expert_steps"] == "6"
         assert ("rank" in run.data.params) == (record.method == "lora")
-        losses = client.get_metric_history(run.info.run_id, "expert_loss")
+        losses = client.get_metric_history(run.info.run_id, "expert_loss_curve")
         assert len(losses) == 3
     for manifest in manifests:
         (model_version,) = _model_versions_of(client, manifest["version_id"])
@@ -130,7 +130,7 @@ def test_calls_queued_while_mlflow_is_down_land_exactly_once(tmp_path, tiny_spec
         assert assembler.wait_idle(120), assembler.last_error
         newest = VersionStore(store.root).current_id()
         names = [e["name"] for e in VersionStore(store.root).manifest(newest)["experts"]]
-        assert names == ["x", "y", "z"]  # assembled while MLflow was down
+        assert names == ["alice/x", "alice/y", "alice/z"]  # assembled while MLflow was down
         assert tracker.queue.counts()["pending"] >= 3
         assert not tracker.wait_idle(1.0)
         mlflow_server.start()
