@@ -13,7 +13,6 @@ upload.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 import grpc
 
 from protocol.archive import BundleArchive
-from protocol.bundle import MANIFEST, Manifest, validate_manifest
 from protocol.errors import (
     FingerprintMismatch,
     GaggleError,
@@ -36,6 +34,7 @@ from protocol.errors import (
 )
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
+from protocol.manifest import MANIFEST, Manifest, parse_manifest
 from protocol.status import from_rpc_error
 
 # Statuses after which the upload is resumed: the connection, not the request, failed.
@@ -245,12 +244,7 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not path.is_file():
         raise InvalidBundle(f"{bundle_dir} has no {MANIFEST}: is it a bundle folder written "
                             "by `gaggle-contributor train`?", field="path")
-    try:
-        manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidBundle(f"{path} is not valid JSON: {err}", field="manifest") from None
-    validate_manifest(manifest)
-    return manifest
+    return parse_manifest(path.read_bytes())
 
 
 def check_compatible(manifest: Manifest, federation: pb.Federation) -> None:

@@ -317,7 +317,6 @@ def _write_version(folder: Path, weights, manifest: dict) -> None:
 
 
 def _declared_fingerprint(entry: ExpertEntry) -> str:
-    from protocol.bundle import MANIFEST, Manifest
+    from protocol.manifest import MANIFEST, read_manifest
 
-    raw = json.loads((Path(entry.path) / MANIFEST).read_text(encoding="utf-8"))
-    return Manifest.from_json(raw).base_fingerprint
+    return read_manifest(Path(entry.path) / MANIFEST).base_fingerprint

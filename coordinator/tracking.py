@@ -7,7 +7,6 @@ mlflow is imported only here and in `coordinator.pyfunc`, and only when a call i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -221,9 +220,9 @@ def expert_payload(record) -> dict:
     Step counts and the LoRA rank become params; every other training figure a metric (a
     list of numbers, such as a loss curve, a metric series by step).
     """
-    from protocol.bundle import MANIFEST, Manifest
+    from protocol.manifest import MANIFEST, read_manifest
 
-    manifest = Manifest.from_json(json.loads((Path(record.path) / MANIFEST).read_text()))
+    manifest = read_manifest(Path(record.path) / MANIFEST)
     params: dict[str, object] = {"contributor": record.contributor, "name": record.name,
                                  "method": record.method}
     if manifest.method == "lora":
