@@ -11,6 +11,7 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from coordinator.store import expert_key
 from coordinator.tracking import (
     CHAMPION,
     MAX_TAG_CHARS,
@@ -38,7 +39,7 @@ def replay_expert_run(client, experiment_id: str, op: Op) -> None:
     if found and found[0].info.status == "FINISHED":
         return
     run = found[0] if found else client.create_run(
-        experiment_id, run_name=payload["name"],
+        experiment_id, run_name=expert_key(payload["contributor"], payload["name"]),
         tags={TAG_OP: op.op_id, "expert_id": payload["expert_id"],
               "contributor": payload["contributor"]},
     )
