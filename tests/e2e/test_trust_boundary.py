@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from protocol.bundle import ADAPTER, MANIFEST, sha256_file
 from protocol.status import MAX_MESSAGE_BYTES
 from routing.version import read_router_manifest
 from tests.coordinator.bundles import archive_of, make_bundle, raw_upload, store_snapshot
-from tests.servers import add_token, seed_base_spec, start_coordinator
+from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 BIG = "x" * 100_000
 
@@ -122,16 +121,6 @@ def test_error_messages_quote_a_short_prefix_and_no_server_path(server, tmp_path
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
     assert "gates.safetensors" in outcome.details
     assert str(server.store) not in outcome.details and "staging" not in outcome.details
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"no {what} after {timeout} s")
 
 
 def test_versions_key_experts_by_contributor_and_record_the_coordinators_base(server,
