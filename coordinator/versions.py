@@ -155,19 +155,31 @@ def run_promote_command(args: argparse.Namespace) -> int:
     from coordinator.tracking import Tracker
 
     root = _store_root(args)
-    versions = VersionStore(root)
-    version_id = versions.resolve(args.version)
     tracker = Tracker(root, args.tracking_uri)
-    if not args.force:
-        note = check_not_worse(root, version_id, versions.champion_id(), tracker=tracker,
-                               max_drop=getattr(args, "max_drop", None))
-        if note:
-            print(f"note: {note}", file=sys.stderr)
-    sequence = versions.promote(version_id)
-    tracker.record_promotion(version_id, sequence)
+    version_id, _, note = promote_version(root, args.version, force=args.force,
+                                          tracker=tracker,
+                                          max_drop=getattr(args, "max_drop", None))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(f"champion -> {version_id}")
     print(_replay(tracker))
     return 0
+
+
+def promote_version(root: Path, version: str, *, force: bool, tracker=None,
+                    max_drop: float | None = None) -> tuple[str, int, str | None]:
+    """The promotion rule, one for the CLI and the Admin service: resolve `version` (an id or
+    a unique prefix, checked by VersionStore.resolve), refuse it unless `force` when it is
+    worse than the champion (check_not_worse), move CHAMPION, and queue the MLflow alias move
+    when a Tracker is given. Returns (version id, promotion sequence, note or None)."""
+    versions = VersionStore(root)
+    version_id = versions.resolve(version)
+    note = None if force else check_not_worse(root, version_id, versions.champion_id(),
+                                              tracker=tracker, max_drop=max_drop)
+    sequence = versions.promote(version_id)
+    if tracker is not None:
+        tracker.record_promotion(version_id, sequence)
+    return version_id, sequence, note
 
 
 def promotion_threshold(root: Path, max_drop: float | None = None) -> float:
@@ -210,12 +222,6 @@ def check_not_worse(root: Path, candidate: str, champion: str | None, *, tracker
             f"{champion}'s {old[1]:.4f}, more than the allowed drop {max_drop:g}: pass --force "
             "to promote it anyway, or --max-drop to allow a larger drop", field="version")
     return None
-
-
-def _check_not_worse(tracker, candidate: str, champion: str | None) -> None:
-    """`check_not_worse` for a caller holding only a Tracker (its store, the config's
-    threshold)."""
-    check_not_worse(tracker.store, candidate, champion, tracker=tracker)
 
 
 class _Registry:

@@ -150,7 +150,7 @@ def add_token(store: Path, name: str) -> str:
 
     store_handle = Store(store)
     try:
-        return TokenBook(store_handle).add(name)
+        return TokenBook(store_handle).add(name, rotate=True)  # a new name, or one more token
     finally:
         store_handle.close()
 
