@@ -9,11 +9,13 @@ import secrets
 import grpc
 import pytest
 
+from contributor.cli import main as contributor_cli
 from coordinator.auth import TokenBook
 from coordinator.store import Store
 from coordinator.version_store import CHAMPION, VERSIONS_DIR
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
+from tests.coordinator.bundles import archive_id, archive_of, make_bundle
 from tests.servers import add_token, seed_base_spec, start_coordinator
 
 MAX_UPLOADS = 2
@@ -128,3 +130,23 @@ def test_cancel_frees_the_slot_at_once_and_only_for_the_owner(server):
         assert start(alice).upload_id  # the slot is free at once, not after the idle hour
         assert _code(lambda: stub.CancelUpload(cancel, metadata=_meta(alice), timeout=10)) \
             == grpc.StatusCode.NOT_FOUND
+
+
+def test_contributor_cancel_abandons_the_live_upload_of_a_bundle(server, tmp_path, tiny_spec,
+                                                                 capsys):
+    process, _ = server
+    token = add_token(process.store, "canceller")
+    bundle = make_bundle(tmp_path / "b", tiny_spec, "e")
+    archive = archive_of(bundle)
+    with process.channel() as channel:  # an upload interrupted after its first chunk
+        stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+        start = stub.StartUpload(pb.StartUploadRequest(
+            size_bytes=len(archive), expert_id=archive_id(archive), name="e"),
+            metadata=_meta(token), timeout=10)
+        stub.WriteUpload(iter([pb.WriteUploadRequest(upload_id=start.upload_id, offset=0,
+                                                     data=archive[:1024])]),
+                         metadata=_meta(token), timeout=10)
+    argv = ["cancel", str(bundle), "--coordinator", process.address, "--token", token]
+    assert contributor_cli(argv) == 0
+    assert f"cancelled upload {start.upload_id}" in capsys.readouterr().out
+    assert not (process.store / "uploads" / f"{start.upload_id}.part").exists()
