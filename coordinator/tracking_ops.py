@@ -38,8 +38,10 @@ def replay_expert_run(client, experiment_id: str, op: Op) -> None:
                                max_results=1)
     if found and found[0].info.status == "FINISHED":
         return
+    accepted = int(payload.get("created_at_ms") or time.time() * 1000)
     run = found[0] if found else client.create_run(
         experiment_id, run_name=expert_key(payload["contributor"], payload["name"]),
+        start_time=payload.get("start_ms", accepted),
         tags={TAG_OP: op.op_id, "expert_id": payload["expert_id"],
               "contributor": payload["contributor"]},
     )
@@ -47,14 +49,14 @@ def replay_expert_run(client, experiment_id: str, op: Op) -> None:
     if not run.data.params:
         params = [Param(k, str(v)) for k, v in sorted(payload["params"].items())]
         client.log_batch(run_id, params=params)
+    end = payload.get("end_ms", accepted)
     if not run.data.metrics:
-        stamp = int(payload.get("created_at_ms") or time.time() * 1000)
-        metrics = [Metric(key, float(value), stamp, step)
+        metrics = [Metric(key, float(value), end, step)
                    for key, values in sorted(payload["metrics"].items())
                    for step, value in enumerate(values)]
         for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS_PER_BATCH])
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED", end_time=end)
 
 
 def find_model_version(client, version_id: str):

@@ -9,8 +9,16 @@ import pytest
 
 from coordinator.assembler import Assembler
 from coordinator.cli import main
-from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION, Tracker
+from coordinator.tracking import (
+    EXPERIMENT,
+    MAX_RUN_AGE_S,
+    REGISTERED_MODEL,
+    TAG_VERSION,
+    Tracker,
+    run_window,
+)
 from coordinator.version_store import VersionStore
+from protocol.manifest import MANIFEST, read_manifest
 from tests.coordinator.assembly_helpers import (  # noqa: F401
     MlflowServer,
     add_expert,
@@ -77,9 +85,14 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         ["alice/a"], ["alice/a", "alice/b"], ["alice/a", "alice/b", "alice/c"]]
 
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(client.search_runs([experiment.experiment_id])) == 3
     for record in records:
         (run,) = _runs_of(client, record.expert_id)
+        assert run.info.run_name == f"alice/{record.name}"
+        training = read_manifest(record.path / MANIFEST).training
+        assert run.info.start_time == int(training["started_at"] * 1000)  # the training's span
+        assert run.info.end_time == int(training["finished_at"] * 1000)
         assert run.data.tags["contributor"] == record.contributor
         assert run.data.params["contributor"] == "alice"
         assert run.data.params["method"] == record.method
@@ -151,3 +164,16 @@ def test_calls_queued_while_mlflow_is_down_land_exactly_once(tmp_path, tiny_spec
         assert len(_runs_of(client, record.expert_id)) == 1
     for manifest in VersionStore(store.root).all():
         assert len(_model_versions_of(client, manifest["version_id"])) == 1
+
+
+def test_an_expert_run_spans_its_training_moved_back_when_the_contributor_clock_runs_ahead():
+    accepted = 1_800_000_000.0
+    assert run_window({"started_at": accepted - 90, "finished_at": accepted - 30}, accepted) \
+        == (int((accepted - 90) * 1000), int((accepted - 30) * 1000))
+    # A clock 1 h ahead: the 60 s of training end at acceptance, not an hour in the future.
+    assert run_window({"started_at": accepted + 3540, "finished_at": accepted + 3600},
+                      accepted) == (int((accepted - 60) * 1000), int(accepted * 1000))
+    # A start years back, or figures missing: clipped to the window, or acceptance itself.
+    assert run_window({"started_at": 0.0, "finished_at": accepted}, accepted)[0] == \
+        int((accepted - MAX_RUN_AGE_S) * 1000)
+    assert run_window({}, accepted) == (int(accepted * 1000), int(accepted * 1000))
