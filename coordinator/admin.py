@@ -59,17 +59,19 @@ class AdminServicer(gaggle_pb2_grpc.AdminServicer):
     def Promote(self, request, context):
         version_id, sequence = promote(Path(self.store.root), request.version,
                                        force=request.force, tracking_uri=self.tracking_uri,
-                                       tracking=self.tracking)
+                                       tracking=self.tracking,
+                                       by=f"{current_identity().contributor} (Admin API)")
         log.info("%s promoted version %s", current_identity().contributor, version_id)
         return pb.PromoteResponse(version_id=version_id, sequence=sequence)
 
 
 def promote(root: Path, version: str, *, force: bool, tracking_uri: str | None,
-            tracking: bool) -> tuple[str, int]:
+            tracking: bool, by: str) -> tuple[str, int]:
     """The CLI's promotion rule (promote_version); the MLflow alias move is replayed in the
     background. (version id, sequence)."""
     tracker = Tracker(root, tracking_uri) if tracking else None
-    version_id, sequence, _ = promote_version(root, version, force=force, tracker=tracker)
+    version_id, sequence, _ = promote_version(root, version, force=force, by=by,
+                                              tracker=tracker)
     if tracker is not None:
         # Off the RPC: MLflow may be slow or down; the queue keeps the call until it lands.
         threading.Thread(target=_replay_soon, args=(tracker,), name="promote-replay",

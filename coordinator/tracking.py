@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +77,17 @@ class Tracker:
         self.wake()
         return queued
 
-    def record_promotion(self, version_id: str, sequence: int) -> bool:
-        """Queue moving alias `champion` to a version; `sequence` tells promotions apart."""
+    def record_promotion(self, version_id: str, sequence: int, *, by: str = "",
+                         previous: str | None = None,
+                         mean_accuracy: float | None = None) -> bool:
+        """Queue moving alias `champion` to a version, and its row in the champion history:
+        `sequence` tells promotions apart; who promoted, from which version, and the version's
+        mean accuracy when it was evaluated."""
         op_id = f"promote:{sequence}:{version_id}"
-        queued = self.queue.enqueue(op_id, "promotion", {"version_id": version_id})
+        payload = {"version_id": version_id, "sequence": sequence, "by": by,
+                   "from": previous, "mean_accuracy": mean_accuracy,
+                   "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        queued = self.queue.enqueue(op_id, "promotion", payload)
         self.wake()
         return queued
 
@@ -266,7 +274,8 @@ def version_payload(manifest: dict, folder: Path) -> dict:
     """The model version of a router version, from its version.json and folder."""
     experts = manifest["experts"]
     return {"version_id": manifest["version_id"], "folder": str(Path(folder).resolve()),
-            "n_experts": len(experts), "expert_ids": [e["expert_id"] for e in experts],
+            "n_experts": len(experts), "experts": experts,
+            "expert_ids": [e["expert_id"] for e in experts],
             "expert_names": [e["name"] for e in experts],
             "contributors": [e["contributor"] for e in experts],
             "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),

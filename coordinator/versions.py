@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import shutil
 import sys
@@ -157,7 +158,7 @@ def run_promote_command(args: argparse.Namespace) -> int:
     root = _store_root(args)
     tracker = Tracker(root, args.tracking_uri)
     version_id, _, note = promote_version(root, args.version, force=args.force,
-                                          tracker=tracker,
+                                          by=f"{getpass.getuser()} (CLI)", tracker=tracker,
                                           max_drop=getattr(args, "max_drop", None))
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -166,19 +167,24 @@ def run_promote_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def promote_version(root: Path, version: str, *, force: bool, tracker=None,
+def promote_version(root: Path, version: str, *, force: bool, by: str, tracker=None,
                     max_drop: float | None = None) -> tuple[str, int, str | None]:
     """The promotion rule, one for the CLI and the Admin service: resolve `version` (an id or
     a unique prefix, checked by VersionStore.resolve), refuse it unless `force` when it is
     worse than the champion (check_not_worse), move CHAMPION, and queue the MLflow alias move
-    when a Tracker is given. Returns (version id, promotion sequence, note or None)."""
+    when a Tracker is given, with who (`by`) promoted from which version for the history.
+    Returns (version id, promotion sequence, note or None)."""
+    from coordinator.evaluation import MEAN, read_evaluation
+
     versions = VersionStore(root)
-    version_id = versions.resolve(version)
-    note = None if force else check_not_worse(root, version_id, versions.champion_id(),
-                                              tracker=tracker, max_drop=max_drop)
+    version_id, previous = versions.resolve(version), versions.champion_id()
+    note = None if force else check_not_worse(root, version_id, previous, tracker=tracker,
+                                              max_drop=max_drop)
     sequence = versions.promote(version_id)
     if tracker is not None:
-        tracker.record_promotion(version_id, sequence)
+        record = read_evaluation(root, version_id) or {}
+        tracker.record_promotion(version_id, sequence, by=by, previous=previous,
+                                 mean_accuracy=record.get("metrics", {}).get(MEAN))
     return version_id, sequence, note
 
 

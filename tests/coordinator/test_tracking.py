@@ -108,6 +108,11 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         assert tags["contributors"] == "alice"
         assert tags["parent_version"] == (manifest["parent"] or "")
         assert tags["diff"] == manifest["diff"]
+        card = model_version.description  # the model card MLflow shows on the version page
+        assert f"# Router version `{manifest['version_id']}`" in card
+        assert all(f"| {e['name']} | alice | {e['method']} |" in card
+                   for e in manifest["experts"])
+        assert ("## Usage" in card) and (manifest["diff"] in card)
         local = mlflow.artifacts.download_artifacts(
             model_version.source, dst_path=str(tmp_path / manifest["version_id"]),
             tracking_uri=mlflow_server.uri)
@@ -121,11 +126,17 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
     texts = model.predict(["The film was", "Hello"], params={"max_new_tokens": 4})
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
-    first = manifests[0]["version_id"]
-    assert main(["promote", first, "--store", str(store.root),
-                 "--tracking-uri", mlflow_server.uri]) == 0
+    first, last = manifests[0]["version_id"], manifests[-1]["version_id"]
+    for version in (first, last):
+        assert main(["promote", version, "--store", str(store.root),
+                     "--tracking-uri", mlflow_server.uri]) == 0
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
-    assert champion.tags[TAG_VERSION] == first
+    assert champion.tags[TAG_VERSION] == last
+    # MLflow keeps only where the alias points; the registered model's card keeps the history.
+    history = client.get_registered_model(REGISTERED_MODEL).description
+    assert "## Champion history" in history
+    assert "| 1 |" in history and f"| - | {first} |" in history
+    assert "| 2 |" in history and f"| {first} | {last} |" in history
 
 
 def test_calls_queued_while_mlflow_is_down_land_exactly_once(tmp_path, tiny_spec,
