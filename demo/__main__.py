@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from demo.browser import INSTALL_HINT, chromium, page_urls, screenshot
 from demo.processes import (
     LOOPBACK,
     ProcessGroup,
@@ -76,6 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="leave MLflow and the coordinator running at the end")
     parser.add_argument("--workdir", type=Path,
                         help="where the demo writes everything (default runs/demo-<time>)")
+    parser.add_argument("--screenshots", type=Path, metavar="DIR",
+                        help="at the end, save PNGs of the MLflow UI (the run list, an "
+                             "expert's loss charts, the champion's version page) into DIR; "
+                             "needs Debian's chromium package")
     return parser.parse_args(argv)
 
 
@@ -187,8 +192,8 @@ class Demo:
              "--tracking-uri", self.tracking_uri], self.logs / "operator.log")
         return best
 
-    def ui_pages(self) -> tuple[str, str]:
-        """Addresses of the champion's model version page and of one expert's run."""
+    def ui_pages(self) -> dict[str, str]:
+        """Addresses of the run list, an expert's run and the champion's version page."""
         from mlflow import MlflowClient
 
         from coordinator.tracking import CHAMPION, EXPERIMENT, REGISTERED_MODEL
@@ -198,9 +203,13 @@ class Demo:
         experiment = client.get_experiment_by_name(EXPERIMENT)
         run_ = next(r for r in client.search_runs([experiment.experiment_id])
                     if "expert_id" in r.data.tags)
-        return (f"{self.tracking_uri}/#/models/{REGISTERED_MODEL}/versions/{champion.version}",
-                f"{self.tracking_uri}/#/experiments/{experiment.experiment_id}/runs/"
-                f"{run_.info.run_id}")
+        return page_urls(self.tracking_uri, experiment.experiment_id, run_.info.run_id,
+                         REGISTERED_MODEL, champion.version)
+
+    def screenshots(self, pages: dict[str, str], folder: Path) -> None:
+        self.step(f"taking screenshots of the MLflow UI into {folder}")
+        for name, url in pages.items():
+            screenshot(url, folder / f"mlflow-{name.replace('_', '-')}.png")
 
     def evaluate(self, version: dict) -> dict[str, float]:
         """Accuracy of the base model and of the routed version on the held-out task."""
@@ -217,7 +226,7 @@ class Demo:
 
 def summary(plan: DemoPlan, experts: list[dict], versions: list[dict],
             scores: dict[str, float], tracking_uri: str, seconds: float,
-            mlflow_root: Path | None = None, pages: tuple[str, str] | None = None) -> str:
+            mlflow_root: Path | None = None, pages: dict[str, str] | None = None) -> str:
     lines = ["", "gaggle local federation: summary", "",
              "| contributor | task | method | expert id |", "|---|---|---|---|"]
     lines += [f"| {e['contributor']} | {e['task']} | {e['method']} | {e['expert_id'][:12]} |"
@@ -231,8 +240,8 @@ def summary(plan: DemoPlan, experts: list[dict], versions: list[dict],
               f"| PHATGOOSE, newest version (k=2) | {scores['phatgoose']:.3f} |",
               "", f"MLflow UI: {tracking_uri}  (experiment 'gaggle', model 'gaggle-router')"]
     if pages is not None:
-        lines += [f"  the champion's version page: {pages[0]}",
-                  f"  an expert's run (loss curves): {pages[1]}"]
+        lines += [f"  the champion's version page: {pages['version']}",
+                  f"  an expert's run (loss curves): {pages['expert_run']}"]
     lines += [f"wall time: {seconds / 60:.1f} min"]
     if mlflow_root is not None:
         # Without --keep the server stops with the demo; its data stays in the workdir.
@@ -245,6 +254,9 @@ def summary(plan: DemoPlan, experts: list[dict], versions: list[dict],
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.screenshots and chromium() is None:
+        print(f"--screenshots needs Chromium: {INSTALL_HINT}", file=sys.stderr)
+        return 2
     plan = TINY if args.tiny else FULL
     workdir = args.workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     workdir = workdir.resolve()
@@ -261,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         newest = max(versions, key=lambda v: (v["n_experts"], v["created_at"]))
         scores = demo.evaluate(newest)
         demo.promote_best(versions)
-        versions = demo.versions()
+        versions, pages = demo.versions(), demo.ui_pages()
+        if args.screenshots:
+            demo.screenshots(pages, args.screenshots)
         print(summary(plan, experts, versions, scores, demo.tracking_uri,
                       time.monotonic() - started,
                       mlflow_root=None if args.keep else workdir / "mlflow",
-                      pages=demo.ui_pages()), flush=True)
+                      pages=pages), flush=True)
         if args.keep:
             demo.step("--keep: services stay up; stop them with Ctrl-C")
             while True:

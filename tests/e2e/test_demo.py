@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
+
+from demo.browser import INSTALL_HINT, chromium, render_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,14 +27,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_tiny_demo_prints_the_summary_and_stops_every_process(tmp_path):
-    workdir = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """One tiny demo for the module: its workdir and what it printed."""
+    workdir = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
         [sys.executable, "-m", "demo", "--tiny", "--workdir", str(workdir)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    out = result.stdout
+    return workdir, result.stdout
+
+
+def test_tiny_demo_prints_the_summary_and_stops_every_process(demo_run):
+    workdir, out = demo_run
     assert "gaggle local federation: summary" in out
     for contributor in ("alice", "bob", "carol"):
         assert f"| {contributor} |" in out
@@ -45,15 +59,11 @@ def test_tiny_demo_prints_the_summary_and_stops_every_process(tmp_path):
     pids = json.loads((workdir / "logs" / "pids.json").read_text())
     assert len(pids) >= 5
     assert not [pid for pid in pids if _alive(pid)]
-    _browse_later_command_serves_the_demo_runs(out)
 
 
-def _browse_later_command_serves_the_demo_runs(out: str) -> None:
-    """The summary's "browse it later" command, run as printed (on a free port), serves the
-    demo's MLflow data: the experiment and the registered router model are there."""
-    import shlex
-    import urllib.request
-
+@contextmanager
+def browse_later(out: str) -> Iterator[str]:
+    """The summary's "browse it later" command, run as printed (on a free port); its URL."""
     from demo.processes import ProcessGroup, free_port, http_ok, wait_until
 
     [line] = [line for line in out.splitlines() if line.strip().startswith("mlflow server")]
@@ -66,11 +76,40 @@ def _browse_later_command_serves_the_demo_runs(out: str) -> None:
                                                *argv[1:]])
         uri = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{uri}/health"), 120, "mlflow server", process)
-        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/registered-models/get"
-                                    "?name=gaggle-router", timeout=30) as reply:
-            model = json.loads(reply.read())["registered_model"]
-        assert model["name"] == "gaggle-router" and model.get("latest_versions")
-        assert "## Champion history" in model["description"]
-        assert [a["alias"] for a in model.get("aliases", [])] == ["champion"]
+        yield uri
     finally:
         group.stop_all()
+
+
+def test_browse_later_command_serves_the_demo_runs(demo_run):
+    """The demo's MLflow data outlives it: the registered router model, its champion and
+    the champion history are there."""
+    with browse_later(demo_run[1]) as uri, urllib.request.urlopen(
+            f"{uri}/api/2.0/mlflow/registered-models/get?name=gaggle-router",
+            timeout=30) as reply:
+        model = json.loads(reply.read())["registered_model"]
+    assert model["name"] == "gaggle-router" and model.get("latest_versions")
+    assert "## Champion history" in model["description"]
+    assert [a["alias"] for a in model.get("aliases", [])] == ["champion"]
+
+
+@pytest.mark.skipif(chromium() is None, reason=f"Chromium is not installed: {INSTALL_HINT}")
+def test_mlflow_ui_shows_the_version_card_and_the_loss_charts_in_a_browser(demo_run):
+    """A person's view: the champion's version page and an expert's run page, rendered by a
+    real headless Chromium from the demo's MLflow server."""
+    out = demo_run[1]
+    with browse_later(out) as uri:
+        def printed(label: str) -> str:
+            [line] = [line for line in out.splitlines() if label in line]
+            old = line.split(": ", 1)[1].split("/#/")[0]
+            return line.split(": ", 1)[1].replace(old, uri)
+
+        version_page = render_text(printed("the champion's version page"))
+        # The run's overview lists every metric; its charts tab draws only what is in view.
+        run_page = render_text(printed("an expert's run").replace("/model-metrics", ""))
+    # The version's model card: the experts table and the evaluation behind the promotion.
+    assert "alice/alice-tweet-sentiment" in version_page and "carol/carol-boolq" in version_page
+    assert "Evaluation" in version_page and "imdb-sentiment" in version_page
+    assert "@ champion" in version_page or "champion" in version_page
+    # The expert's run: its loss curve is a chart of its own.
+    assert "expert_loss_curve" in run_page and "gate_loss_curve" in run_page
