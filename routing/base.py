@@ -172,10 +172,10 @@ def check_adaptable(model: nn.Module) -> None:
                 "GPT-NeoX, ...)", field="base")
 
 
-def _build_tiny():
-    """A seeded random 2-layer Llama and a byte-level tokenizer: no files, no downloads."""
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges (257 ids, the last <|endoftext|>): no files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
@@ -183,13 +183,20 @@ def _build_tiny():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+
+
+def _build_tiny():
+    """A seeded random 2-layer Llama and a byte-level tokenizer: no files, no downloads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    end = tokenizer.eos_token_id
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=vocab["<|endoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        tie_word_embeddings=True, bos_token_id=end, eos_token_id=end, pad_token_id=end,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
