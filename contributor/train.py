@@ -266,7 +266,11 @@ def train_expert(base: BaseModel, examples: list[TokenizedExample],
         # peft calls a transformers API deprecated in v5; the warning is noise to a contributor.
         warnings.filterwarnings("ignore", category=FutureWarning)
         # autocast_adapter_dtype (peft's default) keeps the adapter float32 on a bf16 base
-        peft_model = get_peft_model(base.model, settings)
+        try:
+            peft_model = get_peft_model(base.model, settings)
+        except ValueError as err:  # peft's word on targets that match nothing or no linear
+            raise InvalidArgument(f"cannot adapt {config.target_modules or 'the default'} "
+                                  f"modules: {err}", field="target-modules") from None
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         data = batches(examples, config.batch_size, base.tokenizer.pad_token_id, config.seed)
