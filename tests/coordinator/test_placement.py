@@ -1,5 +1,5 @@
-"""The consumer's pyfunc model, saved and loaded by MLflow: the base's device and dtype come
-from the model config given at load time."""
+"""Where the coordinator's and the consumer's models run: `serve --device --dtype` for the
+evaluation actors and the usage check, the model config for the pyfunc model."""
 
 from __future__ import annotations
 
@@ -54,3 +54,39 @@ def test_unknown_dtype_in_the_model_config_is_refused(saved_model):
 
     with pytest.raises(InvalidArgument, match="--dtype must be one of"):
         mlflow.pyfunc.load_model(str(saved_model), model_config={"dtype": "int4"})
+
+
+def test_serve_placement_reaches_the_usage_check(monkeypatch, tmp_path):
+    from coordinator import poison
+    from coordinator.server import ServerConfig, accepted_hook
+    from routing.device import DEVICE_ENV, DTYPE_ENV
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    monkeypatch.setattr(poison, "_BASES", {})
+    assert poison._base("tiny-llama").model.dtype == torch.float32  # unset: today's CPU fp32
+    config = ServerConfig(store=tmp_path / "store", base="tiny-llama", device="cpu",
+                          dtype="bfloat16", assembly=False)
+    monkeypatch.setenv(DEVICE_ENV, "unset")  # registers the variables for restoring
+    monkeypatch.setenv(DTYPE_ENV, "unset")
+    assert accepted_hook(config) is None  # records the placement, assembly or not
+    monkeypatch.setattr(poison, "_BASES", {})
+    assert poison._base("tiny-llama").model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("field, value", [("device", "gpu"), ("dtype", "fp8")])
+def test_serve_refuses_unknown_placements(tmp_path, field, value):
+    from coordinator.server import ServerConfig
+    from protocol.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=f"--{field} must be one of"):
+        ServerConfig(store=tmp_path, base="tiny-llama", **{field: value})
+
+
+def test_set_serving_placement_is_what_the_workers_read(monkeypatch):
+    from routing.device import DEVICE_ENV, DTYPE_ENV, serving_placement, set_serving_placement
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    set_serving_placement("cpu", "bfloat16")
+    assert serving_placement() == {"device": "cpu", "dtype": "bfloat16"}
