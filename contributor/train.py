@@ -161,6 +161,10 @@ class TrainConfig:
                                   field="threads")
         resolve_precision(self.precision)  # rejects unknown names with a clear error
         check_names(self.device, self.dtype)
+        if self.quantize is not None and self.method == "ia3":
+            raise InvalidArgument("--quantize 4bit trains LoRA experts only: an input-scaled "
+                                  "(IA)^3 module needs the base weights in float",
+                                  field="quantize")
         parse_target_modules(self.target_modules)
         if self.schedule not in SCHEDULES:
             raise InvalidArgument(f"--schedule must be one of {', '.join(SCHEDULES)}, got "

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from protocol.errors import InvalidArgument
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: checking the names costs nothing at start-up
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -35,6 +37,8 @@ class Placement:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """The torch device for a `--device` value; InvalidArgument when it is absent here."""
+    import torch
+
     if not isinstance(name, str) or not _DEVICE_PATTERN.match(name):
         raise InvalidArgument(f"--device must be one of {', '.join(DEVICES)}, got {name!r}",
                               field="device")
@@ -58,11 +62,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The base weights' dtype for a `--dtype` value on `device` (auto: bf16 on a CUDA GPU
     that supports it, float32 elsewhere)."""
+    import torch
+
     if name not in DTYPES:
         raise InvalidArgument(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}",
                               field="dtype")
     if name != "auto":
-        return DTYPES[name]
+        return getattr(torch, name)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -84,6 +90,28 @@ def check_names(device: str, dtype: str) -> None:
                               field="dtype")
 
 
+# How a coordinator's `serve --device --dtype` reaches the places it runs models (the Ray
+# evaluation actors, the usage check): environment variables, which the local Ray workers
+# inherit from the process that starts Ray. Unset: the CPU in float32.
+DEVICE_ENV, DTYPE_ENV = "GAGGLE_DEVICE", "GAGGLE_DTYPE"
+
+
+def serving_placement() -> dict[str, str]:
+    """load_base's device and dtype for the models a coordinator runs."""
+    import os
+
+    return {"device": os.environ.get(DEVICE_ENV, "cpu"),
+            "dtype": os.environ.get(DTYPE_ENV, "float32")}
+
+
+def set_serving_placement(device: str, dtype: str) -> None:
+    """Record `serve`'s choice for this process and the Ray workers it starts."""
+    import os
+
+    check_names(device, dtype)
+    os.environ[DEVICE_ENV], os.environ[DTYPE_ENV] = device, dtype
+
+
 def model_placement(model: torch.nn.Module) -> Placement:
     """Where a loaded model's weights are, and their floating dtype."""
     weight = next(p for p in model.parameters() if p.is_floating_point())
@@ -91,5 +119,7 @@ def model_placement(model: torch.nn.Module) -> Placement:
 
 
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())

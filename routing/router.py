@@ -183,6 +183,11 @@ def _linear(model: nn.Module, router: ModuleRouter) -> nn.Linear:
     if not isinstance(linear, nn.Linear):
         raise InvalidArgument(f"module {router.name} is not an nn.Linear of this model: the "
                               "router was built for another architecture", field="modules")
+    if not linear.weight.is_floating_point():  # e.g. bitsandbytes' packed 4-bit weights
+        raise InvalidArgument(
+            f"module {router.name} holds {linear.weight.dtype} weights ("
+            f"{type(linear).__name__}): routing needs a float base; load it with --dtype "
+            "bfloat16 instead of --quantize", field="modules")
     if (linear.in_features, linear.out_features) != (router.d_in, router.d_out):
         raise InvalidArgument(
             f"module {router.name} is ({linear.in_features} -> {linear.out_features}) but the "

@@ -156,3 +156,8 @@ def test_dora_adapter_in_the_cache_is_refused_naming_the_kind(cli, tmp_path, dat
     code, _, err = cli("gate", "--adapter", "someone/dora", "--base", "tiny-llama",
                        "--data", data_file, "--out", tmp_path / "out", *GATE_FAST)
     assert code != 0 and "DoRA (use_dora) cannot be routed" in err
+
+
+def test_quantized_ia3_is_refused_before_loading():
+    with pytest.raises(InvalidArgument, match="--quantize 4bit trains LoRA experts only"):
+        TrainConfig(method="ia3", quantize="4bit")

@@ -111,3 +111,16 @@ def test_routing_a_bf16_base_keeps_bf16_and_scores_in_float32(method):
     assert torch.allclose(got.float(), expected, atol=0.1, rtol=0.05)
     unroute(full.model)
     unroute(half.model)
+
+
+def test_routing_a_base_with_packed_integer_weights_is_refused_untouched():
+    from torch import nn
+
+    base = load_base("tiny-llama")
+    name = "model.layers.0.self_attn.q_proj"
+    layer = base.model.get_submodule(name)
+    layer.weight = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.int8),
+                                requires_grad=False)  # as a 4-bit base stores its weights
+    with pytest.raises(InvalidArgument, match=f"module {name} holds torch.int8 weights"):
+        route(base, [random_bundle(base.spec(), "e", seed=1)])
+    assert not any(isinstance(m, RoutedLinear) for m in base.model.modules())
