@@ -14,6 +14,9 @@ from torch import nn
 from protocol.errors import InvalidArgument
 
 _NAME = re.compile(r"^[A-Za-z_][\w.]*$")
+# The MLP's output projection under its common names: (IA)^3 scales its input, as peft's
+# per-architecture defaults do, for model types peft has no default for (Phi-3, ...)
+_MLP_OUTPUTS = ("down_proj", "dense_4h_to_h", "fc2", "w2")
 
 
 def parse_target_modules(text: str | None) -> str | list[str] | None:
@@ -44,7 +47,8 @@ def peft_config(method: str, rank: int, alpha: float, targets: str | list[str] |
     LoRA defaults to every linear layer (PHATGOOSE's recipe); (IA)^3 to peft's per-
     architecture default (keys, values and the MLP's down projection on Llama), whose
     feed-forward modules scale their input. Custom (IA)^3 targets keep that split: a target
-    in the default's feed-forward list scales its input, any other its output.
+    in the default's feed-forward list (else the MLP's output projection) scales its input,
+    any other its output.
     """
     from peft import IA3Config, LoraConfig
     from peft.utils.constants import (
@@ -67,7 +71,7 @@ def peft_config(method: str, rank: int, alpha: float, targets: str | list[str] |
     if targets == "all-linear":
         raise InvalidArgument("--target-modules all-linear is for LoRA; (IA)^3 needs names or "
                               "a regex", field="target-modules")
-    feedforward = list(FEEDFORWARD.get(model_type, []))
+    feedforward = list(FEEDFORWARD.get(model_type, _MLP_OUTPUTS))
     if isinstance(targets, list):
         feedforward = [name for name in targets if name in feedforward]
     return IA3Config(target_modules=targets, feedforward_modules=feedforward)

@@ -161,3 +161,20 @@ def test_dora_adapter_in_the_cache_is_refused_naming_the_kind(cli, tmp_path, dat
 def test_quantized_ia3_is_refused_before_loading():
     with pytest.raises(InvalidArgument, match="--quantize 4bit trains LoRA experts only"):
         TrainConfig(method="ia3", quantize="4bit")
+
+
+def test_ia3_on_a_family_without_peft_defaults_needs_target_modules(tmp_path):
+    from contributor.data import Example, tokenize
+    from routing.base import load_base
+    from tests.routing.families import save_family
+
+    base = load_base(str(save_family("phi3", tmp_path / "phi3")))
+    examples = tokenize([Example(f"{i} plus 1 is", f" {i + 1}") for i in range(8)],
+                        base.tokenizer, 16)
+    with pytest.raises(InvalidArgument, match="no default \\(IA\\)\\^3 modules for model "
+                                              "type 'phi3': name them with --target-modules"):
+        train_expert(base, examples, TrainConfig(method="ia3", steps=1, batch_size=4))
+    expert, _ = train_expert(base, examples, TrainConfig(
+        method="ia3", steps=1, batch_size=4, target_modules="qkv_proj,down_proj"))
+    kinds = {m.name.rsplit(".", 1)[-1]: m.kind for m in expert.modules}
+    assert kinds == {"qkv_proj": "ia3_out", "down_proj": "ia3_in"}

@@ -1,6 +1,6 @@
 """Every supported architecture family end to end on a tiny random model: train two experts
 (different module sets) and their gates, bundle, submit over real gRPC, assemble on real Ray,
-route and generate."""
+route and generate, in float32 and on the base loaded in bf16."""
 
 from __future__ import annotations
 
@@ -93,3 +93,13 @@ def test_family_trains_submits_assembles_routes_and_generates(family, tmp_path):
     assert len(routed_layers) == len(base.spec().linears)
     assert torch.isfinite(routed).all() and not torch.allclose(routed, plain)
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+
+    # the same version routes the base loaded in bf16: one fingerprint, the base's dtype
+    half = load_base(base.name, dtype="bfloat16")
+    with torch.no_grad():
+        route(half, weights, top_k=2)
+        half_logits = half.model(**prompt).logits
+        half.model.generate(**prompt, max_new_tokens=2, do_sample=False,
+                            pad_token_id=half.tokenizer.pad_token_id)
+    assert half_logits.dtype == torch.bfloat16
+    assert torch.allclose(half_logits.float(), routed, atol=0.1, rtol=0.05)

@@ -124,3 +124,22 @@ def test_routing_a_base_with_packed_integer_weights_is_refused_untouched():
     with pytest.raises(InvalidArgument, match=f"module {name} holds torch.int8 weights"):
         route(base, [random_bundle(base.spec(), "e", seed=1)])
     assert not any(isinstance(m, RoutedLinear) for m in base.model.modules())
+
+
+def test_a_base_in_the_local_hub_cache_loads_by_id_without_downloading(folders, tmp_path,
+                                                                       monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    revision = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--someone--tiny-mistral"
+    shutil.copytree(folders["mistral"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = load_base("someone/tiny-mistral", dtype="bfloat16")
+    assert cached.fingerprint == load_base(str(folders["mistral"])).fingerprint
+    with pytest.raises(InvalidArgument, match="already in the local cache"):
+        load_base("someone/not-cached")
