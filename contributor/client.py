@@ -13,7 +13,6 @@ upload.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 import grpc
 
 from protocol.archive import BundleArchive
-from protocol.bundle import MANIFEST, Manifest, validate_manifest
 from protocol.errors import (
     FingerprintMismatch,
     GaggleError,
@@ -36,6 +34,7 @@ from protocol.errors import (
 )
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
+from protocol.manifest import MANIFEST, Manifest, parse_manifest
 from protocol.status import from_rpc_error
 
 # Statuses after which the upload is resumed: the connection, not the request, failed.
@@ -114,6 +113,18 @@ class CoordinatorClient:
 
     def get_expert(self, expert_id: str) -> pb.Expert:
         return self._call("GetExpert", pb.GetExpertRequest(expert_id=expert_id))
+
+    def cancel(self, bundle_dir: str | Path) -> str | None:
+        """Abandon the live upload of a bundle; the upload id cancelled, or None when the
+        bundle is already stored. (StartUpload answers the live upload of the same bundle.)"""
+        manifest = read_manifest(Path(bundle_dir))
+        start = self._call("StartUpload", pb.StartUploadRequest(
+            size_bytes=BundleArchive.of(bundle_dir).size, expert_id=manifest.expert_id,
+            name=manifest.name))
+        if start.HasField("existing"):
+            return None
+        self._call("CancelUpload", pb.CancelUploadRequest(upload_id=start.upload_id))
+        return start.upload_id
 
     def submit(self, bundle_dir: str | Path, *, progress: bool = False,
                limit_rate: float | None = None,
@@ -245,12 +256,7 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not path.is_file():
         raise InvalidBundle(f"{bundle_dir} has no {MANIFEST}: is it a bundle folder written "
                             "by `gaggle-contributor train`?", field="path")
-    try:
-        manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidBundle(f"{path} is not valid JSON: {err}", field="manifest") from None
-    validate_manifest(manifest)
-    return manifest
+    return parse_manifest(path.read_bytes())
 
 
 def check_compatible(manifest: Manifest, federation: pb.Federation) -> None:
@@ -287,6 +293,15 @@ def run_submit_command(args: argparse.Namespace) -> int:
         print(f"{result.name}: accepted ({result.size_bytes} bytes; sent {result.bytes_sent} "
               f"in {result.attempts} attempt(s){resumed})")
     print(result.expert_id)
+    return 0
+
+
+def run_cancel_command(args: argparse.Namespace) -> int:
+    """`gaggle-contributor cancel DIR --coordinator HOST:PORT`."""
+    with CoordinatorClient(connection_from_args(args)) as client:
+        cancelled = client.cancel(args.bundle)
+    print(f"cancelled upload {cancelled}" if cancelled else
+          f"{args.bundle} is already stored: nothing to cancel")
     return 0
 
 

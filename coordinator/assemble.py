@@ -50,7 +50,7 @@ class ExpertEntry:
     """One expert of a version, as the version manifest records it."""
 
     expert_id: str  # the store's id of the expert
-    name: str  # the key the router knows it by: expert_key(contributor, expert name)
+    name: str  # the key the router knows it by: contributor/name (ExpertRecord.key)
     contributor: str
     method: str
     path: str  # the expert's bundle folder in the store
@@ -81,24 +81,18 @@ def select_experts(records: list) -> list[ExpertEntry]:
     """The expert set of a new version: the newest expert per (contributor, name).
 
     A contributor re-submitting a name replaces that expert. Inside the router, in usage
-    reports and in version diffs an expert is known as `contributor/name` (expert_key): a
-    name alone would let one contributor's expert shadow another's, and '/' cannot occur in
-    either part.
+    reports and in version diffs an expert is known by its key, `contributor/name`
+    (coordinator.store.expert_key).
     """
     newest: dict[tuple[str, str], object] = {}
     for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
         newest[(record.contributor, record.name)] = record
     entries = [
-        ExpertEntry(expert_id=r.expert_id, name=expert_key(r.contributor, r.name),
+        ExpertEntry(expert_id=r.expert_id, name=r.key,
                     contributor=r.contributor, method=r.method, path=str(r.path))
         for r in newest.values()
     ]
     return sorted(entries, key=lambda e: (e.name, e.expert_id))
-
-
-def expert_key(contributor: str, name: str) -> str:
-    """How a version knows an expert: `contributor/name`, unique in a store."""
-    return f"{contributor}/{name}"
 
 
 def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:
@@ -258,8 +252,9 @@ def assemble(store_root: str | os.PathLike, records: list,
     fingerprint: the federation's base fingerprint; every expert must match it (default: the
     first expert's). base_name: the coordinator's name for that base, which the version
     records and consumers load; a manifest's base name is the contributor's label only
-    (default, without a coordinator: the first expert's label). Raises FailedPrecondition when there are no experts and InvalidBundle when
-    a bundle fails its re-verification; then nothing changes.
+    (default, without a coordinator: the first expert's label). Raises FailedPrecondition
+    when there are no experts and InvalidBundle when a bundle fails its re-verification; then
+    nothing changes.
     """
     started = time.perf_counter()
     config = config or AssemblyConfig()
@@ -316,7 +311,6 @@ def _write_version(folder: Path, weights, manifest: dict) -> None:
 
 
 def _declared_fingerprint(entry: ExpertEntry) -> str:
-    from protocol.bundle import MANIFEST, Manifest
+    from protocol.manifest import MANIFEST, read_manifest
 
-    raw = json.loads((Path(entry.path) / MANIFEST).read_text(encoding="utf-8"))
-    return Manifest.from_json(raw).base_fingerprint
+    return read_manifest(Path(entry.path) / MANIFEST).base_fingerprint

@@ -37,13 +37,12 @@ from protocol.manifest import (
     FORMAT_VERSION,
     GATES,
     MANIFEST,
-    MAX_MANIFEST_BYTES,
     METHODS,
     MODULE_KINDS,
     Manifest,
     ModuleSpec,
     check_manifest,
-    parse_manifest,
+    read_manifest,
     strict_json,
 )
 from protocol.names import preview
@@ -279,7 +278,7 @@ def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None, *,
             f"{', '.join(REQUIRED_FILES)} and optionally {ACTIVATIONS}",
             field="files",
         )
-    manifest = _read_manifest(root / MANIFEST)
+    manifest = read_manifest(root / MANIFEST)
     tensor_files = sorted(present - {MANIFEST})
     if sorted(manifest.files) != tensor_files:
         raise InvalidBundle(
@@ -302,13 +301,6 @@ def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None, *,
     )
     validate_tensors(bundle)
     return bundle
-
-
-def _read_manifest(path: Path) -> Manifest:
-    if path.stat().st_size > MAX_MANIFEST_BYTES:  # before reading it into memory
-        raise InvalidBundle(f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes",
-                            field="manifest")
-    return parse_manifest(path.read_bytes())
 
 
 def save_bundle(bundle: Bundle, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -31,6 +31,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from protocol.errors import InvalidBundle
 from protocol.names import NAME_RULE, is_name, preview
@@ -203,6 +204,14 @@ def strict_json(text: str, max_depth: int) -> object:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except ValueError as err:  # bad JSON, a duplicate key, NaN, or an int of 4,300+ digits
         raise ValueError(str(err)[:200]) from None
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and check a manifest.json file (its size first, before reading it in)."""
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise InvalidBundle(f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes",
+                            field="manifest")
+    return parse_manifest(path.read_bytes())
 
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)

@@ -1,7 +1,9 @@
 """Hostile uploads: hypothesis strategies that corrupt a valid bundle at every layer, and
 runners that push one case through the coordinator's own upload path.
 
-Layers: the manifest (fields, types, sizes, raw JSON), a safetensors file (header length,
+Layers: the manifest (fields, types, sizes, raw JSON), its schema (every field made huge,
+nested, duplicated, of the wrong type, given an extra sibling key, or a number that is not
+finite in float32), a safetensors file (header length,
 offsets, dtypes, shapes, tensor names, bytes), the tar archive (member names with path
 separators, links, devices, duplicates, lying sizes, truncation) and the byte stream
 (truncated, reordered or misplaced chunks, a lying size or expert id). Used by
@@ -200,6 +202,76 @@ def corrupt_manifest(draw, blob: bytes) -> tuple[str, bytes]:
         return what, blob  # the value cannot be written as JSON: nothing corrupted
 
 
+# -- manifest, schema-aware ---------------------------------------------------------------
+
+SCHEMA_MUTATIONS = ("huge", "nested", "duplicated", "wrong_type", "extra_key",
+                    "non_finite_after_cast")
+# Values that are finite as float64 but not once cast to float32, or not numbers JSON allows.
+NON_FINITE_AFTER_CAST = (1e39, -1e39, 3.5e38, 2**64, 2**128, 10**40)
+
+
+def schema_paths(manifest: dict) -> list[tuple]:
+    """Every field of a manifest as a key path: ("peft", "rank"), ("modules", 0, "d_in")..."""
+    paths: list[tuple] = []
+
+    def walk(node, path: tuple) -> None:
+        if path:
+            paths.append(path)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, path + (key,))
+        elif isinstance(node, list):
+            for index, value in enumerate(node[:2]):  # two entries of a list stand for all
+                walk(value, path + (index,))
+
+    walk(manifest, ())
+    return paths
+
+
+def _replace(manifest: dict, path: tuple, value) -> None:
+    target = manifest
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+
+
+def _lookup(manifest: dict, path: tuple):
+    for key in path:
+        manifest = manifest[key]
+    return manifest
+
+
+@st.composite
+def corrupt_schema(draw, blob: bytes) -> tuple[str, bytes]:
+    """(mutation name, manifest.json) with one field of the schema broken in one way."""
+    manifest = json.loads(blob)
+    path = draw(st.sampled_from(schema_paths(manifest)))
+    what = draw(st.sampled_from(SCHEMA_MUTATIONS))
+    value = _lookup(manifest, path)
+    label = f"{what}:{'.'.join(str(p) for p in path[:2])}"
+    if what == "huge":
+        _replace(manifest, path, draw(st.sampled_from((
+            "x" * 100_000, [1.0] * 20_000, {f"k{i}": i for i in range(5_000)}))))
+    elif what == "nested":
+        depth = draw(st.sampled_from((4, 50, 300, 600)))
+        _replace(manifest, path, json.loads("[" * depth + json.dumps(value) + "]" * depth))
+    elif what == "wrong_type":
+        _replace(manifest, path, draw(st.sampled_from((
+            "1", [value], {"v": value}, True, None, 1.5, -1))))
+    elif what == "extra_key":
+        parent = _lookup(manifest, path[:-1]) if isinstance(path[-1], str) else manifest
+        parent[draw(st.sampled_from(("note", "text", "x" * 300, "__proto__")))] = \
+            draw(st.sampled_from(("secret text", 1, [1], {"a": 1})))
+    elif what == "non_finite_after_cast":
+        _replace(manifest, path, draw(st.sampled_from(NON_FINITE_AFTER_CAST)))
+    text = json.dumps(manifest)
+    if what == "duplicated":  # the same key twice in one object: parsers disagree on which
+        key = json.dumps(path[-1]) if isinstance(path[-1], str) else '"name"'
+        text = text.replace(f"{key}: ", f"{key}: {json.dumps(draw(json_values(2)))}, "
+                            f"{key}: ", 1)
+    return label, text.encode()
+
+
 def _raw_manifest(kind: str, blob: bytes, draw) -> bytes:
     if kind == "deep":
         depth = draw(st.sampled_from((1000, 100_000)))
@@ -351,12 +423,15 @@ def stream_case(draw, layer: str, what: str, archive: bytes,
 
 @st.composite
 def hostile_cases(draw, material: list[dict[str, bytes]]) -> Case:
-    """A hostile upload: one layer corrupted (manifest, safetensors, tar or stream)."""
+    """A hostile upload: one layer corrupted (manifest, its schema, safetensors, tar or
+    stream)."""
     files = dict(draw(st.sampled_from(material)))
-    layer = draw(st.sampled_from(("manifest", "safetensors", "tar", "stream")))
+    layer = draw(st.sampled_from(("manifest", "schema", "safetensors", "tar", "stream")))
     what = "none"
     if layer == "manifest":
         what, files[MANIFEST] = draw(corrupt_manifest(files[MANIFEST]))
+    elif layer == "schema":
+        what, files[MANIFEST] = draw(corrupt_schema(files[MANIFEST]))
     elif layer == "safetensors":
         target = draw(st.sampled_from((ADAPTER, GATES)))
         what, files[target] = draw(corrupt_safetensors(files[target]))

@@ -38,13 +38,13 @@ def test_assembly_stacks_every_expert_and_records_lineage(tmp_path, tiny_spec):
     b = add_expert(store, tiny_spec, "b", seed=2, method="ia3", contributor="bob")
     first = assemble(store.root, store.list_experts())
     assert first.created and _experts(store.root, first.version_id) == {
-        "a": a.expert_id, "b": b.expert_id}
-    assert first.manifest["parent"] is None and first.manifest["diff"] == "+a +b"
+        "alice/a": a.expert_id, "bob/b": b.expert_id}
+    assert first.manifest["parent"] is None and first.manifest["diff"] == "+alice/a +bob/b"
     weights = load_router(VersionStore(store.root).folder(first.version_id) / ROUTER_DIR)
     bundle = load_bundle(a.path)
     module = "model.layers.1.mlp.down_proj"  # adapted by both the LoRA and the (IA)^3 expert
     stacked = weights.modules[module]
-    assert stacked.experts == ["a", "b"]
+    assert stacked.experts == ["alice/a", "bob/b"]
     assert torch.equal(stacked.keys[0], bundle.gates[module])
     assert torch.equal(stacked.lora_A[0], bundle.adapter[f"{module}.lora_A"])
 
@@ -52,9 +52,9 @@ def test_assembly_stacks_every_expert_and_records_lineage(tmp_path, tiny_spec):
     c = add_expert(store, tiny_spec, "c", seed=4)
     second = assemble(store.root, store.list_experts())
     assert _experts(store.root, second.version_id) == {
-        "a": a2.expert_id, "b": b.expert_id, "c": c.expert_id}
+        "alice/a": a2.expert_id, "bob/b": b.expert_id, "alice/c": c.expert_id}
     assert second.manifest["parent"] == first.version_id
-    assert second.manifest["diff"] == "+c ~a"
+    assert second.manifest["diff"] == "+alice/c ~alice/a"
     assert VersionStore(store.root).current_id() == second.version_id
 
 
@@ -71,7 +71,10 @@ def test_chunked_stacking_on_ray_equals_stacking_all_at_once(tmp_path, tiny_spec
         commit(store, bundle)
     entries = select_experts(store.list_experts())
     joined = build_router(entries, AssemblyConfig(chunk_size=2), tiny_spec.fingerprint)
-    reference = stack_experts([load_bundle(e.path) for e in entries])
+    loaded = [load_bundle(e.path) for e in entries]
+    for bundle, entry in zip(loaded, entries, strict=True):
+        bundle.manifest.name = entry.name  # the router knows experts by contributor/name
+    reference = stack_experts(loaded)
     assert joined.experts == reference.experts and set(joined.modules) == set(reference.modules)
     for name, expected in reference.modules.items():
         got = joined.modules[name]
@@ -93,12 +96,15 @@ def test_same_expert_set_gives_the_same_version(tmp_path, tiny_spec):
     assert len(VersionStore(store.root).all()) == 1
 
 
-def test_contributors_sharing_a_name_keep_both_experts(tmp_path, tiny_spec):
+def test_experts_are_keyed_by_contributor_and_name_so_none_shadows_another(tmp_path,
+                                                                          tiny_spec):
     store = make_store(tmp_path / "store", tiny_spec)
     add_expert(store, tiny_spec, "sentiment", seed=1, contributor="alice")
     add_expert(store, tiny_spec, "sentiment", seed=2, contributor="bob")
+    # A name spelling another contributor's key, as the old `contributor.name` scheme did.
+    add_expert(store, tiny_spec, "alice.sentiment", seed=3, contributor="carol")
     names = [e.name for e in select_experts(store.list_experts())]
-    assert names == ["alice.sentiment", "bob.sentiment"]
+    assert names == ["alice/sentiment", "bob/sentiment", "carol/alice.sentiment"]
 
 
 def test_failed_assembly_leaves_the_previous_version_current(tmp_path, tiny_spec):
@@ -164,4 +170,4 @@ def test_experts_accepted_during_an_assembly_go_into_the_next_one(tmp_path, tiny
     assert assembler.most_running == 1
     assert assembler.sizes == [1, 3]  # b and c went together into the second assembly
     current = VersionStore(store.root).current_id()
-    assert sorted(_experts(store.root, current)) == ["a", "b", "c"]
+    assert sorted(_experts(store.root, current)) == ["alice/a", "alice/b", "alice/c"]

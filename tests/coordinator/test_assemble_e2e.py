@@ -5,7 +5,6 @@ versions, runs and registered model versions, each evaluated on public tasks."""
 from __future__ import annotations
 
 import json
-import time
 
 from contributor.client import Connection, CoordinatorClient
 from coordinator.cli import main
@@ -15,17 +14,7 @@ from coordinator.version_store import VersionStore
 from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
 from tests.coordinator.assembly_helpers import MlflowServer
-from tests.servers import add_token, seed_base_spec, start_coordinator
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"no {what} after {timeout} s")
+from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 
 def _eval_tags(registry, version_id: str) -> dict[str, str]:
@@ -54,13 +43,13 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec, capsys):
             for count, (name, method) in enumerate((("a", "lora"), ("b", "ia3"),
                                                     ("c", "lora")), start=1):
                 bundle = random_bundle(tiny_spec, name, method=method, seed=count)
-                bundle.manifest.training = {"expert_steps": 5, "expert_loss": [2.0, 1.0]}
+                bundle.manifest.training = {"expert_steps": 5, "expert_loss_curve": [2.0, 1.0]}
                 save_bundle(bundle, tmp_path / name)
                 client.submit(tmp_path / name)
                 wait_for(lambda n=count: len(VersionStore(store).all()) == n, 180,
                          f"version {count}:\n{server.log()}")
         sets = [sorted(e["name"] for e in m["experts"]) for m in VersionStore(store).all()]
-        assert sets == [["a"], ["a", "b"], ["a", "b", "c"]]
+        assert sets == [["alice/a"], ["alice/a", "alice/b"], ["alice/a", "alice/b", "alice/c"]]
         assert {e["contributor"] for e in VersionStore(store).all()[-1]["experts"]} == {"alice"}
 
         registry = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)

@@ -47,8 +47,8 @@ def two_versions(tmp_path, tiny_spec):
 def test_diff_shows_one_added_and_one_replaced_expert(two_versions):
     store, v1, v2, old, new = two_versions
     diff = diff_versions(store.root, v1, v2)
-    assert diff.added == ["c"] and diff.removed == [] and list(diff.changed) == ["a"]
-    modules = {m.module: m for m in diff.changed["a"]}
+    assert diff.added == ["alice/c"] and diff.removed == [] and list(diff.changed) == ["alice/a"]
+    modules = {m.module: m for m in diff.changed["alice/a"]}
     moved = [name for name, m in modules.items() if m.status != "unchanged"]
     assert moved == [CHANGED]
     scaling = old.manifest.peft["scaling"]
@@ -64,11 +64,11 @@ def test_diff_command_prints_exactly_the_changes(two_versions, capsys):
     assert main(["diff", v1[:8], v2, "--store", str(store.root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     marked = [line.split()[0:2] for line in lines if line[:2] in ("+ ", "- ", "~ ")]
-    assert marked == [["+", "c"], ["~", "a"]]
+    assert marked == [["+", "alice/c"], ["~", "alice/a"]]
     assert any(CHANGED in line and "changed" in line for line in lines)
     assert main(["diff", v2, v1, "--store", str(store.root), "--json"]) == 0
     reverse = json.loads(capsys.readouterr().out)
-    assert reverse["removed"] == ["c"] and list(reverse["changed"]) == ["a"]
+    assert reverse["removed"] == ["alice/c"] and list(reverse["changed"]) == ["alice/a"]
 
 
 def test_export_is_a_router_folder_that_routes_alone(two_versions, tiny_base, tmp_path, capsys):
@@ -76,7 +76,7 @@ def test_export_is_a_router_folder_that_routes_alone(two_versions, tiny_base, tm
     out = tmp_path / "exported"
     assert main(["export", v2, "--store", str(store.root), "--out", str(out)]) == 0
     weights = load_router(out)
-    assert sorted(weights.experts) == ["a", "b", "c"]
+    assert sorted(weights.experts) == ["alice/a", "alice/b", "alice/c"]
     assert json.loads((out / "version.json").read_text())["version_id"] == v2
     inputs = torch.tensor([[5, 6, 7, 8]])
     model = route(tiny_base, weights)
@@ -103,7 +103,7 @@ def test_versions_command_lists_versions_with_local_aliases(two_versions, capsys
     assert rows[1]["aliases"] == ["current", "latest"] and rows[1]["parent"] == v1
     assert main(["versions", "--store", str(store.root)]) == 0
     table = capsys.readouterr().out
-    assert v1 in table and "+c ~a" in table
+    assert v1 in table and "+alice/c ~alice/a" in table
 
 
 def test_unknown_version_is_a_clear_error(two_versions, capsys):
