@@ -114,9 +114,10 @@ def _cache_adapter(cache, repo: str, rank: int, alpha: int, rslora: bool, target
     model.unload()
 
 
-@pytest.mark.parametrize("rank, alpha, rslora", [(3, 7, False), (4, 6, True)])
+@pytest.mark.parametrize("rank, alpha, rslora, dtype", [(3, 7, False, "float32"),
+                                                       (4, 6, True, "bfloat16")])
 def test_gate_takes_a_hub_id_from_the_local_cache(cli, tmp_path, data_file, tiny_spec,
-                                                  monkeypatch, rank, alpha, rslora):
+                                                  monkeypatch, rank, alpha, rslora, dtype):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -125,9 +126,11 @@ def test_gate_takes_a_hub_id_from_the_local_cache(cli, tmp_path, data_file, tiny
                    ["k_proj", "o_proj", "up_proj"])
     out = tmp_path / "recycled"
     code, _, err = cli("gate", "--adapter", "someone/tiny-expert", "--base", "tiny-llama",
-                       "--data", data_file, "--out", out, *GATE_FAST)
+                       "--data", data_file, "--out", out, "--dtype", dtype, *GATE_FAST)
     assert code == 0, err
-    manifest = load_bundle(out, tiny_spec).manifest
+    bundle = load_bundle(out, tiny_spec)  # a bf16 load fits the float32 base spec
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in bundle.gates.values())
+    manifest = bundle.manifest
     assert manifest.peft["rank"] == rank and len(manifest.modules) == 6
     expected = alpha / math.sqrt(rank) if rslora else alpha / rank
     assert manifest.peft["scaling"] == pytest.approx(expected)
