@@ -74,10 +74,12 @@ class NaiveRoutedLinear(nn.Module):
         layer = self.layer
         out = layer.base(x)
         flat = x.reshape(-1, x.shape[-1])
-        scores = parameter_free_layer_norm(flat) @ layer.route_keys.T
+        # scores in float32, as the routed layer takes them
+        scores = parameter_free_layer_norm(flat.float()) @ layer.route_keys.T
         top, index = scores.topk(layer.top_k, dim=-1)
         weights = torch.zeros_like(scores).scatter_(1, index, torch.softmax(top, -1))
-        delta = torch.zeros(flat.shape[0], out.shape[-1], dtype=out.dtype)
+        weights = weights.to(out.dtype)
+        delta = torch.zeros(flat.shape[0], out.shape[-1], dtype=out.dtype, device=out.device)
         for e in range(layer.lora_A.shape[0]):
             low = F.linear(flat, layer.lora_A[e])
             delta += (weights[:, e:e + 1] * layer.scaling[e]) * (low @ layer.lora_B_t[e])
@@ -106,10 +108,16 @@ def uninstall(model: nn.Module, layers: dict[str, nn.Module]) -> None:
 
 
 def timed_forward(model: nn.Module, tokens: torch.Tensor) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one forward pass."""
+    """(wall seconds, CPU seconds of this process) of one forward pass; on a GPU the wall
+    time waits for the device to finish."""
+    on_gpu = tokens.device.type == "cuda"
     with torch.inference_mode():
+        if on_gpu:
+            torch.cuda.synchronize(tokens.device)
         wall, cpu = time.perf_counter(), time.process_time()
         model(tokens)
+        if on_gpu:
+            torch.cuda.synchronize(tokens.device)
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -202,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default: torch's choice); 1 gives the steadiest "
                         "CPU-time ratios on a busy machine")
     parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", metavar="auto|cpu|cuda[:N]|mps",
+                        help="where the base and routed models run (default cpu)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="weights and compute of every configuration alike; bf16 (or auto "
                         "where the CPU runs bf16 natively) casts the base model and so the "
@@ -214,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()
-    base = load_base(args.base)
-    precision = for_scoring(base.model, args.precision)
+    base = load_base(args.base, device=args.device)
+    precision = for_scoring(base.model, args.precision, base.device.type)
     tokens = torch.randint(0, base.model.config.vocab_size, (args.batch, args.tokens),
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0)).to(base.device)
     routed = {}
     for count in counts:
         # the RouterWeights are dropped once the layers exist: only the layers' tensors stay
@@ -230,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                             naive_experts=args.naive_experts)
     rows = summarise(times, paired, args.naive_experts)
     print_table(rows)
-    result = {"base_model": args.base, "batch": args.batch, "tokens": args.tokens,
+    result = {"base_model": args.base, "device": str(base.device), "batch": args.batch,
+              "tokens": args.tokens,
               "rank": args.rank, "top_k": args.top_k, "rounds": rounds,
               "precision": precision,
               "threads": torch.get_num_threads(), "torch": torch.__version__,

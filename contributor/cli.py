@@ -39,6 +39,18 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                              "it natively, else fp32; weights and shipped tensors stay fp32)")
     parser.add_argument("--no-activations", action="store_true",
                         help="do not ship activations.safetensors (mean module inputs)")
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]|mps",
+                        help="where the base model runs (default auto: a GPU if there is one)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=("auto", "float32", "bfloat16", "float16"),
+                        help="the base weights' dtype (default auto: bfloat16 on a GPU that "
+                             "supports it, else float32); adapters and gates stay float32")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, "
+                             "about a third more compute per step")
+    parser.add_argument("--quantize", choices=("4bit",),
+                        help="load the base in 4 bits (bitsandbytes, CUDA only; pip install "
+                             "'gaggle[quant]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, help="expert training steps")
     train.add_argument("--rank", type=int, help="LoRA rank")
     train.add_argument("--lr", type=float, help="expert learning rate")
+    train.add_argument("--target-modules", metavar="NAMES|REGEX",
+                       help="modules to adapt, in peft's form: comma-separated names "
+                            "(q_proj,v_proj), a regex over full module names, or all-linear "
+                            "(default: all-linear for LoRA, peft's default for (IA)^3)")
     train.set_defaults(handler="contributor.train:run_train_command")
 
     gate = sub.add_parser(
@@ -70,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "PHATGOOSE gate on your data and write a new bundle.",
     )
     gate.add_argument("--adapter", required=True,
-                      help="folder of the existing peft adapter, or of a bundle (its expert is "
-                           "kept as it is; its gates are trained again)")
+                      help="folder of the existing peft adapter, a Hugging Face id of one "
+                           "already in the local cache (nothing is downloaded), or a bundle "
+                           "folder (its expert is kept as it is; its gates are trained again)")
     _add_training_flags(gate)
     gate.set_defaults(handler="contributor.train:run_gate_command")
 

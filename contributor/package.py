@@ -77,10 +77,11 @@ def expert_from_peft(peft_model: nn.Module) -> Expert:
 
     adapter_name = peft_model.active_adapter
     config = peft_model.peft_config[adapter_name]
-    unsupported = [key for key in ("use_dora", "fan_in_fan_out", "lora_bias")
-                   if getattr(config, key, False)]
+    unsupported = [name for key, name in _UNROUTABLE.items()
+                   if key in ("use_dora", "fan_in_fan_out", "lora_bias")
+                   and getattr(config, key, False)]
     if unsupported:
-        raise InvalidArgument(f"peft options {unsupported} are not supported: train a plain "
+        raise InvalidArgument(f"{', '.join(unsupported)} cannot be routed: train a plain "
                               "LoRA or (IA)^3 adapter", field="adapter")
     model = peft_model.get_base_model()
     modules: list[ModuleSpec] = []
@@ -156,13 +157,39 @@ def load_expert(folder: str | Path, base: BaseModel) -> Expert:
     with other settings. Raises InvalidBundle or FingerprintMismatch for a bundle that does
     not validate against `base`, and load_peft_adapter's errors otherwise.
     """
-    root = Path(folder)
+    root = _adapter_folder(folder)
     if not (root / MANIFEST).is_file():
         return load_peft_adapter(root, base)
     bundle = load_bundle(root, base.spec())
     manifest = bundle.manifest
     return Expert(method=manifest.method, peft=dict(manifest.peft),
                   modules=list(manifest.modules), adapter=dict(bundle.adapter))
+
+
+def _adapter_folder(source: str | Path) -> Path:
+    """A local folder, or the cached snapshot of a Hugging Face hub id (never downloaded)."""
+    root = Path(source)
+    if root.exists() or len(str(source).split("/")) != 2:
+        return root
+    from routing.base import hub_snapshot
+
+    cached = hub_snapshot(str(source))
+    if cached is None:
+        raise InvalidArgument(
+            f"adapter {source!r} is neither a local folder nor a Hugging Face id in the local "
+            "cache; nothing is downloaded: fetch it first (huggingface-cli download "
+            f"{source}) or pass its folder", field="adapter")
+    return cached
+
+
+# peft options whose delta is not s * B A on a plain nn.Linear, by the name of the kind
+_UNROUTABLE = {"use_dora": "DoRA (use_dora)", "use_qalora": "QA-LoRA (use_qalora)",
+               "lora_bias": "LoRA with a trained bias (lora_bias)",
+               "fan_in_fan_out": "a Conv1D (fan_in_fan_out) adapter",
+               "rank_pattern": "per-module ranks (rank_pattern)",
+               "alpha_pattern": "per-module alphas (alpha_pattern)",
+               "modules_to_save": "fully trained modules (modules_to_save)",
+               "layer_replication": "layer replication (layer_replication)"}
 
 
 def load_peft_adapter(folder: str | Path, base: BaseModel | BaseSpec) -> Expert:
@@ -236,17 +263,18 @@ def _read_adapter_config(root: Path) -> dict:
         raise InvalidArgument(f"{path} is not valid JSON: {err}", field="adapter") from None
     if not isinstance(config, dict) or config.get("peft_type") not in ("LORA", "IA3"):
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise InvalidArgument(f"{path}: peft_type {kind!r} is not supported; gaggle recycles "
+        raise InvalidArgument(f"{path}: a {kind!r} adapter cannot be routed; gaggle recycles "
                               "LORA and IA3 adapters", field="adapter")
-    unsupported = [key for key in ("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora")
-                   if config.get(key)]
-    unsupported += [key for key in ("rank_pattern", "alpha_pattern", "modules_to_save",
-                                    "layer_replication") if config.get(key)]
+    kinds = [name for key, name in _UNROUTABLE.items() if config.get(key)]
     if config.get("bias", "none") != "none":
-        unsupported.append("bias")
-    if unsupported:
-        raise InvalidArgument(f"{path}: options {unsupported} are not supported: a bundle "
-                              "holds plain LoRA factors or (IA)^3 vectors only", field="adapter")
+        kinds.append(f"trained biases (bias={config['bias']!r})")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva")):
+        kinds.append(f"{init} initialisation, which changes the base weights")
+    if kinds:
+        raise InvalidArgument(f"{path}: {', '.join(kinds)} cannot be routed: a bundle holds "
+                              "plain LoRA factors (any rank, alpha, rsLoRA scaling, target set) "
+                              "or (IA)^3 vectors only", field="adapter")
     return config
 
 

@@ -74,6 +74,7 @@ from contributor.data import (
     token_counts,
     tokenize,
 )
+from contributor.hardware import autocast_device, checkpointing, model_device, on_device
 from contributor.package import (
     Expert,
     bundle_from_expert,
@@ -81,11 +82,13 @@ from contributor.package import (
     expert_from_peft,
     load_expert,
 )
+from contributor.targets import parse_target_modules, peft_config
 from protocol.bundle import save_bundle, validate_bundle
 from protocol.errors import GaggleError, InvalidArgument
 from protocol.manifest import MAX_CURVE_POINTS
 from protocol.names import check_name
 from routing.base import BaseModel, load_base
+from routing.device import check_names
 from routing.gate import gate_vectors, gated_experts, mean_input_activations
 from routing.precision import autocast
 from routing.precision import resolve as resolve_precision
@@ -134,6 +137,11 @@ class TrainConfig:
     seed: int = 0  # data order and LoRA initialisation
     threads: int = 0  # torch CPU threads; 0 = all cores, or 1 when the machine is busy
     precision: str = "auto"  # matmuls: bf16 autocast where native (routing.precision), or fp32
+    device: str = "auto"  # base model's: auto (a GPU if any), cpu, cuda[:N], mps
+    dtype: str = "auto"  # base weights: auto (bf16 on a GPU), float32, bfloat16, float16
+    target_modules: str | None = None  # peft names/regex (contributor.targets); None: default
+    gradient_checkpointing: bool = False  # recompute block activations: less memory, slower
+    quantize: str | None = None  # "4bit": NF4 base via bitsandbytes (CUDA, the quant extra)
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "ia3"):
@@ -153,6 +161,12 @@ class TrainConfig:
             raise InvalidArgument(f"--threads must be 0 (automatic) or more, got {self.threads}",
                                   field="threads")
         resolve_precision(self.precision)  # rejects unknown names with a clear error
+        check_names(self.device, self.dtype)
+        if self.quantize is not None and self.method == "ia3":
+            raise InvalidArgument("--quantize 4bit trains LoRA experts only: an input-scaled "
+                                  "(IA)^3 module needs the base weights in float",
+                                  field="quantize")
+        parse_target_modules(self.target_modules)
         if self.schedule not in SCHEDULES:
             raise InvalidArgument(f"--schedule must be one of {', '.join(SCHEDULES)}, got "
                                   f"{self.schedule!r}", field="schedule")
@@ -168,7 +182,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
              if key in fields and value is not None}
     if getattr(args, "no_activations", False):
         given["activations"] = False
+    given["gradient_checkpointing"] = bool(getattr(args, "gradient_checkpointing", False))
     return TrainConfig(**given)
+
+
+def load_training_base(name: str, config: TrainConfig) -> BaseModel:
+    """The base model on the config's device, in its dtype (optionally 4-bit)."""
+    return load_base(name, device=config.device, dtype=config.dtype, quantize=config.quantize)
 
 
 def set_threads(requested: int) -> int:
@@ -217,12 +237,14 @@ def _optimise(model: nn.Module, params: list[nn.Parameter],
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: lr_factor(step, steps, config.warmup_fraction, config.schedule))
     losses: list[float] = []
-    with tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+    device, cast = model_device(model), autocast_device(model)
+    with tqdm(total=steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True) as bar, \
+            checkpointing(model, config.gradient_checkpointing):
         for _ in range(steps):
             total = 0.0
             for _ in range(accumulation):
-                with autocast(config.precision):  # forward only; backward follows its dtypes
-                    loss = target_loss(model, next(data)) / accumulation
+                with autocast(config.precision, cast):  # forward only; backward follows dtypes
+                    loss = target_loss(model, on_device(next(data), device)) / accumulation
                 loss.backward()
                 total += float(loss.detach())
             if not math.isfinite(total):
@@ -240,18 +262,20 @@ def _optimise(model: nn.Module, params: list[nn.Parameter],
 def train_expert(base: BaseModel, examples: list[TokenizedExample],
                  config: TrainConfig) -> tuple[Expert, list[float]]:
     """Train a peft expert on `base.model`; the base model is restored before returning."""
-    from peft import IA3Config, LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     torch.manual_seed(config.seed)
-    if config.method == "lora":
-        peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                                 target_modules="all-linear")
-    else:
-        peft_config = IA3Config()  # peft's per-architecture default: k, v and down projections
+    settings = peft_config(config.method, config.rank, config.alpha,
+                           parse_target_modules(config.target_modules), base.model)
     with warnings.catch_warnings():
         # peft calls a transformers API deprecated in v5; the warning is noise to a contributor.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        peft_model = get_peft_model(base.model, peft_config)
+        # autocast_adapter_dtype (peft's default) keeps the adapter float32 on a bf16 base
+        try:
+            peft_model = get_peft_model(base.model, settings)
+        except ValueError as err:  # peft's word on targets that match nothing or no linear
+            raise InvalidArgument(f"cannot adapt {config.target_modules or 'the default'} "
+                                  f"modules: {err}", field="target-modules") from None
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         data = batches(examples, config.batch_size, base.tokenizer.pad_token_id, config.seed)
@@ -287,15 +311,17 @@ def train_gates(base: BaseModel, expert: Expert, examples: list[TokenizedExample
             passes = tqdm(one_pass(subset, _ACTIVATION_BATCH, pad), desc="activations",
                           unit="batch", total=-(-len(subset) // _ACTIVATION_BATCH),
                           file=sys.stderr, dynamic_ncols=True)
-            with autocast(config.precision):
+            with autocast(config.precision, autocast_device(base.model)):
                 activations, tokens = mean_input_activations(base.model, layers, passes)
             summary["activation_tokens"] = tokens
     return gates, activations, summary
 
 
-def _recipe_flags(config: TrainConfig) -> dict[str, int]:
-    """The manifest's numeric record of how training ran: bf16 matmuls, LR decay."""
-    return {"bf16": int(resolve_precision(config.precision) == "bf16"),
+def _recipe_flags(config: TrainConfig, base: BaseModel) -> dict[str, int]:
+    """The manifest's numeric record of how training ran: bf16 matmuls or base, LR decay."""
+    weights = next(base.model.parameters()).dtype
+    bf16 = resolve_precision(config.precision) == "bf16" or weights == torch.bfloat16
+    return {"bf16": int(bf16),
             "lr_decay": int(config.schedule == "linear")}
 
 
@@ -357,7 +383,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     out, name = _check_output(args.out, args.name)
     set_threads(config.threads)
     records = read_jsonl(args.data)
-    base = load_base(args.base)
+    base = load_training_base(args.base, config)
     started, started_at = time.perf_counter(), time.time()
     examples = tokenize(records, base.tokenizer, config.max_length)
     expert, losses = train_expert(base, examples, config)
@@ -365,7 +391,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
     check_gates_moved(gates)
     training = {**token_counts(examples), **_loss_summary("expert", losses), **gate_summary,
-                **_recipe_flags(config),
+                **_recipe_flags(config, base),
                 "expert_seconds": round(expert_seconds, 2),
                 "wall_seconds": round(time.perf_counter() - started, 2),
                 "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
@@ -380,7 +406,7 @@ def run_gate_command(args: argparse.Namespace) -> int:
     out, name = _check_output(args.out, args.name)
     set_threads(config.threads)
     records = read_jsonl(args.data)
-    base = load_base(args.base)
+    base = load_training_base(args.base, config)
     expert = load_expert(args.adapter, base)
     check_trained(expert, args.adapter)  # a zero delta would leave the gate at zero
     started, started_at = time.perf_counter(), time.time()
@@ -388,7 +414,7 @@ def run_gate_command(args: argparse.Namespace) -> int:
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
     check_gates_moved(gates)
     training = {**token_counts(examples), "expert_steps": 0, **gate_summary,
-                **_recipe_flags(config),
+                **_recipe_flags(config, base),
                 "wall_seconds": round(time.perf_counter() - started, 2),
                 "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
     _write(expert, base, name, out, gates, activations, training)

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     _tracking(serve)
     serve.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    serve.add_argument("--device", metavar="auto|cpu|cuda[:N]|mps",
+                       help="where evaluation and the usage check run the base model "
+                            "(default auto: a GPU if there is one)")
+    serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="the base weights' dtype there (default auto: bf16 on a GPU)")
     serve.add_argument("--no-assembly", dest="assembly", action="store_false", default=None,
                        help="only store experts: no automatic assembly or MLflow tracking")
     serve.add_argument("--eval-config",

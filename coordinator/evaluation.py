@@ -155,8 +155,9 @@ class EvalWorker:
 
     def __init__(self, base: str) -> None:
         from routing.base import load_base
+        from routing.device import serving_placement
 
-        self.base = load_base(base)
+        self.base = load_base(base, **serving_placement())  # serve --device / --dtype
         self._examples: dict[tuple[str, int, int], list] = {}
 
     def fingerprint(self) -> str:

@@ -63,7 +63,7 @@ def top1_shares(model, tokenizer, prompts: list[str],
             ids = tokenizer(prompt, add_special_tokens=False,
                             return_tensors="pt")["input_ids"][:, :max_tokens]
             if ids.numel():
-                model(input_ids=ids)
+                model(input_ids=ids.to(model.device))  # serve --device may put it on a GPU
     experts = trace.experts
     shares: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -179,7 +179,8 @@ def usage_tags(report: dict, max_chars: int = 4000) -> dict[str, str]:
 def _base(name: str):
     if name not in _BASES:
         from routing.base import load_base
+        from routing.device import serving_placement
 
         _BASES.clear()  # keep one base model in memory at most
-        _BASES[name] = load_base(name)
+        _BASES[name] = load_base(name, **serving_placement())  # serve --device / --dtype
     return _BASES[name]

@@ -16,12 +16,17 @@ from mlflow.pyfunc import PythonModel
 ARTIFACT = "version"  # the artifact key holding the version folder (version.json, router/)
 ROUTER_DIR = "router"  # the router folder inside it (coordinator.version_store.ROUTER_DIR)
 DEFAULTS = {"max_new_tokens": 32, "method": "phatgoose", "top_k": 2}
+# Where the base runs, from the model config given at load time:
+# mlflow.pyfunc.load_model(uri, model_config={"device": "cuda:1", "dtype": "bfloat16"}).
+# "auto" is a GPU in bf16 where there is one, the CPU in float32 elsewhere (routing.device).
+PLACEMENT_DEFAULTS = {"device": "auto", "dtype": "auto"}
 
 
 class RouterModel(PythonModel):
     """Routed generation: `predict(["prompt", ...]) -> ["completion", ...]`."""
 
     def load_context(self, context) -> None:
+        """Load the base on the model config's device and dtype, and route it."""
         from routing.base import load_base
         from routing.router import route
         from routing.version import load_router, read_router_manifest
@@ -29,7 +34,9 @@ class RouterModel(PythonModel):
         folder = Path(context.artifacts[ARTIFACT]) / ROUTER_DIR
         manifest = read_router_manifest(folder)
         self.version = manifest.get("metadata", {}).get("gaggle_version", {})
-        self.base = load_base(manifest["base_model"])
+        placement = PLACEMENT_DEFAULTS | dict(getattr(context, "model_config", None) or {})
+        self.base = load_base(manifest["base_model"], device=str(placement["device"]),
+                              dtype=str(placement["dtype"]))
         self.weights = load_router(folder)
         self.routed = ("phatgoose", 2)
         route(self.base, self.weights, method="phatgoose", top_k=2)
@@ -52,7 +59,7 @@ class RouterModel(PythonModel):
         tokenizer, model = self.base.tokenizer, self.base.model
         outputs = []
         for prompt in _prompts(model_input):  # one at a time: no padding side effects
-            encoded = tokenizer(prompt, return_tensors="pt")
+            encoded = tokenizer(prompt, return_tensors="pt").to(self.base.device)
             with torch.no_grad():
                 generated = model.generate(
                     **encoded, max_new_tokens=int(settings["max_new_tokens"]),

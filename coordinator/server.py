@@ -54,6 +54,8 @@ class ServerConfig:
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
     ray_address: str | None = None  # Ray cluster to join (used by assembly)
     assembly: bool = True  # after each accepted expert: assemble a version, track in MLflow
+    device: str = "auto"  # where evaluation and the usage check run the base (routing.device)
+    dtype: str = "auto"  # and in which dtype (auto: bf16 on a GPU, else float32)
     eval_config: Path | None = None  # evaluation config file: evaluate each new version
     auth_max_failures: int = 10  # failed authentications per host and window, then refused
     auth_window_s: float = 60.0  # how long a failed authentication counts against its host
@@ -64,6 +66,9 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key",
                                   field="tls_client_ca")
+        from routing.device import check_names  # light: torch only, no model
+
+        check_names(self.device, self.dtype)
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} is out of range 0-65535", field="port")
         if self.auth_max_failures < 1 or self.auth_window_s <= 0:
@@ -193,6 +198,9 @@ def accepted_hook(config: ServerConfig) -> OnAccepted | None:
     """What runs after each newly accepted expert (off the RPC path, in order): the
     assembler, which builds a router version on Ray and tracks it in MLflow. None with
     `assembly = false` (--no-assembly): experts are then only stored."""
+    from routing.device import set_serving_placement  # before Ray starts: workers inherit it
+
+    set_serving_placement(config.device, config.dtype)
     if not config.assembly:
         return None
     # Ray's failure signal handler would turn the SIGTERM that `serve` handles (graceful

@@ -26,6 +26,9 @@ from coordinator.tracking import (
 from coordinator.tracking_queue import Op
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")  # logged as an MLflow model from code
+# The model config keys a consumer may override at load time (MLflow drops any key the logged
+# model lacks): coordinator.pyfunc.PLACEMENT_DEFAULTS, the base's device and dtype.
+PYFUNC_MODEL_CONFIG = {"device": "auto", "dtype": "auto"}
 _REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "mlflow")
 _MAX_METRICS_PER_BATCH = 1000
 
@@ -100,6 +103,7 @@ def replay_router_version(client, experiment_id: str, op: Op) -> None:
                 name=MODEL_NAME, python_model=str(PYFUNC_CODE),
                 artifacts={"version": str(folder)}, pip_requirements=_requirements(),
                 tags={TAG_OP: op.op_id}, signature=signature,
+                model_config=PYFUNC_MODEL_CONFIG,
             )
         model_id, source = info.model_id, info.model_uri
     else:

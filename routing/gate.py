@@ -28,15 +28,18 @@ def expert_delta(kind: str, base: nn.Linear, x: torch.Tensor, base_out: torch.Te
 
     x: (..., d_in); base_out: (..., d_out), the base layer's output for x;
     tensors: {"lora_A": (r, d_in), "lora_B": (d_out, r)} or {"ia3": (d_out,) | (d_in,)}.
-    Returns (..., d_out).
+    Returns (..., d_out) in base_out's dtype; the expert's float32 tensors compute in float32
+    (a bf16 base's activations are widened for the LoRA product).
     """
     if kind == "lora":
-        return scaling * F.linear(F.linear(x, tensors["lora_A"]), tensors["lora_B"])
+        lora_A = tensors["lora_A"]
+        delta = F.linear(F.linear(x.to(lora_A.dtype), lora_A), tensors["lora_B"])
+        return (scaling * delta).to(base_out.dtype)
     if kind == "ia3_out":
         # The base output already holds W x (and the bias, as peft scales it too).
-        return (tensors["ia3"] - 1.0) * base_out
+        return ((tensors["ia3"] - 1.0) * base_out).to(base_out.dtype)
     if kind == "ia3_in":
-        return F.linear((tensors["ia3"] - 1.0) * x, base.weight)
+        return F.linear(((tensors["ia3"] - 1.0) * x).to(x.dtype), base.weight)
     raise ValueError(f"unknown module kind {kind!r}")
 
 
@@ -49,12 +52,15 @@ class GatedExpertLinear(nn.Module):
         self.base = base
         self.kind = spec.kind
         self.scaling = scaling
-        # The expert's tensors are held by reference, not copied: a test can then prove
-        # that gate training leaves the very tensors that get shipped untouched.
-        self.expert = tensors
-        for tensor in tensors.values():
+        # The expert's tensors are held by reference, not copied (on the CPU; an accelerator
+        # gets one copy): a test can then prove that gate training leaves the very tensors
+        # that get shipped untouched.
+        device = base.weight.device
+        self.expert = {key: value.to(device) for key, value in tensors.items()}
+        for tensor in self.expert.values():
             tensor.requires_grad_(False)
-        self.gate = nn.Parameter(torch.zeros(spec.d_in, dtype=base.weight.dtype))
+        # float32 whatever the base's dtype: the gate trains and ships in float32
+        self.gate = nn.Parameter(torch.zeros(spec.d_in, dtype=torch.float32, device=device))
         self.gate_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +69,8 @@ class GatedExpertLinear(nn.Module):
         delta = expert_delta(self.kind, self.base, x, base_out, self.expert, self.scaling)
         if not self.gate_enabled:
             return base_out + delta
-        gate = torch.sigmoid(x @ self.gate).unsqueeze(-1)  # (batch, seq, 1)
-        return base_out + gate * delta
+        gate = torch.sigmoid(x.to(self.gate.dtype) @ self.gate).unsqueeze(-1)  # (b, seq, 1)
+        return base_out + (gate * delta).to(base_out.dtype)
 
 
 def _module_tensors(adapter: dict[str, torch.Tensor], spec: ModuleSpec) -> dict[str, torch.Tensor]:
@@ -119,13 +125,15 @@ def mean_input_activations(model: nn.Module, layers: dict[str, GatedExpertLinear
     batches: dicts with input_ids and attention_mask (batch, seq). Returns module name ->
     (d_in,) float32 mean, and the number of tokens averaged.
     """
-    sums = {name: torch.zeros(layer.base.in_features, dtype=torch.float64)
+    device = next(model.parameters()).device
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    sums = {name: torch.zeros(layer.base.in_features, dtype=wide, device=device)
             for name, layer in layers.items()}
     mask: list[torch.Tensor] = []  # the current batch's (batch, seq) bool mask
 
     def hook(name: str):
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            sums[name] += inputs[0][mask[0]].sum(dim=0, dtype=torch.float64)
+            sums[name] += inputs[0][mask[0]].sum(dim=0, dtype=wide)
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
@@ -137,13 +145,15 @@ def mean_input_activations(model: nn.Module, layers: dict[str, GatedExpertLinear
         # The LM head is not adapted: run the decoder only when the model exposes it.
         body = model.get_decoder() if hasattr(model, "get_decoder") else model
         for batch in batches:
-            mask[:] = [batch["attention_mask"].bool()]
+            ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            mask[:] = [attention.bool()]
             tokens += int(mask[0].sum())
-            body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            body(input_ids=ids, attention_mask=attention)
     finally:
         for handle in handles:
             handle.remove()
         for name, layer in layers.items():
             layer.gate_enabled = previous[name]
-    means = {name: (total / max(tokens, 1)).to(torch.float32) for name, total in sums.items()}
+    means = {name: (total / max(tokens, 1)).to("cpu", torch.float32)
+             for name, total in sums.items()}
     return means, tokens

@@ -8,13 +8,15 @@ dispatch of a scored method, where A and the (E, d_in) router keys are copied on
 (E + E*r, d_in) matrix; B is read as (E, r, d_out) row-major, shared too when the stack
 stores it that way (stack_module does), else copied once (E*r*d_out floats).
 
-Scoring: LN(x) . key_e for every expert is one (N, d_in) x (d_in, E) GEMM on the raw input
+Scoring, always in float32 (a bf16 or fp16 base's input is widened for it, (N, d_in) floats):
+LN(x) . key_e for every expert is one (N, d_in) x (d_in, E) GEMM on the raw input
 (the keys are centred, so only a per-token scale is missing: (N, 1) floats, computed once per
 input for sibling projections); top-k with k passes of max. Extra activations: (N, E).
 
 Two equivalent ways to apply the LoRA part of the top-k mixture, picked per layer:
-- dense: h = x A_all^T for all E experts at once (the same GEMM as the scores), weights zero
-  outside the top-k, then one matmul with B_all. Extra activations: (N, E + E*r) + (N, E).
+- dense: h = x A_all^T for all E experts at once (in float32, the same GEMM as the scores),
+  weights zero outside the top-k, then one matmul with B_all. Extra activations:
+  (N, E + E*r) + (N, E).
   FLOPs ~ N*E*r*(d_in + d_out). Cheapest when E*r is small (a few experts): two plain GEMMs,
   no gather. "auto" picks it up to DENSE_MAX_COLUMNS (float32) or DENSE_MAX_COLUMNS_REDUCED
   (bf16, fp16) columns E*r.
@@ -150,12 +152,14 @@ class RoutedLinear(nn.Module):
         self._buffer("ia3_out", router.ia3_out)  # (E, d_out)
         self._buffer("ia3_in", router.ia3_in)  # (E, d_in)
         keys = _route_keys(router, method)
-        self._buffer("route_keys", keys)  # (E, d_in)
+        # Scores are taken in float32 whatever the base's dtype: a bf16 score keeps 3
+        # significant digits, enough to reorder close experts.
+        self._buffer("route_keys", keys, score=True)  # (E, d_in)
         # phatgoose_centred: <x - mean input, key_e> = <x, key_e> - bias_e (E,)
         self._buffer("route_bias", _centring_bias(router, keys)
-                     if method == "phatgoose_centred" else None)
+                     if method == "phatgoose_centred" else None, score=True)
         fused = None
-        if self.dense and lora_A is not None and method in SCORED_METHODS:
+        if self.dense and lora_A is not None and method in SCORED_METHODS and not reduced:
             # one (E + E*r, d_in) matrix so that one GEMM gives the scores and x A_e^T of
             # every expert: a GEMM only E columns wide runs at a third of the speed.
             # route_keys and lora_A become views of it (a device move copies each apart).
@@ -170,10 +174,13 @@ class RoutedLinear(nn.Module):
         if method == "uniform_merge":
             self._buffer("merged_weight", self._merged_weight())
 
-    def _buffer(self, name: str, tensor: torch.Tensor | None) -> None:
-        if tensor is not None:  # follow the base layer's device and float dtype
+    def _buffer(self, name: str, tensor: torch.Tensor | None, score: bool = False) -> None:
+        """Register `tensor` on the base layer's device, in its float dtype (score tensors:
+        float32)."""
+        if tensor is not None:
             weight = self.base.weight
             dtype = weight.dtype if tensor.is_floating_point() else tensor.dtype
+            dtype = torch.float32 if score else dtype
             tensor = tensor.to(device=weight.device, dtype=dtype)
         self.register_buffer(name, tensor, persistent=False)
 
@@ -210,7 +217,7 @@ class RoutedLinear(nn.Module):
         if self.method == "retrieval":
             return self._retrieval_select(x.shape)
         if scores is None:
-            scores = flat @ self.route_keys.T  # (N, E)
+            scores = flat.to(self.route_keys.dtype) @ self.route_keys.T  # (N, E) float32
         if self.route_bias is not None:
             scores -= self.route_bias
         if self.method == "arrow":  # |x . proto|: a prototype's sign is arbitrary
@@ -238,7 +245,7 @@ class RoutedLinear(nn.Module):
         known = chosen < self.local_of.shape[0]
         local[known] = self.local_of[chosen[known]]
         local = local.repeat_interleave(seq).unsqueeze(1)  # (N, 1)
-        weight = (local >= 0).to(self.route_keys.dtype)  # experts not adapting here add nothing
+        weight = (local >= 0).to(self.base.weight.dtype)  # experts not adapting here add nothing
         return local.clamp(min=0), weight
 
     def add_mixture(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
@@ -313,7 +320,8 @@ class RoutedLinear(nn.Module):
                 mean = (seq_x * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             else:
                 mean = seq_x.mean(1)
-            probs = torch.softmax(parameter_free_layer_norm(mean) @ self.route_keys.T, dim=-1)
+            scores = parameter_free_layer_norm(mean.float()) @ self.route_keys.T
+            probs = torch.softmax(scores, dim=-1).to(seq_x.dtype)
             self._merge_weights = probs  # (batch, E), for calls that continue these rows
         if self.state.trace is not None:
             top = self.collection[probs.argmax(-1)].repeat_interleave(seq_x.shape[1])

@@ -44,7 +44,9 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
     model: a transformers model or a BaseModel (whose fingerprint is then used). A model
     routed before is unrouted first, so one base model serves every method in turn.
     experts: loaded bundles, or RouterWeights from `stack_experts` / `load_router`.
-    fingerprint: the base model's, when known; otherwise computed from the weights.
+    fingerprint: the base model's, when known; otherwise the one load_base recorded on the
+    model, else computed from the weights.
+    The routed layers keep the base's device and dtype; router scores are float32.
     dispatch: "auto", "dense" or "grouped" (see routing.layers for the trade-off).
     Raises FingerprintMismatch, FailedPrecondition (zero router keys) or InvalidArgument.
     """
@@ -59,7 +61,10 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
     if dispatch not in ("auto", "dense", "grouped"):
         raise InvalidArgument(f"dispatch must be auto, dense or grouped, got {dispatch!r}",
                               field="dispatch")
-    check_fingerprint(weights, fingerprint or model_fingerprint(model))
+    # load_base stamps the checkpoint's fingerprint on the model: a bf16 load no longer
+    # hashes to it
+    known = fingerprint or getattr(model, "gaggle_fingerprint", None)
+    check_fingerprint(weights, known or model_fingerprint(model))
     check_router_keys(weights, mode)
     state = RoutingState(config={"method": method, "top_k": top_k, "experts": weights.experts})
     position = {name: i for i, name in enumerate(weights.experts)}
@@ -178,6 +183,11 @@ def _linear(model: nn.Module, router: ModuleRouter) -> nn.Linear:
     if not isinstance(linear, nn.Linear):
         raise InvalidArgument(f"module {router.name} is not an nn.Linear of this model: the "
                               "router was built for another architecture", field="modules")
+    if not linear.weight.is_floating_point():  # e.g. bitsandbytes' packed 4-bit weights
+        raise InvalidArgument(
+            f"module {router.name} holds {linear.weight.dtype} weights ("
+            f"{type(linear).__name__}): routing needs a float base; load it with --dtype "
+            "bfloat16 instead of --quantize", field="modules")
     if (linear.in_features, linear.out_features) != (router.d_in, router.d_out):
         raise InvalidArgument(
             f"module {router.name} is ({linear.in_features} -> {linear.out_features}) but the "

@@ -1,0 +1,92 @@
+"""Where the coordinator's and the consumer's models run: `serve --device --dtype` for the
+evaluation actors and the usage check, the model config for the pyfunc model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.pyfunc import PLACEMENT_DEFAULTS
+from coordinator.tracking_ops import PYFUNC_CODE, PYFUNC_MODEL_CONFIG
+from routing.stack import stack_experts
+from routing.synthetic import random_bundle
+from routing.version import save_router
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tiny_spec):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("pyfunc")
+    weights = stack_experts([random_bundle(tiny_spec, f"e{i}", seed=i) for i in range(2)])
+    save_router(weights, root / "version" / "router")
+    # as the coordinator logs it (coordinator.tracking_ops)
+    mlflow.pyfunc.save_model(root / "model", python_model=str(PYFUNC_CODE),
+                             artifacts={"version": str(root / "version")},
+                             model_config=PYFUNC_MODEL_CONFIG)
+    return root / "model"
+
+
+def test_the_logged_model_config_names_every_placement_key():
+    assert PYFUNC_MODEL_CONFIG == PLACEMENT_DEFAULTS
+
+
+@pytest.mark.parametrize("config, dtype", [
+    (None, torch.float32),  # auto: float32 on a CPU-only machine
+    ({"device": "cpu", "dtype": "bfloat16"}, torch.bfloat16),
+])
+def test_model_config_places_the_routed_base(saved_model, config, dtype):
+    import mlflow
+
+    if config is None and torch.cuda.is_available():
+        pytest.skip("auto picks the GPU here")
+    model = mlflow.pyfunc.load_model(str(saved_model), model_config=config)
+    base = model.unwrap_python_model().base
+    assert base.model.dtype == dtype and base.device.type == "cpu"
+    texts = model.predict(["Hello", "The film was"], params={"max_new_tokens": 3})
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
+
+
+def test_unknown_dtype_in_the_model_config_is_refused(saved_model):
+    import mlflow
+
+    from protocol.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="--dtype must be one of"):
+        mlflow.pyfunc.load_model(str(saved_model), model_config={"dtype": "int4"})
+
+
+def test_serve_placement_reaches_the_usage_check(monkeypatch, tmp_path):
+    from coordinator import poison
+    from coordinator.server import ServerConfig, accepted_hook
+    from routing.device import DEVICE_ENV, DTYPE_ENV
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    monkeypatch.setattr(poison, "_BASES", {})
+    assert poison._base("tiny-llama").model.dtype == torch.float32  # unset: today's CPU fp32
+    config = ServerConfig(store=tmp_path / "store", base="tiny-llama", device="cpu",
+                          dtype="bfloat16", assembly=False)
+    monkeypatch.setenv(DEVICE_ENV, "unset")  # registers the variables for restoring
+    monkeypatch.setenv(DTYPE_ENV, "unset")
+    assert accepted_hook(config) is None  # records the placement, assembly or not
+    monkeypatch.setattr(poison, "_BASES", {})
+    assert poison._base("tiny-llama").model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("field, value", [("device", "gpu"), ("dtype", "fp8")])
+def test_serve_refuses_unknown_placements(tmp_path, field, value):
+    from coordinator.server import ServerConfig
+    from protocol.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=f"--{field} must be one of"):
+        ServerConfig(store=tmp_path, base="tiny-llama", **{field: value})
+
+
+def test_set_serving_placement_is_what_the_workers_read(monkeypatch):
+    from routing.device import DEVICE_ENV, DTYPE_ENV, serving_placement, set_serving_placement
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    set_serving_placement("cpu", "bfloat16")
+    assert serving_placement() == {"device": "cpu", "dtype": "bfloat16"}
