@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 from bench.zeroshot.config import METHODS, PRIVILEGED, Plan
+from bench.zeroshot.paired import (DRAWS, balanced_accuracy, majority_rate, paired_difference,
+                                   task_draws)
 from routing.evaluate import EvalResult, bootstrap_task_mean
+from tasks.registry import TASKS
 
 LABELS = {"base": "base", "phatgoose": "PHATGOOSE", "phatgoose_centred": "PHATGOOSE centred†",
           "arrow": "Arrow",
@@ -16,10 +19,15 @@ LABELS = {"base": "base", "phatgoose": "PHATGOOSE", "phatgoose_centred": "PHATGO
 
 
 def summarise(plan: Plan, results: dict[str, dict[str, EvalResult]]) -> dict:
-    """Per-task accuracy, per-example correctness, and the group means with 95% CIs."""
+    """Per-task accuracy, per-example correctness, predictions and gold labels, and the group
+    means with 95% CIs."""
     accuracy = {m: {t: r.accuracy for t, r in by_task.items()} for m, by_task in results.items()}
     correct = {m: {t: [int(c) for c in r.correct] for t, r in by_task.items()}
                for m, by_task in results.items()}
+    predictions = {m: {t: [int(p) for p in r.predictions] for t, r in by_task.items()}
+                   for m, by_task in results.items()}
+    labels = {t: [int(y) for y in r.labels] for by_task in results.values()
+              for t, r in by_task.items()}
     means: dict[str, dict] = {}
     for method, by_task in correct.items():
         means[method] = {}
@@ -28,7 +36,8 @@ def summarise(plan: Plan, results: dict[str, dict[str, EvalResult]]) -> dict:
             if present:
                 ci = bootstrap_task_mean(present, seed=plan.seed)
                 means[method][group] = {"mean": ci.mean, "low": ci.low, "high": ci.high}
-    return {"accuracy": accuracy, "means": means, "correct": correct}
+    return {"accuracy": accuracy, "means": means, "correct": correct,
+            "predictions": predictions, "labels": labels}
 
 
 def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) -> str:
@@ -54,9 +63,61 @@ def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) ->
         lines += ["", "† PHATGOOSE centred: PHATGOOSE's gate keys scored against each token "
                   "minus the mean of the experts' shipped mean activations, a deviation from "
                   "METHODS.md (routing.layers._centring_bias explains why)."]
-    lines += [""]
+    lines += ["", *paired_table(plan, summary), "", *balance_table(plan, summary), ""]
     lines += own_share_table(plan, diagnostics.get("own_share", {}))
     return "\n".join(lines) + "\n"
+
+
+def paired_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[str]:
+    """PHATGOOSE minus every other method, paired over the same test examples."""
+    correct = summary["correct"]
+    if reference not in correct:
+        return []
+    draws = task_draws({t: len(v) for t, v in correct[reference].items()})
+    lines = [f"Paired differences, {LABELS[reference]} minus each method (mean accuracy over "
+             f"tasks; 95% interval from {DRAWS} paired bootstrap draws that resample each "
+             "task's test examples, the same draws for both methods; P = share of draws with "
+             "difference <= 0):", "",
+             "| method | held-in diff [95% CI] | P(diff <= 0) | held-out diff [95% CI] | "
+             "P(diff <= 0) |", "|---|---:|---:|---:|---:|"]
+    for method in (m for m in METHODS if m in correct and m != reference):
+        cells = []
+        for tasks in (plan.held_in, plan.held_out):
+            mine = {t: correct[reference][t] for t in tasks if t in correct[reference]}
+            theirs = {t: correct[method][t] for t in tasks if t in correct[method]}
+            if not set(mine) & set(theirs):
+                cells += ["-", "-"]
+                continue
+            d = paired_difference(mine, theirs, draws)
+            cells += [f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_not_better:.3f}"]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# Families whose choices are one fixed label set, so that a class is a label, not a position.
+CLASSIFICATION_FAMILIES = ("sentiment", "topic", "qa-yesno")
+
+
+def balance_table(plan: Plan, summary: dict) -> list[str]:
+    """Balanced accuracy per method and the majority-class rate, per classification task."""
+    tasks = [t for t in (*plan.held_in, *plan.held_out)
+             if TASKS[t].family in CLASSIFICATION_FAMILIES]
+    if "predictions" not in summary or "labels" not in summary:
+        return ["Balanced accuracy: these results predate the recording of each example's "
+                "prediction and gold label; a new run reports it."]
+    predictions, labels = summary["predictions"], summary["labels"]
+    methods = [m for m in METHODS if m in predictions]
+    lines = ["Balanced accuracy (mean recall over the classes present) on the classification "
+             "tasks, beside the majority-class rate (accuracy of always answering the most "
+             "frequent gold label):", "",
+             "| task | majority | " + " | ".join(LABELS[m] for m in methods) + " |",
+             "|---|---:|" + "---:|" * len(methods)]
+    for task in (t for t in tasks if t in labels):
+        cells = [_cell(balanced_accuracy(predictions[m][task], labels[task])
+                       if task in predictions[m] else None) for m in methods]
+        lines.append(f"| {task} | {majority_rate(labels[task]):.3f} | " + " | ".join(cells)
+                     + " |")
+    return lines
 
 
 def own_share_table(plan: Plan, own_share: dict) -> list[str]:
