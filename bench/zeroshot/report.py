@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 
 from bench.zeroshot.config import METHODS, PRIVILEGED, Plan
-from bench.zeroshot.paired import (DRAWS, balanced_accuracy, majority_rate, paired_difference,
-                                   task_draws)
+from bench.zeroshot.paired import (
+    DRAWS,
+    balanced_accuracy,
+    majority_rate,
+    paired_difference,
+    task_draws,
+)
 from routing.evaluate import EvalResult, bootstrap_task_mean
 from tasks.registry import TASKS
 

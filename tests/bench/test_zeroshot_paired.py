@@ -1,0 +1,85 @@
+"""The report's paired bootstrap and label-balance figures against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.zeroshot.config import TINY
+from bench.zeroshot.paired import balanced_accuracy, majority_rate, paired_difference, task_draws
+from bench.zeroshot.report import balance_table, markdown, paired_table
+
+A = {"t1": [1, 1, 0, 1], "t2": [1, 0, 1]}
+B = {"t1": [0, 1, 0, 0], "t2": [1, 1, 0]}
+
+
+def test_paired_difference_matches_a_direct_loop_over_the_same_draws():
+    draws = task_draws({"t1": 4, "t2": 3}, draws=200, seed=3)
+    got = paired_difference(A, B, draws)
+    direct = []
+    for k in range(200):
+        per_task = []
+        for task in ("t1", "t2"):
+            rows = draws[task][k]
+            per_task.append(sum(A[task][i] - B[task][i] for i in rows) / len(rows))
+        direct.append(sum(per_task) / 2)
+    direct = np.array(direct)
+    # observed: t1 (3-1)/4 = 0.5, t2 (2-2)/3 = 0 -> 0.25
+    assert got.diff == pytest.approx(0.25)
+    assert got.p_not_better == pytest.approx(np.mean(direct <= 0))
+    assert got.low == pytest.approx(np.quantile(direct, 0.025))
+    assert got.high == pytest.approx(np.quantile(direct, 0.975))
+    assert got.low < got.diff < got.high
+
+
+def test_paired_difference_is_exact_when_methods_differ_on_every_example():
+    # a beats b on every example: every draw shows +1, none <= 0, however the examples fall
+    draws = task_draws({"t": 5})
+    got = paired_difference({"t": [1] * 5}, {"t": [0] * 5}, draws)
+    assert (got.diff, got.low, got.high, got.p_not_better) == (1.0, 1.0, 1.0, 0.0)
+
+
+def test_paired_difference_rejects_draws_of_another_size():
+    with pytest.raises(ValueError, match="t1"):
+        paired_difference(A, B, task_draws({"t1": 5, "t2": 3}))
+
+
+def test_balanced_accuracy_and_majority_rate_match_a_direct_count():
+    labels = [0, 0, 0, 0, 1, 1, 2]
+    predictions = [0, 0, 0, 0, 0, 1, 0]  # recall: class 0 4/4, class 1 1/2, class 2 0/1
+    assert balanced_accuracy(predictions, labels) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert majority_rate(labels) == pytest.approx(4 / 7)
+    # always answering the majority scores its rate in accuracy but 1/classes balanced
+    assert balanced_accuracy([0] * 7, labels) == pytest.approx(1 / 3)
+
+
+def _summary(correct: dict, predictions: dict | None, labels: dict | None) -> dict:
+    summary = {"accuracy": {m: {t: float(np.mean(v)) for t, v in c.items()}
+                            for m, c in correct.items()},
+               "means": {m: {} for m in correct}, "correct": correct}
+    if predictions is not None:
+        summary.update(predictions=predictions, labels=labels)
+    return summary
+
+
+def test_report_tables_show_paired_rows_and_balance_per_classification_task():
+    labels = {"tweet-sentiment": [0, 1, 2, 2], "boolq": [0, 1, 1, 1], "imdb-sentiment": [0, 1]}
+    base = {t: [2] * len(y) for t, y in labels.items()}
+    perfect = {t: list(y) for t, y in labels.items()}
+    correct = {m: {t: [int(p == g) for p, g in zip(pred[t], labels[t], strict=True)]
+                   for t in labels} for m, pred in (("base", base), ("phatgoose", perfect))}
+    summary = _summary(correct, {"base": base, "phatgoose": perfect}, labels)
+    paired = "\n".join(paired_table(TINY, summary))
+    assert "| base |" in paired and "| PHATGOOSE |" not in paired
+    balance = "\n".join(balance_table(TINY, summary))
+    # base always answers 2: tweet-sentiment recalls class 2 only (1/3); boolq has no class 2
+    assert "| tweet-sentiment | 0.500 | 0.333 | 1.000 |" in balance
+    assert "| boolq | 0.750 | 0.000 | 1.000 |" in balance
+    assert "| imdb-sentiment | 0.500 | 0.000 | 1.000 |" in balance
+
+
+def test_report_says_when_results_lack_predictions():
+    correct = {"phatgoose": {"boolq": [1, 0]}, "base": {"boolq": [0, 0]}}
+    text = markdown(TINY, _summary(correct, None, None), {}, ["# t"])
+    assert "predate the recording" in text
+    assert "held-in diff" in text
