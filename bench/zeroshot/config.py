@@ -10,7 +10,11 @@ from pathlib import Path
 from tasks.registry import HELD_IN, HELD_OUT
 
 METHODS = ("base", "phatgoose", "phatgoose_centred", "arrow", "average_activation",
-           "uniform_merge", "smear", "retrieval", "multitask", "oracle")
+           "uniform_merge", "smear", "random_experts", "random_gates", "retrieval", "multitask",
+           "oracle")
+# PHATGOOSE routing over random adapters (trained keys) and over random keys (trained
+# adapters), of the trained tensors' shapes and per-module norms (routing.controls)
+CONTROLS = ("random_experts", "random_gates")
 PRIVILEGED = ("retrieval", "multitask", "oracle")  # need data or labels a router never sees
 # own-expert top-1 share is reported for these
 DIAGNOSED = ("phatgoose", "phatgoose_centred", "average_activation")

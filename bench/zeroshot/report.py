@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.zeroshot.config import METHODS, PRIVILEGED, Plan
+from bench.zeroshot.config import CONTROLS, METHODS, PRIVILEGED, Plan
 from bench.zeroshot.paired import (
     DRAWS,
     balanced_accuracy,
@@ -19,7 +19,8 @@ from tasks.registry import TASKS
 LABELS = {"base": "base", "phatgoose": "PHATGOOSE", "phatgoose_centred": "PHATGOOSE centred†",
           "arrow": "Arrow",
           "average_activation": "avg act", "uniform_merge": "uniform merge",
-          "smear": "SMEAR", "retrieval": "retrieval*", "multitask": "multitask*",
+          "smear": "SMEAR", "random_experts": "random experts‡", "random_gates": "random gates‡",
+          "retrieval": "retrieval*", "multitask": "multitask*",
           "oracle": "oracle*"}
 
 
@@ -68,6 +69,10 @@ def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) ->
         lines += ["", "† PHATGOOSE centred: PHATGOOSE's gate keys scored against each token "
                   "minus the mean of the experts' shipped mean activations, a deviation from "
                   "METHODS.md (routing.layers._centring_bias explains why)."]
+    if set(CONTROLS) & set(methods):
+        lines += ["", "‡ controls: PHATGOOSE routing with each expert's adapter replaced by a "
+                  "random one of the same shape and per-module norm (random experts), or with "
+                  "random gate keys of the trained keys' per-module norms (random gates)."]
     lines += ["", *paired_table(plan, summary), "", *balance_table(plan, summary), ""]
     lines += own_share_table(plan, diagnostics.get("own_share", {}))
     return "\n".join(lines) + "\n"

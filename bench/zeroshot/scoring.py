@@ -26,6 +26,7 @@ from bench.zeroshot.config import Plan
 from bench.zeroshot.retrieval import Encoder, RetrievalIndex
 from protocol.bundle import Bundle
 from routing.base import BaseModel
+from routing.controls import random_experts, random_gates
 from routing.evaluate import EvalResult, _encode, evaluate
 from routing.layers import SCORED_METHODS
 from routing.router import route, routing_inputs, unroute
@@ -33,6 +34,7 @@ from routing.stack import RouterWeights
 from tasks.task import Example
 
 Progress = Callable[[str], None]
+RANDOMISE = {"random_experts": random_experts, "random_gates": random_gates}
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Scorer:
             route(self.base, weights, method=method, top_k=2)
         elif method == "multitask":
             route(self.base, [self.collection.multitask], method="single:multitask")
+        elif method in RANDOMISE:  # seeded by the plan, so a rerun draws the same tensors
+            route(self.base, RANDOMISE[method](weights, seed=self.plan.seed), method="phatgoose",
+                  top_k=2)
         elif method in ("smear", "retrieval"):
             route(self.base, weights, method=method)
         for task, examples in tests.items():
@@ -141,7 +146,8 @@ class PromptMask:
 # Relative cost of each job, to hand out the longest first so the workers end together: SMEAR
 # merges the experts' factors per example, routed methods cost more than the base.
 _COST = {"smear": 1.6, "diagnostics": 2.2, "phatgoose": 1.5, "phatgoose_centred": 1.5,
-         "average_activation": 1.5, "retrieval": 1.4, "arrow": 1.3, "base": 1.0,
+         "average_activation": 1.5, "random_experts": 1.5, "random_gates": 1.5,
+         "retrieval": 1.4, "arrow": 1.3, "base": 1.0,
          "multitask": 1.0, "uniform_merge": 0.9, "oracle": 0.7}
 DIAGNOSTICS = "diagnostics"  # the job that runs bench.zeroshot.diagnostics.routing_diagnostics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from bench.zeroshot.config import TINY
 from bench.zeroshot.paired import balanced_accuracy, majority_rate, paired_difference, task_draws
@@ -83,3 +84,50 @@ def test_report_says_when_results_lack_predictions():
     text = markdown(TINY, _summary(correct, None, None), {}, ["# t"])
     assert "predate the recording" in text
     assert "held-in diff" in text
+
+
+def test_random_experts_keep_shapes_norms_and_keys_but_change_values(tiny_spec):
+    from routing.controls import random_experts, random_gates
+    from routing.stack import stack_experts
+    from routing.synthetic import random_bundle
+
+    weights = stack_experts([random_bundle(tiny_spec, n, seed=i, scale=0.5, with_activations=True)
+                             for i, n in enumerate(("alpha", "beta"))])
+    randomised = random_experts(weights, seed=1)
+    assert random_experts(weights, seed=1).modules.keys() == randomised.modules.keys()
+    for name, module in weights.modules.items():
+        other = randomised.modules[name]
+        assert torch.equal(other.keys, module.keys)
+        for field in ("lora_A", "lora_B"):
+            trained, drawn = getattr(module, field), getattr(other, field)
+            assert drawn.shape == trained.shape and drawn.dtype == trained.dtype
+            assert not torch.allclose(drawn, trained)
+            torch.testing.assert_close(drawn.flatten(1).norm(dim=1),
+                                       trained.flatten(1).norm(dim=1))
+        torch.testing.assert_close(random_experts(weights, seed=1).modules[name].lora_A,
+                                   other.lora_A)  # seeded: the same draw twice
+    gated = random_gates(weights, seed=1)
+    for name, module in weights.modules.items():
+        keys = gated.modules[name].keys
+        assert not torch.allclose(keys, module.keys)
+        torch.testing.assert_close(keys.norm(dim=1), module.keys.norm(dim=1))
+        assert torch.equal(gated.modules[name].lora_A, module.lora_A)
+
+
+def test_scorer_routes_the_random_controls_and_they_change_the_scores(tiny_base, tiny_spec):
+    from bench.zeroshot.scoring import Collection, Scorer
+    from routing.stack import stack_experts
+    from routing.synthetic import random_bundle
+    from tasks import Example
+
+    weights = stack_experts([random_bundle(tiny_spec, n, seed=i, scale=0.5, with_activations=True)
+                             for i, n in enumerate(("alpha", "beta"))])
+    scorer = Scorer(tiny_base, Collection(weights, None, None, None), TINY,
+                    progress=lambda _: None)
+    tests = {"t": [Example("Tweet: a lovely day\nSentiment:", ("negative", "positive"), 1),
+                   Example("Q: is it wet?\nA:", ("yes", "no"), 0)]}
+    scores = {m: scorer.run(m, tests)["t"].scores
+              for m in ("phatgoose", "random_experts", "random_gates")}
+    assert np.asarray(scores["random_experts"]).shape == np.asarray(scores["phatgoose"]).shape
+    assert not np.allclose(scores["random_experts"], scores["phatgoose"])
+    assert not np.allclose(scores["random_gates"], scores["phatgoose"])

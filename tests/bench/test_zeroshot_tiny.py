@@ -187,7 +187,10 @@ def test_report_writes_table_chart_and_heatmap(tmp_path):
            for m in ("phatgoose", "average_activation")}
     text = markdown(TINY, summary, {"own_share": own}, ["# title"])
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(TINY.held_in) + len(TINY.held_out) + 2 + 1 + len(TINY.held_in)
+    paired = 1 + len(METHODS) - 1  # PHATGOOSE against every other method
+    balance = 1 + len(TINY.held_in) + len(TINY.held_out)  # all tiny tasks are classification
+    assert len(rows) == (1 + len(TINY.held_in) + len(TINY.held_out) + 2 + paired + balance
+                         + 1 + len(TINY.held_in))
     assert rows[-1].endswith("| 0.50 / 0.25 | 0.50 / 0.25 |")
     for shares in own.values():  # results written before the scored share existed
         for share in shares.values():
