@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.zeroshot.config import METHODS, PLANS, Plan
+from bench.zeroshot.config import METHODS, PLANS, PRIVILEGED, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-examples", type=int,
                         help="score at most this many test examples per task (default: the "
                              "mode's; recorded in results.json)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train the experts and gates with this many training seeds and "
+                             "score the post-hoc methods on each (the base model, privileged "
+                             "methods and the diagnostics: first seed only)")
     parser.add_argument("--report-only", action="store_true",
                         help="only redraw results.md and the PNGs from OUT/results.json")
     parser.add_argument("--threads", type=int, default=0,
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "busy); each scoring worker takes cores / workers")
     args = parser.parse_args(argv)
     unknown = sorted(set((args.methods or "").split(",")) - set(METHODS) - {""})
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     return args
@@ -75,8 +81,9 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     started = time.monotonic()
     torch.set_num_threads(_threads(args.threads))
     base = load_base(plan.base)
-    step(f"base model {plan.base}, fingerprint {base.fingerprint[:12]}")
-    system = run_federation(plan, workdir, args.cache, base.fingerprint)
+    base_fingerprint = base.fingerprint
+    step(f"base model {plan.base}, fingerprint {base_fingerprint[:12]}")
+    system = run_federation(plan, workdir, args.cache, base_fingerprint)
     # bf16 weights where native: every method then runs in bf16 (about 2.5x faster with AMX);
     # log-probabilities stay float32.
     step(f"scoring in {resolve(plan.precision)}")
@@ -94,6 +101,10 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
                                                 methods, tests, plan.parallel, progress=step)
     seconds.update(took)
     summary = report.summarise(plan, results)
+    rounds = [more_seed(replace(plan, train_seed=seed), args, workdir, base_fingerprint, index,
+                        [m for m in methods if m not in (*PRIVILEGED, "base")], tests,
+                        seconds)
+              for seed in range(1, args.seeds)]
     wall = time.monotonic() - started
     payload = {"plan": plan.to_json(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": " ".join(["python -m bench.zeroshot", *args.argv]),
@@ -101,9 +112,31 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
                "test_examples": {t: len(v) for t, v in tests.items()},
                "system": describe(system),
                "seconds": {k: round(v, 1) for k, v in seconds.items()},
-               **summary, "diagnostics": diagnosed}
+               **summary, "diagnostics": diagnosed,
+               **({"seeds": rounds} if rounds else {})}
     write_outputs(plan, payload, out)
     return payload
+
+
+def more_seed(plan: Plan, args: argparse.Namespace, workdir: Path, fingerprint: str,
+              index, methods: list[str], tests: dict, seconds: dict) -> dict:
+    """One more round of the federation and the post-hoc methods with plan.train_seed."""
+    from bench.zeroshot import report
+    from bench.zeroshot.scoring import score_in_workers
+    from bench.zeroshot.system import run_federation
+
+    seed = plan.train_seed
+    step(f"training seed {seed}: experts and gates anew")
+    began = time.monotonic()
+    system = run_federation(plan, workdir / f"seed-{seed}", args.cache, fingerprint)
+    seconds[f"seed_{seed}_federation"] = time.monotonic() - began
+    results, _, took = score_in_workers(plan, system.router, system.multitask, index, methods,
+                                        tests, plan.parallel, progress=step, diagnose=False)
+    seconds.update({f"seed_{seed}_{k}": v for k, v in took.items()})
+    summary = report.summarise(plan, results)
+    return {"train_seed": seed, "version_id": system.version["version_id"],
+            "experts": [c.bundle.name for c in system.contributions],
+            **{k: summary[k] for k in ("accuracy", "means", "correct", "predictions")}}
 
 
 def _threads(requested: int) -> int:

@@ -41,7 +41,8 @@ class Plan:
     eval_batch_size: int  # prompts per forward in rank classification
     eval_max_length: int  # tokens kept per prompt + choice at evaluation
     parallel: int  # contributor training processes at once (one CPU thread each)
-    seed: int = 0  # split seed (tasks.registry.split) and training seed
+    seed: int = 0  # split seed (tasks.registry.split); fixed across --seeds
+    train_seed: int = 0  # experts' and gates' data order and initialisation (--seeds varies it)
     precision: str = "auto"  # training and scoring matmuls (routing.precision): bf16 if native
     methods: tuple[str, ...] = METHODS  # scored by default (--methods picks others)
 
@@ -49,7 +50,7 @@ class Plan:
         """`gaggle-contributor train` flags shared by every contributor of this plan."""
         return ["--steps", str(steps or self.steps), "--gate-steps", str(self.gate_steps),
                 "--batch-size", str(self.batch_size), "--max-length", str(self.max_length),
-                "--rank", str(self.rank), "--seed", str(self.seed), "--threads", "1",
+                "--rank", str(self.rank), "--seed", str(self.train_seed), "--threads", "1",
                 "--precision", self.precision]
 
     def to_json(self) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from bench.zeroshot.config import CONTROLS, METHODS, PRIVILEGED, Plan
 from bench.zeroshot.paired import (
     DRAWS,
@@ -74,6 +76,8 @@ def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) ->
                   "random one of the same shape and per-module norm (random experts), or with "
                   "random gate keys of the trained keys' per-module norms (random gates)."]
     lines += ["", *paired_table(plan, summary), "", *balance_table(plan, summary), ""]
+    if summary.get("seeds"):
+        lines += [*seed_table(plan, summary), ""]
     lines += own_share_table(plan, diagnostics.get("own_share", {}))
     return "\n".join(lines) + "\n"
 
@@ -102,6 +106,40 @@ def paired_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> lis
             cells += [f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_not_better:.3f}"]
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return lines
+
+
+def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[str]:
+    """Each post-hoc method's group means across training seeds, and PHATGOOSE's lead in how
+    many of them (a lead: a higher mean; a sure lead: a paired 95% interval above zero)."""
+    rounds = [summary, *summary["seeds"]]
+    methods = [m for m in METHODS if all(m in r["means"] for r in rounds)]
+    lines = [f"Across {len(rounds)} training seeds (experts, gates, data order; the test "
+             "examples fixed): mean ± standard deviation of each group mean, and in how many "
+             f"seeds {LABELS[reference]} leads (higher mean) / leads surely (paired 95% "
+             "interval above 0). The base model, the privileged methods and the diagnostics "
+             "come from the first seed only.", "",
+             "| method | held-in mean ± sd | leads | held-out mean ± sd | leads |",
+             "|---|---:|---:|---:|---:|"]
+    for method in methods:
+        cells = []
+        for key, tasks in (("held_in", plan.held_in), ("held_out", plan.held_out)):
+            values = np.array([r["means"][method][key]["mean"] for r in rounds
+                               if key in r["means"][method]])
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
+            cells.append("-" if method == reference else _leads(rounds, reference, method, tasks))
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _leads(rounds: list[dict], reference: str, method: str, tasks: tuple[str, ...]) -> str:
+    higher = sure = 0
+    for r in rounds:
+        mine = {t: r["correct"][reference][t] for t in tasks}
+        theirs = {t: r["correct"][method][t] for t in tasks}
+        d = paired_difference(mine, theirs, task_draws({t: len(v) for t, v in mine.items()}))
+        higher += d.diff > 0
+        sure += d.low > 0
+    return f"{higher}/{len(rounds)} / {sure}/{len(rounds)}"
 
 
 # Families whose choices are one fixed label set, so that a class is a label, not a position.

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -171,9 +171,21 @@ def _start_worker(plan: Plan, router: str, multitask: str, index: RetrievalIndex
     torch.set_num_threads(threads)
     base = load_base(plan.base)
     for_scoring(base.model, plan.precision)
-    collection = Collection(load_router(router), load_bundle(multitask), index, Encoder())
+    collection = Collection(task_named(load_router(router)), load_bundle(multitask), index,
+                            Encoder())
     _scorer = Scorer(base, collection, plan, progress=_timestamped)
     _tests = tests
+
+
+def task_named(weights: RouterWeights) -> RouterWeights:
+    """The router with each expert named by its contributor, which in this benchmark is the
+    task it trained on: the coordinator names experts "contributor/name", while the oracle,
+    retrieval and the diagnostics look experts up by task."""
+    def rename(names: list[str]) -> list[str]:
+        return [name.split("/", 1)[0] for name in names]
+
+    modules = {k: replace(m, experts=rename(m.experts)) for k, m in weights.modules.items()}
+    return replace(weights, experts=rename(weights.experts), modules=modules)
 
 
 def _run_job(job: str) -> tuple[str, object, float]:
@@ -190,14 +202,16 @@ def _run_job(job: str) -> tuple[str, object, float]:
 
 def score_in_workers(plan: Plan, router: Path, multitask: Path, index: RetrievalIndex,
                      methods: Sequence[str], tests: dict[str, list[Example]], workers: int,
-                     progress: Progress = _timestamped) -> tuple[dict, dict, dict]:
+                     progress: Progress = _timestamped,
+                     diagnose: bool = True) -> tuple[dict, dict, dict]:
     """Score `methods` and run the routing diagnostics in `workers` spawned processes.
 
     Returns (results[method][task], diagnostics, seconds per job). Every worker loads its own
     copy of the base model (bf16 SmolLM2: about 0.3 GB). A failed job or an interrupt stops
     every worker before the error propagates.
     """
-    jobs = sorted([*methods, DIAGNOSTICS], key=lambda job: -_COST.get(job, 1.0))
+    jobs = sorted([*methods, *([DIAGNOSTICS] if diagnose else [])],
+                  key=lambda job: -_COST.get(job, 1.0))
     workers = max(1, min(workers, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),

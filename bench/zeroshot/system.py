@@ -124,7 +124,8 @@ def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> 
     Every process started here is stopped, by PID, before returning.
     """
     demo = Demo(DemoPlan(base=plan.base, contributors=(), held_out="", train_examples=0,
-                         eval_examples=0, train_flags=()), workdir)
+                         eval_examples=0, promotion_examples=0, train_flags=()),
+                workdir)
     seconds: dict[str, float] = {}
     try:
         began = time.monotonic()
@@ -181,6 +182,8 @@ def submit_multitask(plan: Plan, trainer: Trainer, files: list[Path], workdir: P
     flags = plan.train_flags(plan.multitask_steps)
     # Its gate is never used (it runs as a single expert), so one gate step suffices.
     flags[flags.index("--gate-steps") + 1] = "1"
+    # Privileged and single-seed: every --seeds round reuses the first round's cached LoRA.
+    flags[flags.index("--seed") + 1] = str(plan.seed)
     return trainer.submit("multitask", union, [*flags, "--no-activations"])
 
 

@@ -131,3 +131,32 @@ def test_scorer_routes_the_random_controls_and_they_change_the_scores(tiny_base,
     assert np.asarray(scores["random_experts"]).shape == np.asarray(scores["phatgoose"]).shape
     assert not np.allclose(scores["random_experts"], scores["phatgoose"])
     assert not np.allclose(scores["random_gates"], scores["phatgoose"])
+
+
+def test_seed_table_gives_the_spread_and_the_seeds_where_phatgoose_leads():
+    from bench.zeroshot.report import seed_table
+
+    def round_(phatgoose: list[int], base: list[int]) -> dict:
+        correct = {"phatgoose": {t: phatgoose for t in ("tweet-sentiment", "boolq",
+                                                        "imdb-sentiment")},
+                   "base": {t: base for t in ("tweet-sentiment", "boolq", "imdb-sentiment")}}
+        return _summary(correct, None, None) | {"means": {
+            m: {"held_in": {"mean": float(np.mean(c["boolq"]))},
+                "held_out": {"mean": float(np.mean(c["boolq"]))}} for m, c in correct.items()}}
+
+    first = round_([1] * 20, [0] * 20)  # a sure lead
+    second = round_([1] * 10 + [0] * 10, [0] * 10 + [1] * 10)  # a tie: no lead
+    text = "\n".join(seed_table(TINY, first | {"seeds": [second]}))
+    assert "Across 2 training seeds" in text
+    # PHATGOOSE 1.0 and 0.5: mean 0.75, sample sd 0.354; base 0.0 and 0.5
+    assert "| PHATGOOSE | 0.750 ± 0.354 | - | 0.750 ± 0.354 | - |" in text
+    assert "| base | 0.250 ± 0.354 | 1/2 / 1/2 | 0.250 ± 0.354 | 1/2 / 1/2 |" in text
+
+
+def test_seeds_flag_refuses_fewer_than_one(capsys):
+    from bench.zeroshot.__main__ import parse_args
+
+    assert parse_args([]).seeds == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--seeds", "0"])
+    assert "--seeds must be at least 1" in capsys.readouterr().err

@@ -209,8 +209,14 @@ def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
 
     out, cache = tmp_path / "results", tmp_path / "cache"
     args = ["--tiny", "--out", str(out), "--cache", str(cache)]
-    assert main([*args, "--workdir", str(tmp_path / "first")]) == 0
+    assert main([*args, "--workdir", str(tmp_path / "first"), "--seeds", "2"]) == 0
     first = json.loads((out / "results.json").read_text())
+    # the second training seed: new experts and gates, the post-hoc methods scored again
+    (again,) = first["seeds"]
+    assert again["train_seed"] == 1
+    assert set(again["experts"]).isdisjoint(e["bundle"] for e in first["system"]["experts"])
+    assert set(again["accuracy"]) == set(METHODS) - {"base", "retrieval", "multitask", "oracle"}
+    assert "Across 2 training seeds" in (out / "results.md").read_text()
     assert first["system"]["n_experts"] == len(TINY.held_in)
     assert not any(e["cached"] for e in first["system"]["experts"])
     assert set(first["accuracy"]) == set(METHODS)
