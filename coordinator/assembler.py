@@ -21,6 +21,7 @@ from coordinator.assemble import (
     AssemblyResult,
     assemble,
     ensure_ray,
+    parse_resources,
     select_experts,
 )
 from coordinator.tracking import Tracker, expert_payload, version_payload
@@ -198,16 +199,17 @@ class Assembler:
 
 
 def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str | None = None,
-                    tracking: bool = True, eval_config=None,
-                    base: str | None = None) -> Assembler:
+                    tracking: bool = True, eval_config=None, base: str | None = None,
+                    ray_resources: tuple[str, ...] = ()) -> Assembler:
     """The assembler a serving coordinator runs; pass `.on_accepted` as the server's hook.
 
     store: the server's `coordinator.store.Store`. tracking_uri: MLflow server (default: the
     SQLite store inside the store folder); tracking=False turns MLflow off. eval_config: an
     `EvaluationConfig` or the path of its TOML/JSON file; each new version is then evaluated.
     base: the coordinator's base model name, which evaluation loads (default: the store's).
+    ray_resources: NAME=AMOUNT custom resources that pin assembly and evaluation to nodes.
     """
-    config = AssemblyConfig(ray_address=ray_address)
+    config = AssemblyConfig(ray_address=ray_address, resources=parse_resources(ray_resources))
     tracker = Tracker(store.root, tracking_uri) if tracking else None
     evaluator = None
     if eval_config is not None:
@@ -226,7 +228,8 @@ def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str 
 def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = None,
                 ray_address: str | None = None,
                 eval_config: str | os.PathLike | None = None,
-                base: str | None = None) -> Callable[[object], None]:
+                base: str | None = None,
+                ray_resources: tuple[str, ...] = ()) -> Callable[[object], None]:
     """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
 
     Call it from the main thread, before serving: it starts Ray there. It opens its own
@@ -246,6 +249,7 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     except Exception as err:  # the assembler thread retries; accepting must not wait on Ray
         log.warning("Ray did not start (%s); assembly will retry in the background", err)
     assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
-                                ray_address=ray_address, eval_config=eval_config, base=base)
+                                ray_address=ray_address, eval_config=eval_config, base=base,
+                                ray_resources=ray_resources)
     atexit.register(assembler.close)
     return assembler.on_accepted
