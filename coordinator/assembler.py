@@ -29,6 +29,8 @@ from coordinator.version_store import VersionStore
 from protocol.errors import GaggleError
 
 log = logging.getLogger(__name__)
+# How long a stopping coordinator waits for its threads: `docker stop` allows 10 s in all.
+SHUTDOWN_S = 4.0
 
 
 class Assembler:
@@ -144,6 +146,7 @@ class Assembler:
                     self.tracker.record_expert(expert_payload(record))
             records = self.store.list_experts()
             attempted = frozenset(e.expert_id for e in select_experts(records))
+            log.info("assembling a version of %d experts", len(attempted))
             result = self._assemble(records)
         except GaggleError as err:
             self._failed = attempted
@@ -184,18 +187,30 @@ class Assembler:
                 self._idle.wait(left)
         return True
 
-    def close(self) -> None:
-        """Stop after the assembly in flight; then stop the tracker's thread."""
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the threads, waiting at most `timeout` seconds in all.
+
+        An assembly still running then is abandoned with its daemon thread: it had written
+        only a staging folder, which the next start clears before assembling that expert
+        set again. Tracking calls wait in their on-disk queue, so nothing is lost.
+        """
+        deadline = time.monotonic() + timeout
         with self._lock:
             self._stop = True
         self._wanted.set()
         if self._thread is not None:
-            self._thread.join(timeout=120)
+            self._thread.join(timeout=_left(deadline))
+            if self._thread.is_alive():
+                log.warning("stopping with an assembly in flight; it runs again on start")
             self._thread = None
         if self.evaluator is not None:  # before the tracker: it queues into the tracker
-            self.evaluator.close()
+            self.evaluator.close(_left(deadline))
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(_left(deadline))
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str | None = None,
@@ -233,8 +248,8 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
 
     Call it from the main thread, before serving: it starts Ray there. It opens its own
-    handle on the store (never the recovering one) and stops with the process, after the
-    assembly in flight.
+    handle on the store (never the recovering one) and stops with the process, within
+    SHUTDOWN_S seconds even with an assembly in flight (that one runs again on start).
     """
     from coordinator.store import Store
 
@@ -251,5 +266,5 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
                                 ray_address=ray_address, eval_config=eval_config, base=base,
                                 ray_resources=ray_resources)
-    atexit.register(assembler.close)
+    atexit.register(assembler.close, SHUTDOWN_S)
     return assembler.on_accepted
