@@ -25,7 +25,13 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from coordinator.assemble import AssemblyConfig, ensure_ray, folder_files, parse_resources
+from coordinator.assemble import (
+    AssemblyConfig,
+    ensure_ray,
+    folder_files,
+    parse_resources,
+    scratch_dir,
+)
 from coordinator.version_store import ROUTER_DIR, VersionStore
 from protocol.errors import DeadlineExceeded, GaggleError, InvalidArgument, Unavailable
 from tasks.registry import HELD_OUT, TASKS
@@ -204,7 +210,8 @@ def _load_router_files(files: dict[str, bytes]):
     by `routing.version.load_router`, which checks the hash and every shape."""
     from routing.version import load_router
 
-    with tempfile.TemporaryDirectory(prefix="gaggle-router-") as scratch:
+    size = sum(len(data) for data in files.values())
+    with tempfile.TemporaryDirectory(prefix="gaggle-router-", dir=scratch_dir(size)) as scratch:
         for name, data in files.items():
             (Path(scratch) / name).write_bytes(data)
         return load_router(scratch)
