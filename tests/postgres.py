@@ -67,10 +67,15 @@ class PostgresServer:
         if self.user:
             shutil.chown(self.root, self.user)
         data, log = self.root / "data", self.root / "server.log"
-        self._run("initdb", "-D", str(data), "-U", "gaggle", "--auth=trust", "-E", "UTF8")
-        self._run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
-                  f"-h 127.0.0.1 -p {self.port} -k {self.root}", "start")
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "gaggle", "mlflow")
+        try:
+            self._run("initdb", "-D", str(data), "-U", "gaggle", "--auth=trust", "-E", "UTF8")
+            self._run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+                      f"-h 127.0.0.1 -p {self.port} -k {self.root}", "start")
+            self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "gaggle",
+                      "mlflow")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
