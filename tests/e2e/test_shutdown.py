@@ -39,7 +39,10 @@ def test_sigterm_mid_assembly_exits_in_time_and_the_version_is_made_on_restart(t
     time.sleep(1.0)  # the tasks are submitted and waiting for capacity
     started = time.monotonic()
     os.kill(server.pid, signal.SIGTERM)
-    code = server.process.wait(30)
+    try:
+        code = server.process.wait(30)
+    finally:
+        server.kill()  # a no-op once it exited
     seconds = time.monotonic() - started
     assert seconds < 10, f"exit took {seconds:.1f} s:\n{server.log()[-3000:]}"
     assert code == 0, server.log()[-3000:]
