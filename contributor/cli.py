@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
     submit.set_defaults(handler="contributor.client:run_submit_command")
 
+    cancel = sub.add_parser(
+        "cancel", help="abandon an interrupted upload of a bundle (instead of resuming it)",
+        description="An interrupted `submit` resumes where it stopped when run again; "
+                    "`cancel` instead deletes what the coordinator holds of the upload and "
+                    "frees its slot at once (idle uploads otherwise expire after an hour).")
+    cancel.add_argument("bundle", help="bundle folder")
+    _add_connection_flags(cancel)
+    cancel.set_defaults(handler="contributor.client:run_cancel_command")
+
     status = sub.add_parser("status", help="show the federation's base model and your experts")
     _add_connection_flags(status)
     status.set_defaults(handler="contributor.client:run_status_command")

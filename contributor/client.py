@@ -114,6 +114,18 @@ class CoordinatorClient:
     def get_expert(self, expert_id: str) -> pb.Expert:
         return self._call("GetExpert", pb.GetExpertRequest(expert_id=expert_id))
 
+    def cancel(self, bundle_dir: str | Path) -> str | None:
+        """Abandon the live upload of a bundle; the upload id cancelled, or None when the
+        bundle is already stored. (StartUpload answers the live upload of the same bundle.)"""
+        manifest = read_manifest(Path(bundle_dir))
+        start = self._call("StartUpload", pb.StartUploadRequest(
+            size_bytes=BundleArchive.of(bundle_dir).size, expert_id=manifest.expert_id,
+            name=manifest.name))
+        if start.HasField("existing"):
+            return None
+        self._call("CancelUpload", pb.CancelUploadRequest(upload_id=start.upload_id))
+        return start.upload_id
+
     def submit(self, bundle_dir: str | Path, *, progress: bool = False,
                limit_rate: float | None = None,
                retry: RetryPolicy = RetryPolicy()) -> SubmitResult:
@@ -281,6 +293,15 @@ def run_submit_command(args: argparse.Namespace) -> int:
         print(f"{result.name}: accepted ({result.size_bytes} bytes; sent {result.bytes_sent} "
               f"in {result.attempts} attempt(s){resumed})")
     print(result.expert_id)
+    return 0
+
+
+def run_cancel_command(args: argparse.Namespace) -> int:
+    """`gaggle-contributor cancel DIR --coordinator HOST:PORT`."""
+    with CoordinatorClient(connection_from_args(args)) as client:
+        cancelled = client.cancel(args.bundle)
+    print(f"cancelled upload {cancelled}" if cancelled else
+          f"{args.bundle} is already stored: nothing to cancel")
     return 0
 
 

@@ -83,6 +83,7 @@ from contributor.package import (
 )
 from protocol.bundle import save_bundle, validate_bundle
 from protocol.errors import GaggleError, InvalidArgument
+from protocol.manifest import MAX_CURVE_POINTS
 from protocol.names import check_name
 from routing.base import BaseModel, load_base
 from routing.gate import gate_vectors, gated_experts, mean_input_activations
@@ -298,10 +299,18 @@ def _recipe_flags(config: TrainConfig) -> dict[str, int]:
             "lr_decay": int(config.schedule == "linear")}
 
 
-def _loss_summary(prefix: str, losses: list[float]) -> dict[str, float | int]:
+def _loss_summary(prefix: str, losses: list[float]) -> dict[str, float | int | list]:
     tail = losses[-min(10, len(losses)):]  # final loss: mean of the last steps, less noisy
     return {f"{prefix}_steps": len(losses), f"{prefix}_loss_first": losses[0],
-            f"{prefix}_loss_final": sum(tail) / len(tail)}
+            f"{prefix}_loss_final": sum(tail) / len(tail),
+            f"{prefix}_loss_curve": loss_curve(losses)}
+
+
+def loss_curve(losses: list[float], points: int = MAX_CURVE_POINTS) -> list[float]:
+    """The per-step losses, evenly subsampled to at most `points` (the manifest's bound),
+    rounded to 5 significant digits: the curve's shape, not a fingerprint of the data."""
+    stride = max(1, -(-len(losses) // points))
+    return [float(f"{loss:.5g}") for loss in losses[::stride]]
 
 
 def _check_output(out: str, name: str | None) -> tuple[Path, str]:
@@ -349,7 +358,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     set_threads(config.threads)
     records = read_jsonl(args.data)
     base = load_base(args.base)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     examples = tokenize(records, base.tokenizer, config.max_length)
     expert, losses = train_expert(base, examples, config)
     expert_seconds = time.perf_counter() - started
@@ -358,7 +367,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     training = {**token_counts(examples), **_loss_summary("expert", losses), **gate_summary,
                 **_recipe_flags(config),
                 "expert_seconds": round(expert_seconds, 2),
-                "wall_seconds": round(time.perf_counter() - started, 2)}
+                "wall_seconds": round(time.perf_counter() - started, 2),
+                "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
     _write(expert, base, name, out, gates, activations, training)
     return 0
 
@@ -373,12 +383,13 @@ def run_gate_command(args: argparse.Namespace) -> int:
     base = load_base(args.base)
     expert = load_expert(args.adapter, base)
     check_trained(expert, args.adapter)  # a zero delta would leave the gate at zero
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     examples = tokenize(records, base.tokenizer, config.max_length)
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
     check_gates_moved(gates)
     training = {**token_counts(examples), "expert_steps": 0, **gate_summary,
                 **_recipe_flags(config),
-                "wall_seconds": round(time.perf_counter() - started, 2)}
+                "wall_seconds": round(time.perf_counter() - started, 2),
+                "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
     _write(expert, base, name, out, gates, activations, training)
     return 0

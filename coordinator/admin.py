@@ -14,6 +14,8 @@ from pathlib import Path
 from coordinator.auth import TokenBook, current_identity
 from coordinator.servicer import handles_errors
 from coordinator.store import Store
+from coordinator.tracking import Tracker
+from coordinator.versions import promote_version
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 
@@ -33,8 +35,9 @@ class AdminServicer(gaggle_pb2_grpc.AdminServicer):
 
     @handles_errors
     def AddToken(self, request, context):
-        role = "admin" if request.admin else "contributor"
-        token = self.book.add(request.name, role=role)
+        token = self.book.add(request.name, role="admin" if request.admin else "contributor",
+                              rotate=request.rotate)
+        role = self.book.role(request.name)
         log.info("%s issued a %s token for %s", current_identity().contributor, role,
                  request.name)
         return pb.AddTokenResponse(name=request.name, role=role, token=token)
@@ -56,29 +59,20 @@ class AdminServicer(gaggle_pb2_grpc.AdminServicer):
     def Promote(self, request, context):
         version_id, sequence = promote(Path(self.store.root), request.version,
                                        force=request.force, tracking_uri=self.tracking_uri,
-                                       tracking=self.tracking)
+                                       tracking=self.tracking,
+                                       by=f"{current_identity().contributor} (Admin API)")
         log.info("%s promoted version %s", current_identity().contributor, version_id)
         return pb.PromoteResponse(version_id=version_id, sequence=sequence)
 
 
 def promote(root: Path, version: str, *, force: bool, tracking_uri: str | None,
-            tracking: bool) -> tuple[str, int]:
-    """Move CHAMPION to `version` and queue the MLflow alias move; (version id, sequence)."""
-    from coordinator.version_store import VersionStore
-    from coordinator.versions import _check_not_worse  # the same rule as the CLI's promote
-
-    versions = VersionStore(root)
-    version_id = versions.resolve(version)
-    tracker = None
-    if tracking:
-        from coordinator.tracking import Tracker
-
-        tracker = Tracker(root, tracking_uri)
-        if not force:
-            _check_not_worse(tracker, version_id, versions.champion_id())
-    sequence = versions.promote(version_id)
+            tracking: bool, by: str) -> tuple[str, int]:
+    """The CLI's promotion rule (promote_version); the MLflow alias move is replayed in the
+    background. (version id, sequence)."""
+    tracker = Tracker(root, tracking_uri) if tracking else None
+    version_id, sequence, _ = promote_version(root, version, force=force, by=by,
+                                              tracker=tracker)
     if tracker is not None:
-        tracker.record_promotion(version_id, sequence)
         # Off the RPC: MLflow may be slow or down; the queue keeps the call until it lands.
         threading.Thread(target=_replay_soon, args=(tracker,), name="promote-replay",
                          daemon=True).start()

@@ -67,7 +67,7 @@ class ExpertEntry:
     """One expert of a version, as the version manifest records it."""
 
     expert_id: str  # the store's id of the expert
-    name: str  # the key the router knows it by: expert_key(contributor, expert name)
+    name: str  # the key the router knows it by: contributor/name (ExpertRecord.key)
     contributor: str
     method: str
     path: str  # the expert's bundle folder in the store (read by the driver only)
@@ -131,24 +131,18 @@ def select_experts(records: list) -> list[ExpertEntry]:
     """The expert set of a new version: the newest expert per (contributor, name).
 
     A contributor re-submitting a name replaces that expert. Inside the router, in usage
-    reports and in version diffs an expert is known as `contributor/name` (expert_key): a
-    name alone would let one contributor's expert shadow another's, and '/' cannot occur in
-    either part.
+    reports and in version diffs an expert is known by its key, `contributor/name`
+    (coordinator.store.expert_key).
     """
     newest: dict[tuple[str, str], object] = {}
     for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
         newest[(record.contributor, record.name)] = record
     entries = [
-        ExpertEntry(expert_id=r.expert_id, name=expert_key(r.contributor, r.name),
+        ExpertEntry(expert_id=r.expert_id, name=r.key,
                     contributor=r.contributor, method=r.method, path=str(r.path))
         for r in newest.values()
     ]
     return sorted(entries, key=lambda e: (e.name, e.expert_id))
-
-
-def expert_key(contributor: str, name: str) -> str:
-    """How a version knows an expert: `contributor/name`, unique in a store."""
-    return f"{contributor}/{name}"
 
 
 def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:

@@ -24,6 +24,8 @@ import grpc
 
 from coordinator.store import Store
 from protocol.errors import (
+    AlreadyExists,
+    FailedPrecondition,
     GaggleError,
     InvalidArgument,
     NotFound,
@@ -31,7 +33,7 @@ from protocol.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from protocol.names import check_name
+from protocol.names import check_name, preview
 from protocol.status import abort
 
 log = logging.getLogger(__name__)
@@ -73,21 +75,38 @@ class TokenBook:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def add(self, name: str, role: str = "contributor") -> str:
-        """Create the contributor if new, issue a token and return it (shown only once)."""
+    def add(self, name: str, role: str = "contributor", *, rotate: bool = False) -> str:
+        """Create a contributor of `role` and issue its token (shown only once).
+
+        Roles change only explicitly: an existing name is AlreadyExists unless `rotate`, which
+        issues one more token for it, and FailedPrecondition when `role` is not the role it
+        holds (revoke it and add a new name instead).
+        """
         check_name(name, "contributor name", "name")
         if role not in ROLES:
-            raise InvalidArgument(f"role {role!r} is unknown: use one of {list(ROLES)}",
+            raise InvalidArgument(f"role {preview(role)} is unknown: use one of {list(ROLES)}",
                                   field="role")
         token_id = secrets.token_hex(6)
         token = f"gg_{token_id}_{secrets.token_urlsafe(32)}"
         now = time.time()
         with self.store.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO contributors (name, role, created_at) "
-                         "VALUES (?, ?, ?)", (name, role, now))
+            row = conn.execute("SELECT role FROM contributors WHERE name = ?",
+                               (name,)).fetchone()
+            if row is not None:
+                _check_rotation(name, held=row[0], asked=role, rotate=rotate)
+            else:
+                conn.execute("INSERT INTO contributors (name, role, created_at) "
+                             "VALUES (?, ?, ?)", (name, role, now))
             conn.execute("INSERT INTO tokens (token_id, contributor, token_hash, created_at) "
                          "VALUES (?, ?, ?, ?)", (token_id, name, _hash(token), now))
         return token
+
+    def role(self, name: str) -> str:
+        """The role `name` holds; NotFound when there is no such name."""
+        rows = self.store.query("SELECT role FROM contributors WHERE name = ?", (name,))
+        if not rows:
+            raise NotFound(f"no contributor {preview(name)}", field="name")
+        return rows[0][0]
 
     def revoke(self, name: str) -> int:
         """Revoke every live token of `name`; return how many were revoked."""
@@ -133,6 +152,17 @@ class TokenBook:
         return Identity(row["name"], row["role"])
 
 
+def _check_rotation(name: str, *, held: str, asked: str, rotate: bool) -> None:
+    if not rotate:
+        raise AlreadyExists(
+            f"{name} already exists with role {held}: pass --rotate (AddToken rotate) to issue "
+            "it another token, or choose a new name", field="name")
+    if asked != held:
+        raise FailedPrecondition(
+            f"{name} holds role {held}, not {asked}: a rotation keeps the role; to change it, "
+            f"revoke {name}'s tokens and add the role under a new name", field="role")
+
+
 def bearer_token(metadata: tuple) -> str | None:
     """The token of an `authorization: Bearer TOKEN` metadata entry, if any."""
     for key, value in metadata or ():
@@ -145,7 +175,9 @@ def bearer_token(metadata: tuple) -> str | None:
 
 class FailureLimiter:
     """Failed authentications per peer host in a sliding window: past `max_failures`, the
-    host is refused (RESOURCE_EXHAUSTED) until its oldest failure leaves the window."""
+    host's further failures are answered RESOURCE_EXHAUSTED (and not logged one by one) until
+    its oldest failure leaves the window. Valid tokens are never refused: a host may be a NAT
+    or proxy that real contributors share with whoever is failing."""
 
     def __init__(self, max_failures: int = 10, window_s: float = 60.0,
                  max_peers: int = 10_000) -> None:
@@ -206,11 +238,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
             behavior, streaming, token, admin_only))
 
     def authorize(self, token: str | None, admin_only: bool, peer: str) -> Identity:
-        """The caller's identity, or the GaggleError to answer with."""
-        if self.limiter.blocked(peer):
-            raise ResourceExhausted(
-                f"too many failed authentications from {peer_host(peer)}: wait "
-                f"{self.limiter.window_s:.0f} s and check your token", field="authorization")
+        """The caller's identity, or the GaggleError to answer with.
+
+        The token is checked first (a hash and one indexed lookup), so a valid token passes
+        whatever else its host sent; only failures count against the host.
+        """
         try:
             if token is None:
                 raise Unauthenticated(
@@ -218,6 +250,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     "set GAGGLE_TOKEN", field="authorization")
             identity = self.book.verify(token)
         except Unauthenticated as err:
+            if self.limiter.blocked(peer):
+                raise ResourceExhausted(
+                    f"too many failed authentications from {peer_host(peer)}: wait "
+                    f"{self.limiter.window_s:.0f} s and check your token",
+                    field="authorization") from None
             log.warning("refused call from %s: %s", peer, err)
             self.limiter.record(peer)
             if self.on_failure is not None:
@@ -278,8 +315,8 @@ def run_token_command(args: argparse.Namespace) -> int:
     book = TokenBook(Store(args.store))
     if args.token_command == "add":
         token = book.add(args.name, role="admin" if getattr(args, "admin", False)
-                         else "contributor")
-        print(f"token for {args.name} (shown once; store it safely):")
+                         else "contributor", rotate=getattr(args, "rotate", False))
+        print(f"{book.role(args.name)} token for {args.name} (shown once; store it safely):")
         print(token)
     elif args.token_command == "revoke":
         count = book.revoke(args.name)

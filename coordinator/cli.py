@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name", help="contributor name")
     add.add_argument("--admin", action="store_true",
                      help="an admin token (token management and promote over gRPC)")
+    add.add_argument("--rotate", action="store_true",
+                     help="the name exists: issue it another token, keeping its role (a name "
+                          "that exists is refused without this)")
     _store(add, create=True)  # an operator adds tokens before the first serve
     revoke = token_sub.add_parser("revoke", help="revoke a contributor's tokens")
     revoke.add_argument("name", help="contributor name")

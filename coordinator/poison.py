@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from coordinator.usage_charts import write_usage_charts
 
 log = logging.getLogger(__name__)
 USAGE_FILE = "usage.json"
@@ -89,8 +92,34 @@ def usage_report(shares: dict[str, torch.Tensor], experts: list[str],
         per_expert[name] = {"share": round(share, 4), "uniform": round(uniform, 4),
                             "modules": len(modules), "flagged": flagged}
     return {"slot": "top-1", "prompts": prompts, "tokens": tokens, "config": asdict(config),
-            "experts": per_expert,
+            "experts": per_expert, "by_layer": shares_by_layer(shares, experts, members),
             "flagged": sorted(n for n, e in per_expert.items() if e["flagged"])}
+
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+MAX_CHART_EXPERTS = 40  # the heatmap shows the experts with the largest shares
+
+
+def shares_by_layer(shares: dict[str, torch.Tensor], experts: list[str],
+                    members: dict[str, list[str]]) -> dict:
+    """{"layers": [i], "experts": [name], "shares": [[share]] (layer x expert)}: each expert's
+    top-1 share averaged over the modules of each layer it adapts (None where it adapts none),
+    for the MAX_CHART_EXPERTS experts with the largest overall share."""
+    layers: dict[int, list[str]] = {}
+    for module in shares:
+        found = _LAYER_RE.search(module)
+        layers.setdefault(int(found.group(1)) if found else -1, []).append(module)
+    overall = {i: float(sum(shares[m][i] for m in shares)) for i in range(len(experts))}
+    kept = sorted(overall, key=lambda i: -overall[i])[:MAX_CHART_EXPERTS]
+    rows = []
+    for layer in sorted(layers):
+        row = []
+        for i in kept:
+            values = [float(shares[m][i]) for m in layers[layer]
+                      if experts[i] in members.get(m, [])]
+            row.append(round(sum(values) / len(values), 4) if values else None)
+        rows.append(row)
+    return {"layers": sorted(layers), "experts": [experts[i] for i in kept], "shares": rows}
 
 
 def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
@@ -127,6 +156,7 @@ def version_usage(folder: str | os.PathLike, config: PoisonConfig = PoisonConfig
     if report["flagged"]:
         log.warning("version %s: experts %s take more than their share of the tokens "
                     "(possible poisoning)", Path(folder).name, report["flagged"])
+    write_usage_charts(report, Path(folder))  # before usage.json: it marks the check done
     temp = path.with_name(f".{USAGE_FILE}.{os.getpid()}.tmp")
     temp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(temp, path)

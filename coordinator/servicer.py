@@ -121,6 +121,11 @@ class CoordinatorServicer(gaggle_pb2_grpc.CoordinatorServicer):
                                        already_stored=result.already_stored)
 
     @handles_errors
+    def CancelUpload(self, request, context):
+        self.uploads.cancel(request.upload_id, current_identity().contributor)
+        return pb.CancelUploadResponse()
+
+    @handles_errors
     def ListExperts(self, request, context):
         records = self.store.list_experts(request.contributor or None)
         return pb.ListExpertsResponse(experts=[expert_message(r) for r in records])

@@ -84,6 +84,17 @@ class ExpertRecord:
     path: Path  # the bundle folder: load it with protocol.bundle.load_bundle
     num_modules: int = 0
 
+    @property
+    def key(self) -> str:
+        """How versions, diffs, usage reports and MLflow know this expert (expert_key)."""
+        return expert_key(self.contributor, self.name)
+
+
+def expert_key(contributor: str, name: str) -> str:
+    """`contributor/name`: unique in a store, where a name alone would let one contributor's
+    expert shadow another's. '/' occurs in neither part (protocol.names)."""
+    return f"{contributor}/{name}"
+
 
 class Store:
     """A store folder: its index, its expert folders and the cached base spec. Thread-safe."""

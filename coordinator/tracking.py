@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ TAG_OP = "gaggle.op_id"  # written on every object a replay creates, to recognis
 TAG_VERSION = "gaggle.version_id"
 TAG_EVAL_PREFIX = "eval."  # model version tags `eval.accuracy` (the mean), `eval.<task>`
 TAG_EVAL_CONFIG = "gaggle.eval_config"  # key of the evaluation config behind the eval tags
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_TAG_CHARS = 4000  # MLflow limits tag values; long expert lists are cut with a count
 # MLflow errors that mean "try again later" rather than "this call is wrong".
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
@@ -75,10 +77,17 @@ class Tracker:
         self.wake()
         return queued
 
-    def record_promotion(self, version_id: str, sequence: int) -> bool:
-        """Queue moving alias `champion` to a version; `sequence` tells promotions apart."""
+    def record_promotion(self, version_id: str, sequence: int, *, by: str = "",
+                         previous: str | None = None,
+                         mean_accuracy: float | None = None) -> bool:
+        """Queue moving alias `champion` to a version, and its row in the champion history:
+        `sequence` tells promotions apart; who promoted, from which version, and the version's
+        mean accuracy when it was evaluated."""
         op_id = f"promote:{sequence}:{version_id}"
-        queued = self.queue.enqueue(op_id, "promotion", {"version_id": version_id})
+        payload = {"version_id": version_id, "sequence": sequence, "by": by,
+                   "from": previous, "mean_accuracy": mean_accuracy,
+                   "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        queued = self.queue.enqueue(op_id, "promotion", payload)
         self.wake()
         return queued
 
@@ -144,7 +153,9 @@ class Tracker:
         location = None
         if self.uri.startswith("sqlite:"):
             location = (self.store / "mlflow" / "artifacts").resolve().as_uri()
-        return client.create_experiment(EXPERIMENT, artifact_location=location)
+        # A model-training experiment: the UI opens on its runs, not on a GenAI traces page.
+        return client.create_experiment(EXPERIMENT, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
     # ----- background thread -----
 
@@ -218,7 +229,8 @@ def expert_payload(record) -> dict:
     """The run of an accepted expert (a store ExpertRecord): params, metrics and tags.
 
     Step counts and the LoRA rank become params; every other training figure a metric (a
-    list of numbers, such as a loss curve, a metric series by step).
+    list of numbers, such as a loss curve, a metric series by step). The run spans the
+    contributor's training (run_window).
     """
     from protocol.manifest import MANIFEST, read_manifest
 
@@ -228,7 +240,10 @@ def expert_payload(record) -> dict:
     if manifest.method == "lora":
         params["rank"] = manifest.peft.get("rank")
     metrics: dict[str, list[float]] = {}
+    start_ms, end_ms = run_window(manifest.training, float(record.created_at))
     for key, value in sorted(manifest.training.items()):
+        if key in ("started_at", "finished_at"):
+            continue
         if key.endswith("steps") and not isinstance(value, list):
             params[key] = value
         else:
@@ -236,14 +251,31 @@ def expert_payload(record) -> dict:
     return {"expert_id": record.expert_id, "name": record.name,
             "contributor": record.contributor,
             "created_at_ms": int(float(record.created_at) * 1000),
-            "params": params, "metrics": metrics}
+            "start_ms": start_ms, "end_ms": end_ms, "params": params, "metrics": metrics}
+
+
+MAX_RUN_AGE_S = 30 * 24 * 3600.0  # an expert's run starts at most this long before acceptance
+
+
+def run_window(training: dict, accepted_at: float) -> tuple[int, int]:
+    """(start, end) of an expert's run in ms: the training's, as the contributor's clock
+    measured it, moved back whole when that clock runs ahead of ours (it cannot have ended
+    after we accepted it), and clipped to MAX_RUN_AGE_S before acceptance. Without the
+    figures, both are the acceptance time."""
+    end = float(training.get("finished_at", accepted_at))
+    start = min(float(training.get("started_at", end)), end)
+    skew = max(0.0, end - accepted_at)
+    earliest = accepted_at - MAX_RUN_AGE_S
+    start, end = max(start - skew, earliest), max(end - skew, earliest)
+    return int(start * 1000), int(end * 1000)
 
 
 def version_payload(manifest: dict, folder: Path) -> dict:
     """The model version of a router version, from its version.json and folder."""
     experts = manifest["experts"]
     return {"version_id": manifest["version_id"], "folder": str(Path(folder).resolve()),
-            "n_experts": len(experts), "expert_ids": [e["expert_id"] for e in experts],
+            "n_experts": len(experts), "experts": experts,
+            "expert_ids": [e["expert_id"] for e in experts],
             "expert_names": [e["name"] for e in experts],
             "contributors": [e["contributor"] for e in experts],
             "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),

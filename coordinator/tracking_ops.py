@@ -11,6 +11,8 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from coordinator.model_card import version_card, with_evaluation, with_promotion
+from coordinator.store import expert_key
 from coordinator.tracking import (
     CHAMPION,
     MAX_TAG_CHARS,
@@ -37,8 +39,10 @@ def replay_expert_run(client, experiment_id: str, op: Op) -> None:
                                max_results=1)
     if found and found[0].info.status == "FINISHED":
         return
+    accepted = int(payload.get("created_at_ms") or time.time() * 1000)
     run = found[0] if found else client.create_run(
-        experiment_id, run_name=payload["name"],
+        experiment_id, run_name=expert_key(payload["contributor"], payload["name"]),
+        start_time=payload.get("start_ms", accepted),
         tags={TAG_OP: op.op_id, "expert_id": payload["expert_id"],
               "contributor": payload["contributor"]},
     )
@@ -46,14 +50,14 @@ def replay_expert_run(client, experiment_id: str, op: Op) -> None:
     if not run.data.params:
         params = [Param(k, str(v)) for k, v in sorted(payload["params"].items())]
         client.log_batch(run_id, params=params)
+    end = payload.get("end_ms", accepted)
     if not run.data.metrics:
-        stamp = int(payload.get("created_at_ms") or time.time() * 1000)
-        metrics = [Metric(key, float(value), stamp, step)
+        metrics = [Metric(key, float(value), end, step)
                    for key, values in sorted(payload["metrics"].items())
                    for step, value in enumerate(values)]
         for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS_PER_BATCH])
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED", end_time=end)
 
 
 def find_model_version(client, version_id: str):
@@ -101,7 +105,7 @@ def replay_router_version(client, experiment_id: str, op: Op) -> None:
     else:
         model_id, source = model.model_id, f"models:/{model.model_id}"
     client.create_model_version(REGISTERED_MODEL, source=source, tags=version_tags(payload),
-                                model_id=model_id)
+                                model_id=model_id, description=version_card(payload))
 
 
 def _logged_model(client, experiment_id: str, op: Op):
@@ -122,6 +126,10 @@ def replay_promotion(client, op: Op) -> None:
             f"router version {op.payload['version_id']} has no model version in "
             f"{REGISTERED_MODEL}", error_code="RESOURCE_DOES_NOT_EXIST")
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, model_version.version)
+    if "sequence" in op.payload:  # promotions queued before the history was kept have none
+        card = client.get_registered_model(REGISTERED_MODEL).description or ""
+        client.update_registered_model(REGISTERED_MODEL, description=with_promotion(
+            card, op.payload, op.payload["sequence"]))
 
 
 def replay_evaluation(client, experiment_id: str, op: Op) -> None:
@@ -143,6 +151,8 @@ def replay_evaluation(client, experiment_id: str, op: Op) -> None:
                             found[0] if found else None)
     # The tags go last and the mean last of all: a reader that sees `eval.accuracy` sees every
     # other eval tag and the finished run with its metrics. (A replay sets them again.)
+    client.update_model_version(REGISTERED_MODEL, model_version.version, description=(
+        with_evaluation(model_version.description or "", record)))
     tags = {f"{TAG_EVAL_PREFIX}{k}": repr(float(v)) for k, v in record["metrics"].items()}
     tags[TAG_EVAL_CONFIG] = record["config_key"]
     mean = f"{TAG_EVAL_PREFIX}accuracy"

@@ -213,6 +213,21 @@ class Uploads:
         finally:
             flush.join()
 
+    def cancel(self, upload_id: str, contributor: str) -> None:
+        """Abandon one of the contributor's unfinished uploads: end the stream writing it, if
+        any, then delete its bytes and free its slot. NotFound for an id that is not theirs,
+        finished or expired (another contributor's id gets the same answer as an unknown one).
+        """
+        self._row(upload_id, contributor)
+        with self._guard:
+            stream = self._streams.get(upload_id)
+        if stream is not None:
+            stream[1]()  # ends the WriteUpload RPC; its writer closes and releases the upload
+        with self._hold(upload_id):
+            self._row(upload_id, contributor)  # a finish may have committed it meanwhile
+            self._discard(upload_id)
+        log.info("upload %s cancelled by %s", upload_id, contributor)
+
     def cancel_stalled(self, now: float | None = None) -> list[str]:
         """Cancel streams that sent no chunk for `stream_idle_timeout_s` (monotonic time)."""
         cutoff = (time.monotonic() if now is None else now) - self.limits.stream_idle_timeout_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from protocol.bundle import fsync_path
 from protocol.errors import InvalidArgument, NotFound
+from protocol.names import preview
 
 VERSIONS_DIR = "versions"
 VERSION_FILE = "version.json"
@@ -19,6 +21,18 @@ ROUTER_DIR = "router"
 CURRENT = "CURRENT"
 CHAMPION = "CHAMPION"
 PROMOTIONS = "promotions.jsonl"
+VERSION_ID_RE = re.compile(r"^[0-9a-f]{16}$")  # coordinator.assemble.version_id_for
+_PREFIX_RE = re.compile(r"^[0-9a-f]{1,16}$")
+
+
+def check_version_ref(value: object) -> str:
+    """A version id or a unique prefix of one, as the CLI and the Admin service take it;
+    InvalidArgument otherwise, before the value comes near a path (it names a folder)."""
+    if not isinstance(value, str) or not _PREFIX_RE.match(value):
+        raise InvalidArgument(f"version {preview(value)} is not a version id: use the 16 "
+                              "lowercase hex digits `gaggle-coordinator versions` lists, or a "
+                              "unique prefix of them", field="version")
+    return value
 
 
 class VersionStore:
@@ -37,7 +51,7 @@ class VersionStore:
     def manifest(self, version_id: str) -> dict:
         path = self.folder(version_id) / VERSION_FILE
         if not path.is_file():
-            raise NotFound(f"no router version {version_id!r} in {self.root}: list them with "
+            raise NotFound(f"no router version {preview(version_id)}: list them with "
                            "`gaggle-coordinator versions`", field="version")
         return json.loads(path.read_text(encoding="utf-8"))
 
@@ -50,13 +64,14 @@ class VersionStore:
 
     def resolve(self, prefix: str) -> str:
         """A full version id from a unique prefix (like a short git hash)."""
+        check_version_ref(prefix)
         if self.exists(prefix):
             return prefix
         matches = [p.name for p in self.root.iterdir()
                    if p.name.startswith(prefix) and (p / VERSION_FILE).is_file()]
         if len(matches) == 1:
             return matches[0]
-        if not matches or not prefix:
+        if not matches:
             raise NotFound(f"no router version {prefix!r}: list them with "
                            "`gaggle-coordinator versions`", field="version")
         raise InvalidArgument(f"version prefix {prefix!r} is ambiguous: {sorted(matches)}",
@@ -96,6 +111,9 @@ class VersionStore:
 
     def promote(self, version_id: str) -> int:
         """Make a version the champion; returns the promotion's sequence number."""
+        if not VERSION_ID_RE.match(version_id) or not self.exists(version_id):
+            raise NotFound(f"no router version {preview(version_id)}: resolve it first",
+                           field="version")
         log = self.root / PROMOTIONS
         with open(log, "a+", encoding="utf-8") as handle:
             handle.seek(0)

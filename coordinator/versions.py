@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import shutil
 import sys
@@ -157,19 +158,36 @@ def run_promote_command(args: argparse.Namespace) -> int:
     from coordinator.tracking import Tracker
 
     root = _store_root(args)
-    versions = VersionStore(root)
-    version_id = versions.resolve(args.version)
     tracker = Tracker(root, args.tracking_uri)
-    if not args.force:
-        note = check_not_worse(root, version_id, versions.champion_id(), tracker=tracker,
-                               max_drop=getattr(args, "max_drop", None))
-        if note:
-            print(f"note: {note}", file=sys.stderr)
-    sequence = versions.promote(version_id)
-    tracker.record_promotion(version_id, sequence)
+    version_id, _, note = promote_version(root, args.version, force=args.force,
+                                          by=f"{getpass.getuser()} (CLI)", tracker=tracker,
+                                          max_drop=getattr(args, "max_drop", None))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(f"champion -> {version_id}")
     print(_replay(tracker))
     return 0
+
+
+def promote_version(root: Path, version: str, *, force: bool, by: str, tracker=None,
+                    max_drop: float | None = None) -> tuple[str, int, str | None]:
+    """The promotion rule, one for the CLI and the Admin service: resolve `version` (an id or
+    a unique prefix, checked by VersionStore.resolve), refuse it unless `force` when it is
+    worse than the champion (check_not_worse), move CHAMPION, and queue the MLflow alias move
+    when a Tracker is given, with who (`by`) promoted from which version for the history.
+    Returns (version id, promotion sequence, note or None)."""
+    from coordinator.evaluation import MEAN, read_evaluation
+
+    versions = VersionStore(root)
+    version_id, previous = versions.resolve(version), versions.champion_id()
+    note = None if force else check_not_worse(root, version_id, previous, tracker=tracker,
+                                              max_drop=max_drop)
+    sequence = versions.promote(version_id)
+    if tracker is not None:
+        record = read_evaluation(root, version_id) or {}
+        tracker.record_promotion(version_id, sequence, by=by, previous=previous,
+                                 mean_accuracy=record.get("metrics", {}).get(MEAN))
+    return version_id, sequence, note
 
 
 def promotion_threshold(root: Path, max_drop: float | None = None) -> float:
@@ -212,12 +230,6 @@ def check_not_worse(root: Path, candidate: str, champion: str | None, *, tracker
             f"{champion}'s {old[1]:.4f}, more than the allowed drop {max_drop:g}: pass --force "
             "to promote it anyway, or --max-drop to allow a larger drop", field="version")
     return None
-
-
-def _check_not_worse(tracker, candidate: str, champion: str | None) -> None:
-    """`check_not_worse` for a caller holding only a Tracker (its store, the config's
-    threshold)."""
-    check_not_worse(tracker.store, candidate, champion, tracker=tracker)
 
 
 class _Registry:

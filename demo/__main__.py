@@ -3,7 +3,9 @@
 Starts an MLflow tracking server and the coordinator (gRPC, local Ray) on 127.0.0.1, gives
 each contributor a token, lets each contributor train an expert on its own private task and
 submit it, waits for the router versions, evaluates the newest version against the base model
-on a held-out task, and prints a summary. Ctrl-C, or the end (unless --keep), stops every
+on a held-out task, has the operator evaluate every version and promote the best (so the MLflow
+UI shows a champion, metrics and a history), and prints a summary with the addresses of the
+champion's version page and of an expert's run. Ctrl-C, or the end (unless --keep), stops every
 process it started, by PID.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import time
@@ -36,6 +39,7 @@ class DemoPlan:
     held_out: str  # a task no contributor trains on
     train_examples: int  # private examples exported per contributor
     eval_examples: int  # held-out test examples scored per model
+    promotion_examples: int  # held-out examples per version when choosing the champion
     train_flags: tuple[str, ...]  # extra flags for `gaggle-contributor train`
 
 
@@ -46,6 +50,7 @@ FULL = DemoPlan(
     held_out="imdb-sentiment",
     train_examples=400,
     eval_examples=100,
+    promotion_examples=32,
     # Three experts train at once on two cores: fewer steps than the contributor's defaults
     # (100 + 50) keep the whole demo near 15 minutes, and one thread each, because OpenMP
     # threads spin on oversubscribed cores (with the default of every core, three 2-thread
@@ -58,6 +63,7 @@ TINY = DemoPlan(
     held_out=FULL.held_out,
     train_examples=24,
     eval_examples=16,
+    promotion_examples=8,
     train_flags=("--steps", "4", "--gate-steps", "4", "--max-length", "64", "--threads", "1"),
 )
 
@@ -163,6 +169,39 @@ class Demo:
                      self.logs / "versions.log")
         return json.loads(output)
 
+    def promote_best(self, versions: list[dict]) -> str:
+        """As an operator would: evaluate every version on the held-out task (recorded in
+        MLflow), then promote the best; the champion's version id."""
+        config = self.workdir / "eval.toml"
+        config.write_text(f'tasks = ["{self.plan.held_out}"]\n'
+                          f"examples_per_task = {self.plan.promotion_examples}\n")
+        ids = [v["version_id"] for v in versions]
+        self.step(f"the operator evaluates {len(ids)} versions and promotes the best")
+        output = run([gaggle("coordinator"), "evaluate", *ids, "--store", str(self.store),
+                      "--eval-config", str(config), "--tracking-uri", self.tracking_uri],
+                     self.logs / "operator.log")
+        scores = {found.group(1): float(found.group(2)) for found in re.finditer(
+            r"^version (\w+): accuracy=([0-9.]+)", output, re.MULTILINE)}
+        best = max(ids, key=lambda v: (scores.get(v, -1.0), ids.index(v)))
+        run([gaggle("coordinator"), "promote", best, "--store", str(self.store),
+             "--tracking-uri", self.tracking_uri], self.logs / "operator.log")
+        return best
+
+    def ui_pages(self) -> tuple[str, str]:
+        """Addresses of the champion's model version page and of one expert's run."""
+        from mlflow import MlflowClient
+
+        from coordinator.tracking import CHAMPION, EXPERIMENT, REGISTERED_MODEL
+
+        client = MlflowClient(self.tracking_uri, self.tracking_uri)
+        champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        run_ = next(r for r in client.search_runs([experiment.experiment_id])
+                    if "expert_id" in r.data.tags)
+        return (f"{self.tracking_uri}/#/models/{REGISTERED_MODEL}/versions/{champion.version}",
+                f"{self.tracking_uri}/#/experiments/{experiment.experiment_id}/runs/"
+                f"{run_.info.run_id}")
+
     def evaluate(self, version: dict) -> dict[str, float]:
         """Accuracy of the base model and of the routed version on the held-out task."""
         exported = self.workdir / "exported" / version["version_id"]
@@ -178,7 +217,7 @@ class Demo:
 
 def summary(plan: DemoPlan, experts: list[dict], versions: list[dict],
             scores: dict[str, float], tracking_uri: str, seconds: float,
-            mlflow_root: Path | None = None) -> str:
+            mlflow_root: Path | None = None, pages: tuple[str, str] | None = None) -> str:
     lines = ["", "gaggle local federation: summary", "",
              "| contributor | task | method | expert id |", "|---|---|---|---|"]
     lines += [f"| {e['contributor']} | {e['task']} | {e['method']} | {e['expert_id'][:12]} |"
@@ -190,8 +229,11 @@ def summary(plan: DemoPlan, experts: list[dict], versions: list[dict],
               "|---|---|",
               f"| base model ({plan.base}) | {scores['base']:.3f} |",
               f"| PHATGOOSE, newest version (k=2) | {scores['phatgoose']:.3f} |",
-              "", f"MLflow UI: {tracking_uri}  (experiment 'gaggle', model 'gaggle-router')",
-              f"wall time: {seconds / 60:.1f} min"]
+              "", f"MLflow UI: {tracking_uri}  (experiment 'gaggle', model 'gaggle-router')"]
+    if pages is not None:
+        lines += [f"  the champion's version page: {pages[0]}",
+                  f"  an expert's run (loss curves): {pages[1]}"]
+    lines += [f"wall time: {seconds / 60:.1f} min"]
     if mlflow_root is not None:
         # Without --keep the server stops with the demo; its data stays in the workdir.
         lines += ["", "The UI stops with the demo (--keep keeps it up). Browse it later with:",
@@ -218,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         versions = demo.wait_for_version(len(experts))
         newest = max(versions, key=lambda v: (v["n_experts"], v["created_at"]))
         scores = demo.evaluate(newest)
+        demo.promote_best(versions)
+        versions = demo.versions()
         print(summary(plan, experts, versions, scores, demo.tracking_uri,
                       time.monotonic() - started,
-                      mlflow_root=None if args.keep else workdir / "mlflow"), flush=True)
+                      mlflow_root=None if args.keep else workdir / "mlflow",
+                      pages=demo.ui_pages()), flush=True)
         if args.keep:
             demo.step("--keep: services stay up; stop them with Ctrl-C")
             while True:

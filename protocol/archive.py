@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import struct
 import tarfile
 from collections.abc import Iterator
@@ -247,13 +248,17 @@ def parse_header(block: bytes) -> tuple[str, int]:
     return shown, _octal(block[124:136], "size")
 
 
+_OCTAL = re.compile(rb"^ *([0-7]+) *$")
+
+
 def _octal(field: bytes, what: str) -> int:
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text or b"0", 8)
-    except ValueError:
+    """A tar number field: octal digits, space-padded, ended by NUL or space. Python's int()
+    also reads a sign, underscores and a 0o prefix ("-0000000001" is -1): refuse them all."""
+    match = _OCTAL.match(field.split(b"\0", 1)[0])
+    if match is None:
         raise InvalidBundle(f"the bundle archive has a header whose {what} is not an octal "
-                            "number", field="archive") from None
+                            "number", field="archive")
+    return int(match.group(1), 8)
 
 
 def extract_members(archive: str | os.PathLike, members: list[ArchiveMember],

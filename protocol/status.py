@@ -51,15 +51,6 @@ def public_message(err: GaggleError) -> str:
     return data[:MAX_MESSAGE_BYTES - 4].decode("utf-8", errors="ignore") + " ..."
 
 
-# Statuses a client may retry after a pause: the request itself was not at fault.
-RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-})
-
-
 def status_code(err: GaggleError) -> grpc.StatusCode:
     """The gRPC status code a GaggleError is answered with."""
     return getattr(grpc.StatusCode, err.status, grpc.StatusCode.INTERNAL)
@@ -85,10 +76,6 @@ def from_rpc_error(err: grpc.RpcError) -> GaggleError:
         cls = _DEFAULT_FOR_STATUS.get(code.name, GaggleError)
         details = _explain_transport(code, details)
     return cls(details, field=trailers.get(ERROR_FIELD_KEY))
-
-
-def is_retryable(err: grpc.RpcError) -> bool:
-    return hasattr(err, "code") and err.code() in RETRYABLE
 
 
 def _explain_transport(code: grpc.StatusCode, details: str) -> str:

@@ -150,7 +150,7 @@ def add_token(store: Path, name: str) -> str:
 
     store_handle = Store(store)
     try:
-        return TokenBook(store_handle).add(name)
+        return TokenBook(store_handle).add(name, rotate=True)  # a new name, or one more token
     finally:
         store_handle.close()
 
@@ -264,3 +264,15 @@ def start_command(argv: list[str], *, ready: Callable[[], bool], log_path: Path,
     started = launch_command(argv, log_path=log_path, cwd=cwd, env=env)
     started.wait_ready(ready, timeout, what)
     return started
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str):
+    """Poll `condition()` every 0.5 s until it returns something truthy, and return that;
+    TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"no {what} after {timeout} s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -276,11 +277,26 @@ def test_linear_schedule_runs_from_the_cli(cli, tmp_path, data_file):
     assert json.loads((out / "manifest.json").read_text())["training"]["lr_decay"] == 1
 
 
-def test_manifest_is_json_numbers_only(cli, tmp_path, data_file):
+def test_manifest_is_json_numbers_only_with_a_loss_curve_per_step(cli, tmp_path, data_file):
     out = tmp_path / "expert"
+    before = time.time()
     assert cli("train", "--base", "tiny-llama", "--data", data_file, "--out", out, *FAST)[0] == 0
-    raw = json.loads((out / "manifest.json").read_text())
-    assert all(isinstance(v, int | float) for v in raw["training"].values())
+    training = json.loads((out / "manifest.json").read_text())["training"]
+    curves = {k: v for k, v in training.items() if isinstance(v, list)}
+    assert set(curves) == {"expert_loss_curve", "gate_loss_curve"}
+    assert all(isinstance(v, int | float) for v in training.values() if not isinstance(v, list))
+    assert len(curves["expert_loss_curve"]) == training["expert_steps"]
+    assert len(curves["gate_loss_curve"]) == training["gate_steps"]
+    assert curves["expert_loss_curve"][0] == pytest.approx(training["expert_loss_first"], 1e-4)
+    assert before <= training["started_at"] <= training["finished_at"] <= time.time()
+
+
+def test_loss_curve_is_subsampled_evenly_to_its_bound():
+    from contributor.train import loss_curve
+
+    assert loss_curve([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    curve = loss_curve([float(i) for i in range(2500)], points=1000)
+    assert len(curve) <= 1000 and curve[:3] == [0.0, 3.0, 6.0]
 
 
 def test_target_loss_matches_the_transformers_loss(tiny_base):

@@ -40,8 +40,10 @@ def add_expert(store: Store, spec: BaseSpec, name: str, seed: int, *, method: st
                contributor: str = "alice", losses: list[float] | None = None) -> ExpertRecord:
     """A seeded random expert, with a training summary like a contributor's."""
     bundle = random_bundle(spec, name, method=method, seed=seed)
+    now = round(time.time(), 3)
     bundle.manifest.training = {"expert_steps": 6, "gate_steps": 4,
-                                "expert_loss_curve": losses or [3.0 - 0.1 * seed, 2.0, 1.5]}
+                                "expert_loss_curve": losses or [3.0 - 0.1 * seed, 2.0, 1.5],
+                                "started_at": now - 600 - seed, "finished_at": now - 300}
     return commit(store, bundle, contributor)
 
 

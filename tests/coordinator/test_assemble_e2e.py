@@ -5,7 +5,6 @@ versions, runs and registered model versions, each evaluated on public tasks."""
 from __future__ import annotations
 
 import json
-import time
 
 from contributor.client import Connection, CoordinatorClient
 from coordinator.cli import main
@@ -15,17 +14,7 @@ from coordinator.version_store import VersionStore
 from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
 from tests.coordinator.assembly_helpers import MlflowServer
-from tests.servers import add_token, seed_base_spec, start_coordinator
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"no {what} after {timeout} s")
+from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 
 def _eval_tags(registry, version_id: str) -> dict[str, str]:

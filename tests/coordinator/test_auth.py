@@ -7,7 +7,7 @@ import pytest
 from coordinator.auth import TokenBook, bearer_token
 from coordinator.cli import main as coordinator_main
 from coordinator.store import Store
-from protocol.errors import InvalidArgument, NotFound, Unauthenticated
+from protocol.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 
 
 @pytest.fixture
@@ -48,7 +48,9 @@ def test_revoked_tokens_are_refused_and_new_ones_work(book):
     assert book.revoke("alice") == 1
     with pytest.raises(Unauthenticated, match="revoked"):
         book.verify(old)
-    new = book.add("alice")
+    with pytest.raises(AlreadyExists, match="--rotate"):
+        book.add("alice")
+    new = book.add("alice", rotate=True)
     assert book.verify(new).contributor == "alice"
     assert book.list() == [("alice", "contributor", 1, 1)]
 

@@ -15,6 +15,7 @@ from coordinator.poison import (
     usage_tags,
     version_usage,
 )
+from coordinator.usage_charts import HEATMAP, SHARES
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
 from routing.version import save_router
@@ -65,6 +66,9 @@ def test_a_gate_aligned_with_the_mean_activation_is_flagged_and_no_other(tiny_ba
     assert abs(sum(shares) - 1.0) < 1e-3  # every expert adapts every module here
     tags = usage_tags(report)
     assert tags["usage.flagged"] == "poisoned" and "poisoned=" in tags["usage.shares"]
+    by_layer = report["by_layer"]  # the heatmap's numbers: layer x expert, largest first
+    assert by_layer["layers"] == [0, 1] and by_layer["experts"][0] == "poisoned"
+    assert all(row[0] > 0.5 for row in by_layer["shares"])
 
 
 def test_version_usage_is_measured_once_and_kept_beside_the_version(tiny_spec, tmp_path):
@@ -73,6 +77,8 @@ def test_version_usage_is_measured_once_and_kept_beside_the_version(tiny_spec, t
     report = version_usage(tmp_path / "v1", CONFIG)
     assert set(report["experts"]) == {"e0", "e1"}
     assert json.loads((tmp_path / "v1" / USAGE_FILE).read_text()) == report
+    for chart in (HEATMAP, SHARES):  # pictures MLflow shows with the logged model
+        assert (tmp_path / "v1" / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "v1" / "router" / "router.safetensors").unlink()  # the cached one is read
     assert version_usage(tmp_path / "v1", CONFIG) == report
     broken = version_usage(tmp_path / "missing", CONFIG)

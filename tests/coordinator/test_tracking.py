@@ -9,8 +9,16 @@ import pytest
 
 from coordinator.assembler import Assembler
 from coordinator.cli import main
-from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION, Tracker
+from coordinator.tracking import (
+    EXPERIMENT,
+    MAX_RUN_AGE_S,
+    REGISTERED_MODEL,
+    TAG_VERSION,
+    Tracker,
+    run_window,
+)
 from coordinator.version_store import VersionStore
+from protocol.manifest import MANIFEST, read_manifest
 from tests import postgres
 from tests.coordinator.assembly_helpers import (  # noqa: F401
     MlflowServer,
@@ -90,9 +98,14 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         ["alice/a"], ["alice/a", "alice/b"], ["alice/a", "alice/b", "alice/c"]]
 
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(client.search_runs([experiment.experiment_id])) == 3
     for record in records:
         (run,) = _runs_of(client, record.expert_id)
+        assert run.info.run_name == f"alice/{record.name}"
+        training = read_manifest(record.path / MANIFEST).training
+        assert run.info.start_time == int(training["started_at"] * 1000)  # the training's span
+        assert run.info.end_time == int(training["finished_at"] * 1000)
         assert run.data.tags["contributor"] == record.contributor
         assert run.data.params["contributor"] == "alice"
         assert run.data.params["method"] == record.method
@@ -108,6 +121,11 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         assert tags["contributors"] == "alice"
         assert tags["parent_version"] == (manifest["parent"] or "")
         assert tags["diff"] == manifest["diff"]
+        card = model_version.description  # the model card MLflow shows on the version page
+        assert f"# Router version `{manifest['version_id']}`" in card
+        assert all(f"| {e['name']} | alice | {e['method']} |" in card
+                   for e in manifest["experts"])
+        assert ("## Usage" in card) and (manifest["diff"] in card)
         local = mlflow.artifacts.download_artifacts(
             model_version.source, dst_path=str(tmp_path / manifest["version_id"]),
             tracking_uri=mlflow_server.uri)
@@ -121,11 +139,17 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
     texts = model.predict(["The film was", "Hello"], params={"max_new_tokens": 4})
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
-    first = manifests[0]["version_id"]
-    assert main(["promote", first, "--store", str(store.root),
-                 "--tracking-uri", mlflow_server.uri]) == 0
+    first, last = manifests[0]["version_id"], manifests[-1]["version_id"]
+    for version in (first, last):
+        assert main(["promote", version, "--store", str(store.root),
+                     "--tracking-uri", mlflow_server.uri]) == 0
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
-    assert champion.tags[TAG_VERSION] == first
+    assert champion.tags[TAG_VERSION] == last
+    # MLflow keeps only where the alias points; the registered model's card keeps the history.
+    history = client.get_registered_model(REGISTERED_MODEL).description
+    assert "## Champion history" in history
+    assert "| 1 |" in history and f"| - | {first} |" in history
+    assert "| 2 |" in history and f"| {first} | {last} |" in history
 
 
 def test_calls_queued_while_mlflow_is_down_land_exactly_once(tmp_path, tiny_spec,
@@ -164,3 +188,16 @@ def test_calls_queued_while_mlflow_is_down_land_exactly_once(tmp_path, tiny_spec
         assert len(_runs_of(client, record.expert_id)) == 1
     for manifest in VersionStore(store.root).all():
         assert len(_model_versions_of(client, manifest["version_id"])) == 1
+
+
+def test_an_expert_run_spans_its_training_moved_back_when_the_contributor_clock_runs_ahead():
+    accepted = 1_800_000_000.0
+    assert run_window({"started_at": accepted - 90, "finished_at": accepted - 30}, accepted) \
+        == (int((accepted - 90) * 1000), int((accepted - 30) * 1000))
+    # A clock 1 h ahead: the 60 s of training end at acceptance, not an hour in the future.
+    assert run_window({"started_at": accepted + 3540, "finished_at": accepted + 3600},
+                      accepted) == (int((accepted - 60) * 1000), int(accepted * 1000))
+    # A start years back, or figures missing: clipped to the window, or acceptance itself.
+    assert run_window({"started_at": 0.0, "finished_at": accepted}, accepted)[0] == \
+        int((accepted - MAX_RUN_AGE_S) * 1000)
+    assert run_window({}, accepted) == (int(accepted * 1000), int(accepted * 1000))

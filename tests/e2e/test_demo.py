@@ -34,6 +34,10 @@ def test_tiny_demo_prints_the_summary_and_stops_every_process(tmp_path):
     # Three experts arrived one after another: the newest version holds all three.
     version_rows = [line for line in out.splitlines() if "latest" in line]
     assert version_rows and version_rows[-1].split("|")[2].strip() == "3"
+    # The operator evaluated every version and promoted one: the UI shows a champion.
+    assert sum("champion" in line for line in out.splitlines() if line.startswith("| ")) == 1
+    assert "the champion's version page: http://127.0.0.1:" in out
+    assert "/#/models/gaggle-router/versions/" in out and "/runs/" in out
     accuracy_rows = [line for line in out.splitlines() if line.startswith(("| base", "| PHAT"))]
     assert len(accuracy_rows) == 2
     assert all(0.0 <= float(row.split("|")[2]) <= 1.0 for row in accuracy_rows)
@@ -66,5 +70,7 @@ def _browse_later_command_serves_the_demo_runs(out: str) -> None:
                                     "?name=gaggle-router", timeout=30) as reply:
             model = json.loads(reply.read())["registered_model"]
         assert model["name"] == "gaggle-router" and model.get("latest_versions")
+        assert "## Champion history" in model["description"]
+        assert [a["alias"] for a in model.get("aliases", [])] == ["champion"]
     finally:
         group.stop_all()

@@ -380,7 +380,7 @@ def test_operator_commands(federation, operated):
     out = operated.outputs
     assert "alice" in out["token list"].stdout
     assert all(word in out["experts"].stdout for word in ("my-expert", "recycled", "2 experts"))
-    assert f"diff {old} -> {new}" in out["diff"].stdout and "+ recycled" in out["diff"].stdout
+    assert f"diff {old} -> {new}" in out["diff"].stdout and "+ alice/recycled" in out["diff"].stdout
     assert f"exported version {new} (2 experts" in out["export"].stdout
     assert (operated.exported / "version.json").is_file()
 

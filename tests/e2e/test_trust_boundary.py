@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from protocol.bundle import ADAPTER, MANIFEST, sha256_file
 from protocol.status import MAX_MESSAGE_BYTES
 from routing.version import read_router_manifest
 from tests.coordinator.bundles import archive_of, make_bundle, raw_upload, store_snapshot
-from tests.servers import add_token, seed_base_spec, start_coordinator
+from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 BIG = "x" * 100_000
 
@@ -124,16 +123,6 @@ def test_error_messages_quote_a_short_prefix_and_no_server_path(server, tmp_path
     assert str(server.store) not in outcome.details and "staging" not in outcome.details
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(f"no {what} after {timeout} s")
-
-
 def test_versions_key_experts_by_contributor_and_record_the_coordinators_base(server,
                                                                              tmp_path,
                                                                              tiny_spec):
@@ -172,3 +161,24 @@ def test_versions_key_experts_by_contributor_and_record_the_coordinators_base(se
     usage = wait_for(lambda: (folder / "usage.json").is_file() and json.loads(
         (folder / "usage.json").read_text()), 180, f"usage.json:\n{server.log()}")
     assert {"alice/sentiment", "bob/sentiment"} <= set(usage["experts"])
+
+
+def with_size_field(archive: bytes, field: bytes) -> bytes:
+    """The archive with its first header's size field replaced (and its checksum fixed)."""
+    header = bytearray(archive[:512])
+    header[124:136] = field.ljust(12, b"\0")
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    return bytes(header) + archive[512:]
+
+
+@pytest.mark.parametrize("field", [b"-0000000001", b"+0000001750", b"0o1750", b"1_750", b""])
+def test_tar_sizes_must_be_plain_octal(server, tmp_path, tiny_spec, field):
+    token = add_token(server.store, "tar-sizer")
+    archive = with_size_field(archive_of(make_bundle(tmp_path / "b", tiny_spec, "e")), field)
+    before = store_snapshot(server.store)
+    with server.channel() as channel:
+        outcome = raw_upload(channel, token, archive)
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
+    assert "size is not an octal number" in outcome.details
+    assert store_snapshot(server.store) == before

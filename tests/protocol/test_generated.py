@@ -16,6 +16,6 @@ def test_service_offers_the_documented_calls():
     assert service.full_name == "gaggle.v1.Coordinator"
     assert {m.name for m in service.methods} == {
         "GetFederation", "StartUpload", "WriteUpload", "QueryUpload", "FinishUpload",
-        "ListExperts", "GetExpert"}
+        "CancelUpload", "ListExperts", "GetExpert"}
     write = service.methods_by_name["WriteUpload"]
     assert write.client_streaming and not write.server_streaming

@@ -6,7 +6,14 @@ import grpc
 import pytest
 
 from protocol import errors
-from protocol.status import ERROR_CLASS_KEY, ERROR_FIELD_KEY, from_rpc_error, status_code
+from protocol.status import (
+    ERROR_CLASS_KEY,
+    ERROR_FIELD_KEY,
+    MAX_MESSAGE_BYTES,
+    from_rpc_error,
+    public_message,
+    status_code,
+)
 
 CLASSES = [c for c in vars(errors).values()
            if isinstance(c, type) and issubclass(c, errors.GaggleError)]
@@ -49,3 +56,16 @@ def test_transport_failures_get_a_typed_error_and_a_hint():
     assert "connection refused" in str(back) and "--coordinator" in str(back)
     unknown = from_rpc_error(FailedCall(grpc.StatusCode.DATA_LOSS, ""))
     assert type(unknown) is errors.GaggleError and "DATA_LOSS" in str(unknown)
+
+
+def test_public_message_hides_server_paths_and_keeps_the_rest():
+    err = errors.InvalidBundle("/srv/gaggle/store/staging/u1/adapter.safetensors: bad header; "
+                               "see models:/gaggle-router and alice/sentiment (/tmp/x)")
+    assert public_message(err) == ("<path>: bad header; see models:/gaggle-router and "
+                                   "alice/sentiment (<path>)")
+
+
+def test_public_message_is_cut_to_its_byte_limit_on_a_character_boundary():
+    message = public_message(errors.InvalidArgument("\u00e9" * 5000))
+    assert len(message.encode("utf-8")) <= MAX_MESSAGE_BYTES and message.endswith(" ...")
+    assert message.startswith("\u00e9" * 100)

@@ -84,6 +84,16 @@ class FinishUploadRequest(_message.Message):
     upload_id: str
     def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
 
+class CancelUploadRequest(_message.Message):
+    __slots__ = ("upload_id",)
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
+
+class CancelUploadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class FinishUploadResponse(_message.Message):
     __slots__ = ("expert", "already_stored")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -129,12 +139,14 @@ class Expert(_message.Message):
     def __init__(self, expert_id: _Optional[str] = ..., name: _Optional[str] = ..., contributor: _Optional[str] = ..., method: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., num_modules: _Optional[int] = ...) -> None: ...
 
 class AddTokenRequest(_message.Message):
-    __slots__ = ("name", "admin")
+    __slots__ = ("name", "admin", "rotate")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADMIN_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     admin: bool
-    def __init__(self, name: _Optional[str] = ..., admin: _Optional[bool] = ...) -> None: ...
+    rotate: bool
+    def __init__(self, name: _Optional[str] = ..., admin: _Optional[bool] = ..., rotate: _Optional[bool] = ...) -> None: ...
 
 class AddTokenResponse(_message.Message):
     __slots__ = ("name", "role", "token")

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.FinishUploadRequest.SerializeToString,
                 response_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.FinishUploadResponse.FromString,
                 _registered_method=True)
+        self.CancelUpload = channel.unary_unary(
+                '/gaggle.v1.Coordinator/CancelUpload',
+                request_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.CancelUploadRequest.SerializeToString,
+                response_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.CancelUploadResponse.FromString,
+                _registered_method=True)
         self.ListExperts = channel.unary_unary(
                 '/gaggle.v1.Coordinator/ListExperts',
                 request_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.ListExpertsRequest.SerializeToString,
@@ -112,6 +117,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelUpload(self, request, context):
+        """Abandon one of the caller's unfinished uploads: its bytes are deleted and its slot
+        (Federation.max_concurrent_uploads) is free at once. Another contributor's upload id, or
+        one that finished or expired, is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListExperts(self, request, context):
         """Stored experts, newest last.
         """
@@ -152,6 +166,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.FinishUpload,
                     request_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.FinishUploadRequest.FromString,
                     response_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.FinishUploadResponse.SerializeToString,
+            ),
+            'CancelUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelUpload,
+                    request_deserializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.CancelUploadRequest.FromString,
+                    response_serializer=protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.CancelUploadResponse.SerializeToString,
             ),
             'ListExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListExperts,
@@ -310,6 +329,33 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
+    def CancelUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gaggle.v1.Coordinator/CancelUpload',
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.CancelUploadRequest.SerializeToString,
+            protocol_dot_gaggle_dot_v1_dot_gaggle__pb2.CancelUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListExperts(request,
             target,
             options=(),
@@ -405,7 +451,10 @@ class AdminServicer:
     """
 
     def AddToken(self, request, context):
-        """Create the contributor if new and issue a token, returned once (stored only as a hash).
+        """Create a contributor (or admin) and issue its token, returned once (stored only as a
+        hash). A name that exists is ALREADY_EXISTS unless `rotate` is set: then another token is
+        issued for it with the role it holds, and a different role asked for is
+        FAILED_PRECONDITION (revoke the name and add a new one to change roles).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
