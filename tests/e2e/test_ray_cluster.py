@@ -25,9 +25,10 @@ from routing.version import load_router
 from tests.coordinator.assembly_helpers import add_expert, make_store
 from tests.raycluster import RESOURCE, LocalCluster, can_hide_folders
 
-pytestmark = pytest.mark.skipif(can_hide_folders() is not None,
+_CANNOT_HIDE = can_hide_folders()
+pytestmark = pytest.mark.skipif(_CANNOT_HIDE is not None,
                                 reason=f"the worker node cannot be kept from the store: "
-                                       f"{can_hide_folders()}")
+                                       f"{_CANNOT_HIDE}")
 
 
 @pytest.fixture(scope="module")
