@@ -5,6 +5,12 @@ Client; the worker node (`ray start --address`) carries every CPU and a custom r
 runs in its own mount namespace where a `hidden` folder is covered by an empty tmpfs: whatever
 the coordinator keeps there (its store) does not exist for the worker's processes.
 
+The nodes use 127.0.0.2, a loopback address: `ray start --address` refuses to run with
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and with it on Ray replaces 127.0.0.1 (never 127.0.0.2)
+by the machine's outward address. Every address Ray advertises and connects to stays on
+loopback; Ray's GCS and raylets still listen on all interfaces, as they do for any node address
+but exactly 127.0.0.1.
+
 Both nodes are `ray start --block` processes in their own sessions; `stop()` ends them by
 their PIDs and then any process of their sessions or of this cluster's temp dir that is left,
 never another cluster's Ray.
