@@ -74,7 +74,8 @@ def test_token_roles_change_only_explicitly(server):
 
 
 @pytest.mark.parametrize("version", ["../../x", "../versions/CHAMPION", "/etc", "ABCDEF",
-                                     "0" * 17, "x" * 10_000, ""])
+                                     "0" * 17, "x" * 10_000, "",
+                                     "0123456789abcdef\n", "abc\n"])
 def test_promote_refuses_what_is_not_a_version_id(server, version):
     process, admin = server
     with process.channel() as channel:
@@ -130,6 +131,17 @@ def test_cancel_frees_the_slot_at_once_and_only_for_the_owner(server):
         assert start(alice).upload_id  # the slot is free at once, not after the idle hour
         assert _code(lambda: stub.CancelUpload(cancel, metadata=_meta(alice), timeout=10)) \
             == grpc.StatusCode.NOT_FOUND
+
+
+def test_start_upload_refuses_an_expert_id_with_a_trailing_newline(server):
+    process, _ = server
+    token = add_token(process.store, "newliner")
+    request = pb.StartUploadRequest(size_bytes=4096, expert_id=secrets.token_hex(32) + "\n",
+                                    name="e")
+    with process.channel() as channel:
+        stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+        code = _code(lambda: stub.StartUpload(request, metadata=_meta(token), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_contributor_cancel_abandons_the_live_upload_of_a_bundle(server, tmp_path, tiny_spec,
