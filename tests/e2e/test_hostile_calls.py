@@ -5,6 +5,10 @@ shared host, and cancelling uploads."""
 from __future__ import annotations
 
 import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +20,7 @@ from coordinator.version_store import CHAMPION, VERSIONS_DIR
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 from tests.coordinator.bundles import archive_id, archive_of, make_bundle
-from tests.servers import add_token, seed_base_spec, start_coordinator
+from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 MAX_UPLOADS = 2
 MAX_FAILURES = 10  # the server's default: failed authentications per host and minute
@@ -162,3 +166,27 @@ def test_contributor_cancel_abandons_the_live_upload_of_a_bundle(server, tmp_pat
     assert contributor_cli(argv) == 0
     assert f"cancelled upload {start.upload_id}" in capsys.readouterr().out
     assert not (process.store / "uploads" / f"{start.upload_id}.part").exists()
+
+
+def test_ctrl_c_during_submit_says_how_to_resume_or_cancel(server, tmp_path, tiny_spec, capsys):
+    process, _ = server
+    token = add_token(process.store, "interrupted")
+    bundle = make_bundle(tmp_path / "b", tiny_spec, "e")
+    uploads = process.store / "uploads"
+    before = set(uploads.glob("*.part"))
+    submit = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gaggle-contributor"), "submit", str(bundle),
+         "--coordinator", process.address, "--token", token, "--limit-rate", "2000",
+         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: set(uploads.glob("*.part")) - before, 60, "no upload started")
+        submit.send_signal(signal.SIGINT)
+        _, err = submit.communicate(timeout=30)
+    finally:
+        submit.kill()
+    assert submit.returncode == 130, err
+    assert f"gaggle-contributor cancel {bundle}" in err and "Traceback" not in err
+    argv = ["cancel", str(bundle), "--coordinator", process.address, "--token", token]
+    assert contributor_cli(argv) == 0
+    assert "cancelled upload" in capsys.readouterr().out
+    assert set(uploads.glob("*.part")) == before
