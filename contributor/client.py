@@ -283,9 +283,15 @@ def connection_from_args(args: argparse.Namespace) -> Connection:
 
 def run_submit_command(args: argparse.Namespace) -> int:
     """`gaggle-contributor submit DIR --coordinator HOST:PORT`: the expert id on the last line."""
-    with CoordinatorClient(connection_from_args(args)) as client:
-        result = client.submit(args.bundle, progress=not getattr(args, "quiet", False),
-                               limit_rate=getattr(args, "limit_rate", None))
+    try:
+        with CoordinatorClient(connection_from_args(args)) as client:
+            result = client.submit(args.bundle, progress=not getattr(args, "quiet", False),
+                                   limit_rate=getattr(args, "limit_rate", None))
+    except KeyboardInterrupt:
+        # Not cancelled here: an interrupted upload resumes, so only the user can abandon it.
+        print(f"\ninterrupted: run submit again to resume, or `gaggle-contributor cancel "
+              f"{args.bundle}` to free its upload slot at once", file=sys.stderr)
+        return 130
     if result.already_stored:
         print(f"{result.name}: already stored; nothing new was sent")
     else:

@@ -8,6 +8,10 @@ Store layout (beside the expert store's own files)::
                                          writes it (a self-contained, exportable folder)
     versions/CURRENT                     id of the current version (replaced atomically)
 
+Ray tasks never open the store: the driver reads each chunk's bundle files and puts them in
+Ray's object store once, so a worker on another machine, without the store's volume, loads and
+re-verifies the very bytes the coordinator holds.
+
 The version id hashes the base fingerprint and the ordered expert ids, so assembling the same
 expert set again finds the existing version instead of making a new one. A version is written
 into a staging folder and renamed into place; CURRENT moves only after that, so a failed
@@ -18,9 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +38,11 @@ from coordinator.version_store import (
     VersionStore,
     one_line_diff,
 )
-from protocol.errors import FailedPrecondition, GaggleError, InvalidBundle
+from protocol.errors import FailedPrecondition, GaggleError, InvalidArgument, InvalidBundle
 
 FORMAT = 1
+SHM = "/dev/shm"
+log = logging.getLogger(__name__)
 _RAY_LOCK = threading.Lock()
 
 
@@ -43,6 +53,13 @@ class AssemblyConfig:
     ray_address: str | None = None  # join this Ray cluster; None starts a local one
     num_cpus: int = 2  # CPUs of the local Ray instance (ignored with ray_address)
     chunk_size: int = 256  # bundles loaded and stacked per Ray task: amortises task overhead
+    # Custom Ray resources every assembly task and evaluation actor asks for, as (name,
+    # amount) pairs: they pin that work to the nodes started with `--resources` naming them.
+    resources: tuple[tuple[str, float], ...] = ()
+
+    def ray_options(self) -> dict:
+        """`.options(...)` for this coordinator's Ray tasks and actors."""
+        return {"resources": dict(self.resources)} if self.resources else {}
 
 
 @dataclass(frozen=True)
@@ -53,11 +70,27 @@ class ExpertEntry:
     name: str  # the key the router knows it by: contributor/name (ExpertRecord.key)
     contributor: str
     method: str
-    path: str  # the expert's bundle folder in the store
+    path: str  # the expert's bundle folder in the store (read by the driver only)
 
     def to_json(self) -> dict:
         return {"expert_id": self.expert_id, "name": self.name, "contributor": self.contributor,
                 "method": self.method}
+
+
+def parse_resources(specs: list[str] | tuple[str, ...] | None) -> tuple[tuple[str, float], ...]:
+    """`--ray-resource NAME=AMOUNT` values as AssemblyConfig.resources pairs."""
+    pairs = []
+    for spec in specs or ():
+        name, _, amount = str(spec).partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not name.strip() or not value > 0:
+            raise InvalidArgument(f"Ray resource {spec!r} must be NAME=AMOUNT with a positive "
+                                  "amount, e.g. gaggle_worker=1", field="ray_resources")
+        pairs.append((name.strip(), value))
+    return tuple(pairs)
 
 
 def ensure_ray(config: AssemblyConfig | None = None) -> None:
@@ -68,13 +101,30 @@ def ensure_ray(config: AssemblyConfig | None = None) -> None:
     with _RAY_LOCK:
         if ray.is_initialized():
             return
-        # Keep a local Ray on 127.0.0.1 and quiet about tokens (see the project's ENV notes).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # quiet about tokens
+        if config.ray_address:  # HOST:PORT, or ray://HOST:PORT through Ray Client
+            _join(ray, config.ray_address)
+            return
+        # A local Ray stays on 127.0.0.1 (see the project's ENV notes); joining a cluster
+        # must not: the cluster reaches this driver at the address Ray finds for it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if config.ray_address:
-            ray.init(address=config.ray_address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _join(ray, address: str, attempts: int = 3) -> None:
+    """ray.init on an existing cluster. Ray Client's server starts one process per driver and
+    on a busy head that start sometimes fails (ConnectionAbortedError); a new connection
+    gets a new process, so try again a few times before giving up."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionAbortedError as err:
+            if attempt == attempts or not address.startswith("ray://"):
+                raise
+            log.warning("Ray Client at %s refused this driver (%s); trying again", address,
+                        str(err).strip().splitlines()[-1][:200])
+            time.sleep(attempt)
 
 
 def select_experts(records: list) -> list[ExpertEntry]:
@@ -102,35 +152,63 @@ def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _stack_chunk(entries: list[ExpertEntry], fingerprint: str | None) -> dict:
-    """Ray task: load a contiguous chunk of bundles (re-verifying every file hash) and stack
+def folder_files(path: str | os.PathLike, what: str = "expert folder") -> dict[str, bytes]:
+    """The files of a stored folder (a bundle, a router), as bytes: what travels to Ray."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InvalidBundle(f"{what} {folder} is missing from the store: the store was "
+                            "changed on disk", field="path")
+    return {child.name: child.read_bytes() for child in sorted(folder.iterdir())
+            if child.is_file()}
+
+
+def load_bundle_files(files: Mapping[str, bytes]):
+    """Load and re-verify a bundle from its files' bytes.
+
+    The bytes are written to a scratch folder and read back by `protocol.bundle.load_bundle`,
+    so a worker checks exactly what a coordinator-local load would: file set, sha256 of every
+    file, the strict manifest and safetensors headers, tensor shapes. The tensors are read
+    into memory, so the folder goes at once.
+    """
+    from protocol.bundle import load_bundle
+
+    size = sum(len(data) for data in files.values())
+    with tempfile.TemporaryDirectory(prefix="gaggle-bundle-", dir=scratch_dir(size)) as folder:
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        return load_bundle(folder)
+
+
+def scratch_dir(size: int) -> str | None:
+    """Memory-backed /dev/shm when it has room for `size` bytes (several times faster than a
+    disk for thousands of small files), else the default temp folder (None)."""
+    try:
+        if shutil.disk_usage(SHM).free > 4 * size + (64 << 20) and os.access(SHM, os.W_OK):
+            return SHM
+    except OSError:
+        pass
+    return None
+
+
+def _stack_chunk(chunk: list[tuple[ExpertEntry, dict[str, bytes]]],
+                 fingerprint: str | None) -> dict:
+    """Ray task: re-verify and load a contiguous chunk of bundles from their bytes and stack
     them module by module.
 
     Returns {"fingerprint", "base_model", "modules": {module: ModuleRouter of this chunk's
     experts, in chunk order}}. Stacking here, not in the driver, keeps the work parallel and
     sends a few stacked tensors per module back instead of every expert's small ones.
     """
-    from protocol.bundle import load_bundle
     from routing.stack import module_pieces, stack_module
 
     pieces: dict[str, list] = {}
     shapes: dict[str, tuple[int, int]] = {}
     out: dict = {"fingerprint": fingerprint, "base_model": None}
-    for entry in entries:
-        bundle = load_bundle(entry.path)
-        if bundle.expert_id != entry.expert_id:
-            raise InvalidBundle(
-                f"expert folder {entry.path} holds content {bundle.expert_id[:12]}..., not "
-                f"expert {entry.expert_id[:12]}...: the store was changed on disk",
-                field="expert_id")
-        manifest = bundle.manifest
-        expected = out["fingerprint"] or manifest.base_fingerprint
-        if manifest.base_fingerprint != expected:
-            raise InvalidBundle(
-                f"expert {entry.expert_id} ({entry.name}) was trained on base fingerprint "
-                f"{manifest.base_fingerprint[:12]}..., the others on {expected[:12]}...",
-                field="base_model.fingerprint")
-        out["fingerprint"], out["base_model"] = expected, manifest.base_model
+    for entry, files in chunk:
+        bundle = load_bundle_files(files)
+        _check_entry(bundle, entry, out["fingerprint"])
+        out["fingerprint"], out["base_model"] = (bundle.manifest.base_fingerprint,
+                                                 bundle.manifest.base_model)
         for module, piece in module_pieces(bundle).items():
             piece.expert = entry.name
             pieces.setdefault(module, []).append(piece)
@@ -139,6 +217,21 @@ def _stack_chunk(entries: list[ExpertEntry], fingerprint: str | None) -> dict:
     out["modules"] = {name: stack_module(name, *shapes[name], group)
                       for name, group in pieces.items()}
     return out
+
+
+def _check_entry(bundle, entry: ExpertEntry, fingerprint: str | None) -> None:
+    """The bundle is the expert the version names, on the version's base."""
+    if bundle.expert_id != entry.expert_id:
+        raise InvalidBundle(
+            f"expert folder {entry.path} holds content {bundle.expert_id[:12]}..., not "
+            f"expert {entry.expert_id[:12]}...: the store was changed on disk",
+            field="expert_id")
+    declared = bundle.manifest.base_fingerprint
+    if fingerprint is not None and declared != fingerprint:
+        raise InvalidBundle(
+            f"expert {entry.expert_id} ({entry.name}) was trained on base fingerprint "
+            f"{declared[:12]}..., the others on {fingerprint[:12]}...",
+            field="base_model.fingerprint")
 
 
 def concat_modules(parts: list) -> object:
@@ -193,8 +286,10 @@ def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
                  fingerprint: str | None = None, stages: dict[str, float] | None = None):
     """Load and stack `entries` on Ray into `routing.stack.RouterWeights`.
 
-    Chunks of bundles are loaded and stacked per module in parallel Ray tasks; the driver
-    joins each module's chunk stacks in order. stages: gets the seconds of both (tasks, join).
+    The driver reads each chunk's bundle files and puts them in the object store once;
+    parallel Ray tasks (placed by `config.resources`) re-verify, load and stack them per
+    module; the driver joins each module's chunk stacks in order. stages: gets the seconds
+    of both (tasks: reading, transfer and tasks; join).
     """
     import ray
 
@@ -203,10 +298,13 @@ def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
     ensure_ray(config)
     stages = {} if stages is None else stages
     started = time.perf_counter()
-    task = ray.remote(_stack_chunk)
-    chunks = [entries[i:i + config.chunk_size]
-              for i in range(0, len(entries), config.chunk_size)]
-    parts = _get(ray, [task.remote(chunk, fingerprint) for chunk in chunks])
+    task = ray.remote(_stack_chunk).options(**config.ray_options())
+    refs = []
+    for start in range(0, len(entries), config.chunk_size):
+        chunk = [(entry, folder_files(entry.path))
+                 for entry in entries[start:start + config.chunk_size]]
+        refs.append(task.remote(ray.put(chunk), fingerprint))
+    parts = _get(ray, refs)
     stages["tasks"] = time.perf_counter() - started
     fingerprints = {part["fingerprint"] for part in parts}
     if len(fingerprints) != 1:

@@ -21,6 +21,7 @@ from coordinator.assemble import (
     AssemblyResult,
     assemble,
     ensure_ray,
+    parse_resources,
     select_experts,
 )
 from coordinator.tracking import Tracker, expert_payload, version_payload
@@ -28,6 +29,8 @@ from coordinator.version_store import VersionStore
 from protocol.errors import GaggleError
 
 log = logging.getLogger(__name__)
+# How long a stopping coordinator waits for its threads: `docker stop` allows 10 s in all.
+SHUTDOWN_S = 4.0
 
 
 class Assembler:
@@ -143,6 +146,7 @@ class Assembler:
                     self.tracker.record_expert(expert_payload(record))
             records = self.store.list_experts()
             attempted = frozenset(e.expert_id for e in select_experts(records))
+            log.info("assembling a version of %d experts", len(attempted))
             result = self._assemble(records)
         except GaggleError as err:
             self._failed = attempted
@@ -183,31 +187,44 @@ class Assembler:
                 self._idle.wait(left)
         return True
 
-    def close(self) -> None:
-        """Stop after the assembly in flight; then stop the tracker's thread."""
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the threads, waiting at most `timeout` seconds in all.
+
+        An assembly still running then is abandoned with its daemon thread: it had written
+        only a staging folder, which the next start clears before assembling that expert
+        set again. Tracking calls wait in their on-disk queue, so nothing is lost.
+        """
+        deadline = time.monotonic() + timeout
         with self._lock:
             self._stop = True
         self._wanted.set()
         if self._thread is not None:
-            self._thread.join(timeout=120)
+            self._thread.join(timeout=_left(deadline))
+            if self._thread.is_alive():
+                log.warning("stopping with an assembly in flight; it runs again on start")
             self._thread = None
         if self.evaluator is not None:  # before the tracker: it queues into the tracker
-            self.evaluator.close()
+            self.evaluator.close(_left(deadline))
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(_left(deadline))
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str | None = None,
-                    tracking: bool = True, eval_config=None,
-                    base: str | None = None) -> Assembler:
+                    tracking: bool = True, eval_config=None, base: str | None = None,
+                    ray_resources: tuple[str, ...] = ()) -> Assembler:
     """The assembler a serving coordinator runs; pass `.on_accepted` as the server's hook.
 
     store: the server's `coordinator.store.Store`. tracking_uri: MLflow server (default: the
     SQLite store inside the store folder); tracking=False turns MLflow off. eval_config: an
     `EvaluationConfig` or the path of its TOML/JSON file; each new version is then evaluated.
     base: the coordinator's base model name, which evaluation loads (default: the store's).
+    ray_resources: NAME=AMOUNT custom resources that pin assembly and evaluation to nodes.
     """
-    config = AssemblyConfig(ray_address=ray_address)
+    config = AssemblyConfig(ray_address=ray_address, resources=parse_resources(ray_resources))
     tracker = Tracker(store.root, tracking_uri) if tracking else None
     evaluator = None
     if eval_config is not None:
@@ -226,12 +243,13 @@ def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str 
 def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = None,
                 ray_address: str | None = None,
                 eval_config: str | os.PathLike | None = None,
-                base: str | None = None) -> Callable[[object], None]:
+                base: str | None = None,
+                ray_resources: tuple[str, ...] = ()) -> Callable[[object], None]:
     """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
 
     Call it from the main thread, before serving: it starts Ray there. It opens its own
-    handle on the store (never the recovering one) and stops with the process, after the
-    assembly in flight.
+    handle on the store (never the recovering one) and stops with the process, within
+    SHUTDOWN_S seconds even with an assembly in flight (that one runs again on start).
     """
     from coordinator.store import Store
 
@@ -246,6 +264,7 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     except Exception as err:  # the assembler thread retries; accepting must not wait on Ray
         log.warning("Ray did not start (%s); assembly will retry in the background", err)
     assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
-                                ray_address=ray_address, eval_config=eval_config, base=base)
-    atexit.register(assembler.close)
+                                ray_address=ray_address, eval_config=eval_config, base=base,
+                                ray_resources=ray_resources)
+    atexit.register(assembler.close, SHUTDOWN_S)
     return assembler.on_accepted

@@ -26,6 +26,16 @@ def _tracking(parser: argparse.ArgumentParser) -> None:
                              "SQLite store inside the store folder)")
 
 
+def _ray(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray-address",
+                        help="join this Ray cluster (HOST:PORT, or ray://HOST:10001 through "
+                             "Ray Client) instead of a local one")
+    parser.add_argument("--ray-resource", dest="ray_resources", action="append",
+                        metavar="NAME=AMOUNT",
+                        help="custom Ray resource each assembly task and evaluation actor "
+                             "asks for, pinning them to nodes started with it (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gaggle-coordinator",
@@ -44,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="server private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     _tracking(serve)
-    serve.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    _ray(serve)
     serve.add_argument("--device", metavar="auto|cpu|cuda[:N]|mps",
                        help="where evaluation and the usage check run the base model "
                             "(default auto: a GPU if there is one)")
@@ -81,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     assemble = sub.add_parser("assemble", help="assemble a router version from all experts")
     _store(assemble)
     _tracking(assemble)
-    assemble.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    _ray(assemble)
     assemble.set_defaults(handler="coordinator.versions:run_assemble_command")
 
     versions = sub.add_parser("versions", help="list router versions")
@@ -114,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-config", required=True,
                           help="TOML/JSON evaluation config (see coordinator/evaluation.py)")
     _tracking(evaluate)
-    evaluate.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    _ray(evaluate)
     evaluate.set_defaults(handler="coordinator.evaluation:run_evaluate_command")
 
     export = sub.add_parser("export", help="write a self-contained router version")

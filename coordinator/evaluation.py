@@ -1,6 +1,10 @@
 """Evaluating router versions inside the coordinator: public tasks scored on Ray actors that
 keep the base model loaded; the metrics go to the version's local record and to MLflow.
 
+The actors never open the store: each version's router files go into Ray's object store once
+and every actor reads them from there. The base model is loaded by name on the actor's node
+(installed there, as in the image).
+
 The evaluation set is a list of tasks from the public `tasks` registry (held-out tasks by
 default), never contributor data. Records live beside the versions, so `versions` and
 `promote` work with MLflow down::
@@ -21,7 +25,13 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from coordinator.assemble import AssemblyConfig, ensure_ray
+from coordinator.assemble import (
+    AssemblyConfig,
+    ensure_ray,
+    folder_files,
+    parse_resources,
+    scratch_dir,
+)
 from coordinator.version_store import ROUTER_DIR, VersionStore
 from protocol.errors import DeadlineExceeded, GaggleError, InvalidArgument, Unavailable
 from tasks.registry import HELD_OUT, TASKS
@@ -151,7 +161,7 @@ def active_config(store_root: str | os.PathLike) -> EvaluationConfig | None:
 # ----- Ray actors -----
 
 class EvalWorker:
-    """Ray actor body: one base model, loaded once, evaluating router folders in turn."""
+    """Ray actor body: one base model, loaded once, evaluating router versions in turn."""
 
     def __init__(self, base: str) -> None:
         from routing.base import load_base
@@ -163,16 +173,17 @@ class EvalWorker:
     def fingerprint(self) -> str:
         return self.base.fingerprint
 
-    def evaluate(self, router_folder: str, tasks: list[str], config: dict) -> dict[str, dict]:
-        """Route the base model with a version and rank-classify each task's test examples.
+    def evaluate(self, router_files: dict[str, bytes], tasks: list[str],
+                 config: dict) -> dict[str, dict]:
+        """Route the base model with a version (its router folder's files, as bytes) and
+        rank-classify each task's test examples.
 
         Returns {task: {"accuracy", "n", "seconds"}}; the base model is unrouted after.
         """
         from routing.evaluate import evaluate
         from routing.router import route, unroute
-        from routing.version import load_router
 
-        model = route(self.base, load_router(router_folder), method=config["method"],
+        model = route(self.base, _load_router_files(router_files), method=config["method"],
                       top_k=config["top_k"])
         out = {}
         try:
@@ -195,6 +206,18 @@ class EvalWorker:
         return self._examples[(task, seed, n)]
 
 
+def _load_router_files(files: dict[str, bytes]):
+    """RouterWeights from a router folder's files: written to a scratch folder and read back
+    by `routing.version.load_router`, which checks the hash and every shape."""
+    from routing.version import load_router
+
+    size = sum(len(data) for data in files.values())
+    with tempfile.TemporaryDirectory(prefix="gaggle-router-", dir=scratch_dir(size)) as scratch:
+        for name, data in files.items():
+            (Path(scratch) / name).write_bytes(data)
+        return load_router(scratch)
+
+
 class EvalPool:
     """The evaluation actors of one coordinator, started on first use and kept across versions.
 
@@ -210,13 +233,17 @@ class EvalPool:
         self._base: str | None = None
 
     def run(self, router_folder: Path, base: str) -> dict[str, dict]:
-        """Per-task results of one router folder, the tasks spread over the actors."""
+        """Per-task results of one router folder, the tasks spread over the actors.
+
+        The folder's files go into the object store once; every actor gets the reference.
+        """
         import ray
 
         actors = self.start(base)
         shares = [list(self.config.tasks[i::len(actors)]) for i in range(len(actors))]
         settings = self.config.to_json()
-        refs = [actor.evaluate.remote(str(router_folder), share, settings)
+        router = ray.put(folder_files(router_folder, "router folder"))
+        refs = [actor.evaluate.remote(router, share, settings)
                 for actor, share in zip(actors, shares, strict=True) if share]
         try:
             parts = ray.get(refs, timeout=self.config.timeout_s)
@@ -243,7 +270,7 @@ class EvalPool:
             return self._actors
         self.shutdown()
         ensure_ray(self.assembly_config)
-        worker = ray.remote(EvalWorker)
+        worker = ray.remote(EvalWorker).options(**self.assembly_config.ray_options())
         count = min(self.config.actors, len(self.config.tasks))
         self._actors = [worker.remote(base) for _ in range(count)]
         self._base = base
@@ -312,7 +339,8 @@ def run_evaluate_command(args) -> int:
     finally:
         store.close()
     tracker = Tracker(root, args.tracking_uri)
-    pool = EvalPool(config, AssemblyConfig(ray_address=args.ray_address))
+    pool = EvalPool(config, AssemblyConfig(ray_address=args.ray_address,
+                                           resources=parse_resources(args.ray_resources)))
     try:
         for version_id in ids:
             record = evaluate_version(root, version_id, pool, tracker,

@@ -53,6 +53,7 @@ class ServerConfig:
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
     ray_address: str | None = None  # Ray cluster to join (used by assembly)
+    ray_resources: tuple[str, ...] = ()  # NAME=AMOUNT custom Ray resources its Ray work asks for
     assembly: bool = True  # after each accepted expert: assemble a version, track in MLflow
     device: str = "auto"  # where evaluation and the usage check run the base (routing.device)
     dtype: str = "auto"  # and in which dtype (auto: bf16 on a GPU, else float32)
@@ -103,6 +104,8 @@ class ServerConfig:
         if missing:
             raise InvalidArgument(f"serve needs {', '.join('--' + m for m in missing)} "
                                   "(as flags or in --config)", field=missing[0])
+        if settings.get("ray_resources") is not None:
+            settings["ray_resources"] = tuple(settings["ray_resources"])
         for name in ("store", "tls_cert", "tls_key", "tls_client_ca", "eval_config"):
             if settings.get(name) is not None:
                 settings[name] = Path(settings[name])
@@ -209,7 +212,8 @@ def accepted_hook(config: ServerConfig) -> OnAccepted | None:
     from coordinator.assembler import server_hook  # Ray and MLflow: only when assembling
 
     return server_hook(config.store, tracking_uri=config.tracking_uri,
-                       ray_address=config.ray_address, eval_config=config.eval_config,
+                       ray_address=config.ray_address, ray_resources=config.ray_resources,
+                       eval_config=config.eval_config,
                        base=config.base)
 
 

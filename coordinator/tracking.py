@@ -190,11 +190,11 @@ class Tracker:
         """Block until nothing is pending (True) or `timeout` seconds pass (False)."""
         return self._idle.wait(timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
             self._thread = None
 
     # ----- reading back (for `versions`) -----

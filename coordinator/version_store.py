@@ -21,14 +21,15 @@ ROUTER_DIR = "router"
 CURRENT = "CURRENT"
 CHAMPION = "CHAMPION"
 PROMOTIONS = "promotions.jsonl"
-VERSION_ID_RE = re.compile(r"^[0-9a-f]{16}$")  # coordinator.assemble.version_id_for
-_PREFIX_RE = re.compile(r"^[0-9a-f]{1,16}$")
+# fullmatch, not match: "$" also matches before a final newline.
+VERSION_ID_RE = re.compile(r"[0-9a-f]{16}")  # coordinator.assemble.version_id_for
+_PREFIX_RE = re.compile(r"[0-9a-f]{1,16}")
 
 
 def check_version_ref(value: object) -> str:
     """A version id or a unique prefix of one, as the CLI and the Admin service take it;
     InvalidArgument otherwise, before the value comes near a path (it names a folder)."""
-    if not isinstance(value, str) or not _PREFIX_RE.match(value):
+    if not isinstance(value, str) or not _PREFIX_RE.fullmatch(value):
         raise InvalidArgument(f"version {preview(value)} is not a version id: use the 16 "
                               "lowercase hex digits `gaggle-coordinator versions` lists, or a "
                               "unique prefix of them", field="version")
@@ -111,7 +112,7 @@ class VersionStore:
 
     def promote(self, version_id: str) -> int:
         """Make a version the champion; returns the promotion's sequence number."""
-        if not VERSION_ID_RE.match(version_id) or not self.exists(version_id):
+        if not VERSION_ID_RE.fullmatch(version_id) or not self.exists(version_id):
             raise NotFound(f"no router version {preview(version_id)}: resolve it first",
                            field="version")
         log = self.root / PROMOTIONS

@@ -32,12 +32,14 @@ def _replay(tracker) -> str:
 
 def run_assemble_command(args: argparse.Namespace) -> int:
     """`assemble --store DIR`: a version from every stored expert, tracked in MLflow."""
-    from coordinator.assemble import AssemblyConfig, assemble_store
+    from coordinator.assemble import AssemblyConfig, assemble_store, parse_resources
     from coordinator.store import Store
     from coordinator.tracking import Tracker, expert_payload, version_payload
 
     root = _store_root(args)
-    result = assemble_store(root, AssemblyConfig(ray_address=args.ray_address))
+    config = AssemblyConfig(ray_address=args.ray_address,
+                            resources=parse_resources(args.ray_resources))
+    result = assemble_store(root, config)
     manifest = result.manifest
     state = "new" if result.created else "unchanged, already"
     print(f"version {result.version_id} ({state}): {len(manifest['experts'])} experts, "

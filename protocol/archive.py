@@ -248,13 +248,13 @@ def parse_header(block: bytes) -> tuple[str, int]:
     return shown, _octal(block[124:136], "size")
 
 
-_OCTAL = re.compile(rb"^ *([0-7]+) *$")
+_OCTAL = re.compile(rb" *([0-7]+) *")
 
 
 def _octal(field: bytes, what: str) -> int:
     """A tar number field: octal digits, space-padded, ended by NUL or space. Python's int()
     also reads a sign, underscores and a 0o prefix ("-0000000001" is -1): refuse them all."""
-    match = _OCTAL.match(field.split(b"\0", 1)[0])
+    match = _OCTAL.fullmatch(field.split(b"\0", 1)[0])
     if match is None:
         raise InvalidBundle(f"the bundle archive has a header whose {what} is not an octal "
                             "number", field="archive")

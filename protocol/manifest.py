@@ -255,7 +255,7 @@ def _object(raw: object, where: str, keys: tuple[str, ...]) -> dict:
 
 
 def _string(value: object, pattern: re.Pattern, where: str, rule: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidBundle(f"manifest.{where} {preview(value)} is not allowed: use {rule}",
                             field=where)
     return value

@@ -31,7 +31,8 @@ def preview(value: object) -> str:
 
 
 def is_name(value: object) -> bool:
-    return isinstance(value, str) and NAME_RE.match(value) is not None
+    # fullmatch: with match, "$" also passes a trailing newline ("alice\n").
+    return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
 
 
 def check_name(value: object, what: str, field: str, hint: str = "") -> str:

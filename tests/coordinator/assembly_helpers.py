@@ -63,10 +63,12 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a SQLite backend; stopped and restarted by PID."""
+    """`mlflow server` on 127.0.0.1 with a SQLite backend (or `backend_uri`, say a
+    PostgreSQL database); stopped and restarted by PID."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend_uri: str | None = None) -> None:
         self.root = root
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -84,7 +86,7 @@ class MlflowServer:
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         with open(self.root / "server.log", "ab") as log:
             self.process = subprocess.Popen(
-                [mlflow, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                [mlflow, "server", "--backend-store-uri", self.backend_uri,
                  "--artifacts-destination", str(self.root / "artifacts"),
                  "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -9,11 +9,19 @@ import time
 import pytest
 import torch
 
-from coordinator.assemble import AssemblyConfig, assemble, build_router, select_experts
+from coordinator.assemble import (
+    AssemblyConfig,
+    assemble,
+    build_router,
+    folder_files,
+    load_bundle_files,
+    parse_resources,
+    select_experts,
+)
 from coordinator.assembler import Assembler
 from coordinator.version_store import ROUTER_DIR, VersionStore
-from protocol.bundle import GATES, load_bundle
-from protocol.errors import FailedPrecondition, InvalidBundle
+from protocol.bundle import GATES, load_bundle, save_bundle
+from protocol.errors import FailedPrecondition, InvalidArgument, InvalidBundle
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
 from routing.version import load_router
@@ -171,3 +179,27 @@ def test_experts_accepted_during_an_assembly_go_into_the_next_one(tmp_path, tiny
     assert assembler.sizes == [1, 3]  # b and c went together into the second assembly
     current = VersionStore(store.root).current_id()
     assert sorted(_experts(store.root, current)) == ["alice/a", "alice/b", "alice/c"]
+
+
+def test_ray_resources_are_names_with_positive_amounts():
+    assert parse_resources(["gaggle_worker=1", "gpu_node=0.5"]) == (
+        ("gaggle_worker", 1.0), ("gpu_node", 0.5))
+    assert AssemblyConfig(resources=parse_resources(["a=2"])).ray_options() == {
+        "resources": {"a": 2.0}}
+    assert AssemblyConfig().ray_options() == {}
+    for bad in ("gaggle_worker", "=1", "a=0", "a=-1", "a=many"):
+        with pytest.raises(InvalidArgument, match="NAME=AMOUNT"):
+            parse_resources([bad])
+
+
+def test_bundle_bytes_are_reverified_where_they_are_loaded(tmp_path, tiny_spec):
+    """What a Ray task receives is checked like a bundle on disk: a changed byte is refused."""
+    bundle = random_bundle(tiny_spec, "a", seed=1)
+    files = folder_files(save_bundle(bundle, tmp_path / "a"))
+    assert load_bundle_files(files).expert_id == bundle.expert_id
+    gates = bytearray(files[GATES])
+    gates[-1] ^= 1
+    with pytest.raises(InvalidBundle, match="sha256"):
+        load_bundle_files({**files, GATES: bytes(gates)})
+    with pytest.raises(InvalidBundle, match="missing from the store"):
+        folder_files(tmp_path / "gone")

@@ -43,6 +43,12 @@ def test_right_id_with_wrong_secret_is_refused(book):
         book.verify(forged)
 
 
+def test_a_valid_token_with_a_trailing_newline_is_refused(book):
+    token = book.add("alice")
+    with pytest.raises(Unauthenticated):
+        book.verify(token + "\n")
+
+
 def test_revoked_tokens_are_refused_and_new_ones_work(book):
     old = book.add("alice")
     assert book.revoke("alice") == 1

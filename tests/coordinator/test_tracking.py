@@ -19,6 +19,7 @@ from coordinator.tracking import (
 )
 from coordinator.version_store import VersionStore
 from protocol.manifest import MANIFEST, read_manifest
+from tests import postgres
 from tests.coordinator.assembly_helpers import (  # noqa: F401
     MlflowServer,
     add_expert,
@@ -29,16 +30,28 @@ from tests.coordinator.assembly_helpers import (  # noqa: F401
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path_factory):
+    """An MLflow server on the embedded-style SQLite backend, then on a PostgreSQL server (a
+    shared tracking server's backend: see docker-compose.yml)."""
     from coordinator.assemble import ensure_ray
 
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    database = None
+    if request.param == "postgresql":
+        if postgres.unavailable():
+            pytest.skip(postgres.unavailable())
+        database = postgres.PostgresServer().start()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"),
+                          database.uri if database else None)
     server.launch()
     ensure_ray()  # while the server boots
-    server.wait_ready()
-    yield server
-    server.stop()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+        if database:
+            database.stop()
 
 
 @pytest.fixture

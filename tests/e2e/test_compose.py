@@ -1,12 +1,15 @@
 """docker-compose.yml, checked statically (no Docker engine runs here).
 
 Every service's command must be a real CLI invocation whose flags parse, and the ports,
-volumes and dependencies named across services must agree.
+volumes and dependencies named across services must agree. Ray nodes must offer what the
+coordinator's Ray work asks for (its custom resources, any folder it names) without the
+coordinator's store (tests/e2e/test_ray_cluster.py shows that work runs without it).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _commands(compose: dict) -> dict[str, list[str]]:
+    """Service -> argv, for the services running our image (postgres runs its own)."""
+    return {name: _argv(s) for name, s in compose["services"].items() if "command" in s}
 
 
 def _argv(service: dict) -> list[str]:
@@ -55,14 +63,13 @@ def _parse(argv: list[str]):
 
 def test_expected_services_exist(compose):
     services = set(compose["services"])
-    assert {"mlflow", "ray-head", "coordinator"} <= services
+    assert {"postgres", "mlflow", "ray-head", "ray-worker", "coordinator"} <= services
     contributors = {s for s in services if s.endswith("-submit")}
     assert len(contributors) >= 2
 
 
 def test_every_command_parses_with_the_real_cli(compose):
-    for name, service in compose["services"].items():
-        argv = _argv(service)
+    for name, argv in _commands(compose).items():
         try:
             _parse(argv)
         except SystemExit as err:  # argparse exits on a bad flag
@@ -70,10 +77,10 @@ def test_every_command_parses_with_the_real_cli(compose):
 
 
 def test_subcommands_are_the_documented_ones(compose):
-    commands = {name: _argv(s)[:2] for name, s in compose["services"].items()}
+    commands = {name: argv[:2] for name, argv in _commands(compose).items()}
     assert commands["coordinator"] == ["gaggle-coordinator", "serve"]
     assert commands["mlflow"] == ["mlflow", "server"]
-    assert commands["ray-head"] == ["ray", "start"]
+    assert commands["ray-head"] == commands["ray-worker"] == ["ray", "start"]
     for name, argv in commands.items():
         if name.endswith("-train"):
             assert argv == ["gaggle-contributor", "train"]
@@ -136,7 +143,7 @@ def test_dependencies_exist_and_have_health_checks(compose):
             assert dependency in services, f"{name} depends on unknown {dependency}"
             if rule["condition"] == "service_healthy":
                 assert "healthcheck" in services[dependency], dependency
-    for name in ("mlflow", "ray-head", "coordinator"):
+    for name in ("postgres", "mlflow", "ray-head", "coordinator"):
         assert "healthcheck" in services[name]
 
 
@@ -150,3 +157,58 @@ def test_dockerfile_copies_every_package():
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("protocol", "routing", "contributor", "coordinator"):
         assert f"COPY {package} {package}" in dockerfile
+
+
+def test_mlflow_keeps_its_history_in_postgres_and_artifacts_on_a_volume(compose):
+    services = compose["services"]
+    mlflow = _argv(services["mlflow"])
+    backend = urlparse(_flag(mlflow, "--backend-store-uri"))
+    assert backend.scheme.startswith("postgresql") and backend.hostname == "postgres"
+    assert backend.path.lstrip("/") == services["postgres"]["environment"]["POSTGRES_DB"]
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    artifacts = _flag(mlflow, "--artifacts-destination")
+    assert any(artifacts.startswith(v.split(":")[1]) for v in services["mlflow"]["volumes"])
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
+
+
+def _ray_start_params(argv: list[str]) -> dict:
+    """The options of a `ray start ...` command, parsed by Ray's own CLI."""
+    from ray.scripts.scripts import start
+
+    return start.make_context("start", list(argv[2:]), resilient_parsing=False).params
+
+
+def _ray_nodes(compose: dict) -> dict[str, dict]:
+    return {name: s for name, s in compose["services"].items()
+            if "command" in s and _argv(s)[:2] == ["ray", "start"]}
+
+
+def test_ray_nodes_offer_what_the_coordinators_ray_work_needs(compose):
+    """Each driver (a service with --ray-address) pins its tasks with --ray-resource: some
+    worker node must offer that resource, and a node running the work must hold any folder
+    the work opens (a base model given as a path); the store never leaves the coordinator."""
+    from coordinator.assemble import parse_resources
+
+    services = compose["services"]
+    nodes = _ray_nodes(compose)
+    drivers = {n: a for n, a in _commands(compose).items() if "--ray-address" in a}
+    assert drivers, "no service joins the Ray cluster"
+    for name, argv in drivers.items():
+        args = _parse(argv)
+        offering = []
+        for node_name, node in nodes.items():
+            offered = json.loads(_ray_start_params(_argv(node))["resources"] or "{}")
+            if all(offered.get(r, 0) >= amount for r, amount
+                   in parse_resources(args.ray_resources)):
+                offering.append(node_name)
+        assert offering, f"{name} asks for {args.ray_resources}; no Ray node offers it"
+        for node_name in offering:
+            mounts = [v.split(":")[1] for v in services[node_name].get("volumes", [])]
+            if args.base and args.base.startswith("/"):
+                assert any(args.base.startswith(m) for m in mounts), (
+                    f"{node_name} runs {name}'s evaluation but lacks its base {args.base}")
+            store_volume = [v.split(":")[0] for v in services[name]["volumes"]
+                            if v.split(":")[1] == args.store]
+            assert not set(store_volume) & {v.split(":")[0] for v in
+                                            services[node_name].get("volumes", [])}, (
+                f"{node_name} mounts {name}'s store: Ray work must not depend on it")

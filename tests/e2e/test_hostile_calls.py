@@ -5,6 +5,10 @@ shared host, and cancelling uploads."""
 from __future__ import annotations
 
 import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +20,7 @@ from coordinator.version_store import CHAMPION, VERSIONS_DIR
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 from tests.coordinator.bundles import archive_id, archive_of, make_bundle
-from tests.servers import add_token, seed_base_spec, start_coordinator
+from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 MAX_UPLOADS = 2
 MAX_FAILURES = 10  # the server's default: failed authentications per host and minute
@@ -34,7 +38,10 @@ def server(tmp_path_factory, tiny_spec):
     admin = TokenBook(store).add("ops", role="admin")
     store.close()
     yield process, admin
+    log = process.log()
     process.stop()
+    # Every call in this module is answered with a status, none with a crash.
+    assert "Traceback" not in log and "StatusCode.INTERNAL" not in log, log[-4000:]
 
 
 def _meta(token: str) -> tuple:
@@ -74,7 +81,8 @@ def test_token_roles_change_only_explicitly(server):
 
 
 @pytest.mark.parametrize("version", ["../../x", "../versions/CHAMPION", "/etc", "ABCDEF",
-                                     "0" * 17, "x" * 10_000, ""])
+                                     "0" * 17, "x" * 10_000, "",
+                                     "0123456789abcdef\n", "abc\n"])
 def test_promote_refuses_what_is_not_a_version_id(server, version):
     process, admin = server
     with process.channel() as channel:
@@ -132,6 +140,31 @@ def test_cancel_frees_the_slot_at_once_and_only_for_the_owner(server):
             == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize("upload_id", ["", "../uploads", "x" * 100_000, "\0"])
+def test_cancel_of_what_is_not_an_upload_id_is_not_found_briefly(server, upload_id):
+    process, _ = server
+    token = add_token(process.store, "canceller-" + secrets.token_hex(4))
+    with process.channel() as channel:
+        stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CancelUpload(pb.CancelUploadRequest(upload_id=upload_id),
+                              metadata=_meta(token), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+    assert len(info.value.details().encode()) <= 1024
+    assert str(process.store) not in info.value.details()
+
+
+def test_start_upload_refuses_an_expert_id_with_a_trailing_newline(server):
+    process, _ = server
+    token = add_token(process.store, "newliner")
+    request = pb.StartUploadRequest(size_bytes=4096, expert_id=secrets.token_hex(32) + "\n",
+                                    name="e")
+    with process.channel() as channel:
+        stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+        code = _code(lambda: stub.StartUpload(request, metadata=_meta(token), timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_contributor_cancel_abandons_the_live_upload_of_a_bundle(server, tmp_path, tiny_spec,
                                                                  capsys):
     process, _ = server
@@ -150,3 +183,27 @@ def test_contributor_cancel_abandons_the_live_upload_of_a_bundle(server, tmp_pat
     assert contributor_cli(argv) == 0
     assert f"cancelled upload {start.upload_id}" in capsys.readouterr().out
     assert not (process.store / "uploads" / f"{start.upload_id}.part").exists()
+
+
+def test_ctrl_c_during_submit_says_how_to_resume_or_cancel(server, tmp_path, tiny_spec, capsys):
+    process, _ = server
+    token = add_token(process.store, "interrupted")
+    bundle = make_bundle(tmp_path / "b", tiny_spec, "e")
+    uploads = process.store / "uploads"
+    before = set(uploads.glob("*.part"))
+    submit = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gaggle-contributor"), "submit", str(bundle),
+         "--coordinator", process.address, "--token", token, "--limit-rate", "2000",
+         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: set(uploads.glob("*.part")) - before, 60, "no upload started")
+        submit.send_signal(signal.SIGINT)
+        _, err = submit.communicate(timeout=30)
+    finally:
+        submit.kill()
+    assert submit.returncode == 130, err
+    assert f"gaggle-contributor cancel {bundle}" in err and "Traceback" not in err
+    argv = ["cancel", str(bundle), "--coordinator", process.address, "--token", token]
+    assert contributor_cli(argv) == 0
+    assert "cancelled upload" in capsys.readouterr().out
+    assert set(uploads.glob("*.part")) == before

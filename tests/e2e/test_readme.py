@@ -90,6 +90,15 @@ ELSEWHERE = {
     "make test": Elsewhere(
         "pyproject.toml", 'testpaths = ["tests"]', "the whole suite, this module included",
         make_prints=".venv/bin/python -m pytest -q"),
+    "ray start --head": Elsewhere(
+        "tests/raycluster.py", '"start", "--head"',
+        "a cluster of its own processes; the two-node cluster test starts the same head"),
+    "ray start --address": Elsewhere(
+        "tests/raycluster.py", '"start", f"--address=',
+        "a second node in its own mount namespace; the two-node cluster test starts it"),
+    "mlflow server": Elsewhere(
+        "tests/coordinator/test_tracking.py", "postgres.PostgresServer().start()",
+        "needs a PostgreSQL server; the tracking tests start one and this server on it"),
     "python -m bench.zeroshot": Elsewhere(
         "tests/bench/test_zeroshot_tiny.py", "from bench.zeroshot.__main__ import main",
         "SmolLM2 for tens of minutes; the slow test runs the same main() with --tiny",

@@ -172,7 +172,8 @@ def with_size_field(archive: bytes, field: bytes) -> bytes:
     return bytes(header) + archive[512:]
 
 
-@pytest.mark.parametrize("field", [b"-0000000001", b"+0000001750", b"0o1750", b"1_750", b""])
+@pytest.mark.parametrize("field", [b"-0000000001", b"+0000001750", b"0o1750", b"1_750", b"",
+                                   b"0000001750\n"])
 def test_tar_sizes_must_be_plain_octal(server, tmp_path, tiny_spec, field):
     token = add_token(server.store, "tar-sizer")
     archive = with_size_field(archive_of(make_bundle(tmp_path / "b", tiny_spec, "e")), field)

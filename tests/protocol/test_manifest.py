@@ -42,6 +42,9 @@ REFUSALS = {
     "extra_module_key": (_set("modules.0.note", 1), "manifest.modules[0]"),
     "base_name_too_long": (_set("base_model.name", "m" * 257), "base_model.name"),
     "base_name_control_char": (_set("base_model.name", "a\x1b[2Jb"), "base_model.name"),
+    "name_trailing_newline": (_set("name", "e1\n"), "manifest.name"),
+    "fingerprint_trailing_newline": (lambda m: m["base_model"].update(
+        fingerprint=m["base_model"]["fingerprint"] + "\n"), "base_model.fingerprint"),
     "rank_zero": (_set("peft.rank", 0), "peft.rank"),
     "rank_bool": (_set("peft.rank", True), "peft.rank"),
     "scaling_not_finite_in_float32": (_set("peft.scaling", 1e39), "peft.scaling"),
