@@ -62,6 +62,7 @@ class Plan:
 # 30 gate steps (~5 min each, one at a time beside the multitask LoRA, then two at a time),
 # their union trained for the same budget (8 x 80 steps), and 13 tasks x 300 test examples x 9
 # methods. Measured from a clean cache on 2026-11-30: 91.2 min (training 37.2, scoring 51.0).
+# The two random controls add about as much scoring as PHATGOOSE each: about 104 min estimated.
 FULL = Plan(
     name="full", base="smollm2-135m", held_in=HELD_IN, held_out=HELD_OUT,
     train_examples=1000, test_examples=300, diagnostic_examples=64, steps=80, gate_steps=30,
