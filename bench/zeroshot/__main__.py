@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.zeroshot.config import METHODS, PLANS, PRIVILEGED, Plan
+from bench.zeroshot.config import CONTROLS, METHODS, PLANS, PRIVILEGED, Plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,6 +96,8 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     tests = {t: split(t, plan.seed).test[:plan.test_examples]
              for t in (*plan.held_in, *plan.held_out)}
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(plan.methods)
+    if args.seeds > 1 and not args.methods:  # a seed study includes the random controls
+        methods += [m for m in CONTROLS if m not in methods]
     del base  # each scoring worker loads its own copy
     results, diagnosed, took = score_in_workers(plan, system.router, system.multitask, index,
                                                 methods, tests, plan.parallel, progress=step)
