@@ -69,7 +69,7 @@ TINY = DemoPlan(
 )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true",
                         help="use the random 2-layer model and a few steps (under 2 minutes)")
@@ -81,7 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="at the end, save PNGs of the MLflow UI (the run list, an "
                              "expert's loss charts, the champion's version page) into DIR; "
                              "needs Debian's chromium package")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def gaggle(tool: str) -> str:

@@ -174,12 +174,14 @@ def test_commands_run_elsewhere_are_what_those_tests_run(readme):
 
 def test_options_named_in_readme_prose_exist():
     """Flags the prose names (`--force`, `serve --eval-config eval.toml`) are options of the
-    two CLIs or of a README command (those run, so their flags are real)."""
+    two CLIs, of the demo, or of a README command (those run, so their flags are real)."""
     from contributor.cli import build_parser as contributor_parser
     from coordinator.cli import build_parser as coordinator_parser
+    from demo.__main__ import build_parser as demo_parser
 
     commands, spans = parse_readme(README.read_text(encoding="utf-8"))
     known = _options(contributor_parser()) | _options(coordinator_parser())
+    known |= _options(demo_parser())
     known |= {flag for c in commands for flag in re.findall(r"--[a-z][\w-]*", c.text)}
     named = {(line, flag) for line, span in spans for flag in re.findall(r"--[a-z][\w-]*", span)}
     unknown = sorted(f"README.md:{line}: {flag}" for line, flag in named if flag not in known)
