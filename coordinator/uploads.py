@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -37,10 +36,10 @@ from protocol.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from protocol.manifest import SHA256_RE
 from protocol.names import check_name
 
 log = logging.getLogger(__name__)
-_ID_RE = re.compile(r"[0-9a-f]{64}")
 _LOCK_WAIT_S = 10.0  # how long a second stream waits for the upload's current one to end
 
 
@@ -261,7 +260,7 @@ class Uploads:
     # -- helpers -----------------------------------------------------------------------
 
     def _check_declaration(self, size_bytes: int, expert_id: str, name: str) -> None:
-        if not _ID_RE.fullmatch(expert_id):
+        if not SHA256_RE.fullmatch(expert_id):
             raise InvalidArgument("expert_id must be the bundle's expert id (the sha256 of its "
                                   "canonical manifest) as 64 lowercase hex digits",
                                   field="expert_id")

@@ -63,7 +63,7 @@ MAX_BASE_NAME = 256
 
 _BASE_NAME_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")  # MAX_BASE_NAME printable
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,31}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # a sha256 digest (expert ids, files): fullmatch it
 
 # The training figures a manifest may carry, each with its kind: numbers only, so no text
 # from the private data can ride along, and names from this list only, so a key cannot spell
@@ -148,7 +148,7 @@ class Manifest:
             name=name,
             base_model=_string(base["name"], _BASE_NAME_RE, "base_model.name",
                                f"printable ASCII, at most {MAX_BASE_NAME} characters"),
-            base_fingerprint=_string(base["fingerprint"], _SHA_RE, "base_model.fingerprint",
+            base_fingerprint=_string(base["fingerprint"], SHA256_RE, "base_model.fingerprint",
                                      "64 lowercase hex digits"),
             method=method,
             peft=_peft(raw["peft"], method),
@@ -364,5 +364,5 @@ def _files(raw: object) -> dict[str, str]:
         raise InvalidBundle(f"manifest.files must map tensor files ({', '.join(TENSOR_FILES)})"
                             " to their sha256", field="files")
     for name, digest in raw.items():
-        _string(digest, _SHA_RE, f"files.{name}", "64 lowercase hex digits")
+        _string(digest, SHA256_RE, f"files.{name}", "64 lowercase hex digits")
     return raw
