@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +80,7 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     from routing.precision import resolve
     from tasks.registry import split
 
-    started = time.monotonic()
+    clock = WallClock(args.cache.parent / "wall" / f"{_digest(args.argv)}.json")
     torch.set_num_threads(_threads(args.threads))
     base = load_base(plan.base)
     base_fingerprint = base.fingerprint
@@ -100,23 +102,26 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
         methods += [m for m in CONTROLS if m not in methods]
     del base  # each scoring worker loads its own copy
     results, diagnosed, took = score_in_workers(plan, system.router, system.multitask, index,
-                                                methods, tests, plan.parallel, progress=step)
+                                                methods, tests, plan.parallel, progress=step,
+                                                checkpoints=checkpoints(args, plan, system, tests))
     seconds.update(took)
     summary = report.summarise(plan, results)
     rounds = [more_seed(replace(plan, train_seed=seed), args, workdir, base_fingerprint, index,
                         [m for m in methods if m not in (*PRIVILEGED, "base")], tests,
                         seconds)
               for seed in range(1, args.seeds)]
-    wall = time.monotonic() - started
     payload = {"plan": plan.to_json(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "command": " ".join(["python -m bench.zeroshot", *args.argv]),
-               "wall_seconds": round(wall, 1), "load_average": list(os.getloadavg()),
+               "wall_seconds": round(clock.total(), 1),
+               **({"earlier_invocations_seconds": clock.earlier} if clock.earlier else {}),
+               "load_average": list(os.getloadavg()),
                "test_examples": {t: len(v) for t, v in tests.items()},
                "system": describe(system),
                "seconds": {k: round(v, 1) for k, v in seconds.items()},
                **summary, "diagnostics": diagnosed,
                **({"seeds": rounds} if rounds else {})}
     write_outputs(plan, payload, out)
+    clock.finish()
     return payload
 
 
@@ -133,12 +138,75 @@ def more_seed(plan: Plan, args: argparse.Namespace, workdir: Path, fingerprint: 
     system = run_federation(plan, workdir / f"seed-{seed}", args.cache, fingerprint)
     seconds[f"seed_{seed}_federation"] = time.monotonic() - began
     results, _, took = score_in_workers(plan, system.router, system.multitask, index, methods,
-                                        tests, plan.parallel, progress=step, diagnose=False)
+                                        tests, plan.parallel, progress=step, diagnose=False,
+                                        checkpoints=checkpoints(args, plan, system, tests))
     seconds.update({f"seed_{seed}_{k}": v for k, v in took.items()})
     summary = report.summarise(plan, results)
     return {"train_seed": seed, "version_id": system.version["version_id"],
             "experts": [c.bundle.name for c in system.contributions],
             **{k: summary[k] for k in ("accuracy", "means", "correct", "predictions")}}
+
+
+def checkpoints(args: argparse.Namespace, plan: Plan, system, tests: dict):
+    """Where this round's finished scoring jobs are kept: beside the bundle cache, in a folder
+    named by everything the scores depend on (bundles, plan, test examples)."""
+    from bench.zeroshot.scoring import Checkpoints
+
+    depends = {"plan": plan.to_json(), "multitask": system.multitask.name,
+               "experts": [c.bundle.name for c in system.contributions],
+               "tests": {t: [e.input for e in v] for t, v in tests.items()}}
+    digest = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:24]
+    return Checkpoints(args.cache.parent / "scores" / digest)
+
+
+class WallClock:
+    """The wall time of a command that may be killed and started again (it then resumes from
+    the bundle cache and the scoring checkpoints).
+
+    Every invocation keeps its elapsed seconds in `record` (one file per command line beside
+    the cache), rewritten once a minute by a daemon thread, so a killed run leaves its time
+    behind to the minute; the invocation that finishes reports the sum and removes the record.
+    """
+
+    def __init__(self, record: Path) -> None:
+        self.record = record
+        self.earlier = (json.loads(record.read_text(encoding="utf-8"))
+                        if record.exists() else [])
+        self.started = time.monotonic()
+        self.finished = threading.Event()
+        self.lock = threading.Lock()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        threading.Thread(target=self._keep, daemon=True).start()
+
+    def _keep(self) -> None:
+        while not self.finished.wait(60 if self.record.exists() else 0):
+            self.save()
+
+    def finish(self) -> None:
+        with self.lock:
+            self.finished.set()
+            self.record.unlink(missing_ok=True)
+
+    def save(self) -> None:
+        with self.lock:
+            if not self.finished.is_set():
+                self._write()
+
+    def _write(self) -> None:
+        partial = self.record.with_suffix(".partial")
+        partial.write_text(json.dumps([*self.earlier, round(self.elapsed(), 1)]),
+                           encoding="utf-8")
+        partial.replace(self.record)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def total(self) -> float:
+        return sum(self.earlier) + self.elapsed()
+
+
+def _digest(argv: list[str]) -> str:
+    return hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:16]
 
 
 def _threads(requested: int) -> int:

@@ -12,6 +12,7 @@ process 0.093 s, so two single-thread workers score about 1.7x as many examples 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -200,40 +201,94 @@ def _run_job(job: str) -> tuple[str, object, float]:
     return job, out, time.monotonic() - began
 
 
+class Checkpoints:
+    """Finished scoring jobs on disk, so an interrupted run scores only what is missing.
+
+    One JSON file per job in a folder whose name the caller derives from everything the
+    scores depend on (the bundles, the plan, the test examples). A file is written whole
+    (temporary name, then rename) or not at all.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+
+    def load(self, job: str) -> tuple[object, float] | None:
+        path = self._path(job)
+        if path is None or not path.exists():
+            return None
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        out = saved["out"]
+        if job != DIAGNOSTICS:
+            out = {task: EvalResult(**result) for task, result in out.items()}
+        return out, saved["seconds"]
+
+    def save(self, job: str, out: object, seconds: float) -> None:
+        path = self._path(job)
+        if path is None:
+            return
+        if job != DIAGNOSTICS:
+            out = {task: {"scores": r.scores, "predictions": r.predictions, "labels": r.labels,
+                          "seconds": r.seconds} for task, r in out.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"out": out, "seconds": seconds}), encoding="utf-8")
+        partial.replace(path)
+
+    def _path(self, job: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{job}.json"
+
+
 def score_in_workers(plan: Plan, router: Path, multitask: Path, index: RetrievalIndex,
                      methods: Sequence[str], tests: dict[str, list[Example]], workers: int,
-                     progress: Progress = _timestamped,
-                     diagnose: bool = True) -> tuple[dict, dict, dict]:
+                     progress: Progress = _timestamped, diagnose: bool = True,
+                     checkpoints: Checkpoints | None = None) -> tuple[dict, dict, dict]:
     """Score `methods` and run the routing diagnostics in `workers` spawned processes.
 
     Returns (results[method][task], diagnostics, seconds per job). Every worker loads its own
     copy of the base model (bf16 SmolLM2: about 0.3 GB). A failed job or an interrupt stops
-    every worker before the error propagates.
+    every worker before the error propagates. Jobs found in `checkpoints` are not run again
+    (their seconds are the ones measured when they ran).
     """
-    jobs = sorted([*methods, *([DIAGNOSTICS] if diagnose else [])],
-                  key=lambda job: -_COST.get(job, 1.0))
+    checkpoints = checkpoints or Checkpoints(None)
+    results: dict[str, dict] = {}
+    diagnosed: dict = {}
+    seconds: dict[str, float] = {}
+
+    def finished(job: str, out: object, took: float) -> None:
+        nonlocal diagnosed
+        seconds[job if job == DIAGNOSTICS else f"score_{job}"] = took
+        if job == DIAGNOSTICS:
+            diagnosed = out
+        else:
+            results[job] = out
+
+    jobs = []
+    for job in sorted([*methods, *([DIAGNOSTICS] if diagnose else [])],
+                      key=lambda job: -_COST.get(job, 1.0)):
+        saved = checkpoints.load(job)
+        if saved is None:
+            jobs.append(job)
+        else:
+            progress(f"{job}: scored by an earlier run ({checkpoints.folder})")
+            finished(job, *saved)
+    if not jobs:
+        return {m: results[m] for m in methods}, diagnosed, seconds
     workers = max(1, min(workers, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker,
                                initargs=(plan, str(router), str(multitask), index, tests,
                                          threads))
-    progress(f"scoring {len(methods)} methods in {workers} worker processes, {threads} "
+    progress(f"scoring {len(jobs)} jobs in {workers} worker processes, {threads} "
              f"thread(s) each")
-    results: dict[str, dict] = {}
-    diagnosed: dict = {}
-    seconds: dict[str, float] = {}
     try:
         pending = {pool.submit(_run_job, job) for job in jobs}
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
                 job, out, took = future.result()  # re-raises a worker's error here
-                seconds[job if job == DIAGNOSTICS else f"score_{job}"] = took
-                if job == DIAGNOSTICS:
-                    diagnosed = out
-                else:
-                    results[job] = out
+                checkpoints.save(job, out, took)
+                finished(job, out, took)
     except BaseException:
         # An error or an interrupt: stop the unfinished jobs instead of waiting for them.
         for process in list((getattr(pool, "_processes", None) or {}).values()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,36 @@ def test_seeds_flag_refuses_fewer_than_one(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--seeds", "0"])
     assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_checkpoints_give_back_what_a_finished_job_scored(tmp_path):
+    from bench.zeroshot.scoring import DIAGNOSTICS, Checkpoints
+    from routing.evaluate import EvalResult
+
+    checkpoints = Checkpoints(tmp_path / "scores")
+    assert checkpoints.load("phatgoose") is None
+    result = {"boolq": EvalResult([[-1.5, -0.25]], [1], [0], 3.5)}
+    checkpoints.save("phatgoose", result, 12.0)
+    checkpoints.save(DIAGNOSTICS, {"own_share": {"boolq": 0.5}}, 4.0)
+    loaded, seconds = checkpoints.load("phatgoose")
+    assert seconds == 12.0 and loaded == result and loaded["boolq"].accuracy == 0.0
+    assert checkpoints.load(DIAGNOSTICS) == ({"own_share": {"boolq": 0.5}}, 4.0)
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == [
+        "diagnostics.json", "phatgoose.json"]  # no partial file left behind
+    assert Checkpoints(None).load("phatgoose") is None
+
+
+def test_wall_clock_adds_the_time_of_killed_invocations(tmp_path):
+    from bench.zeroshot.__main__ import WallClock
+
+    record = tmp_path / "wall" / "command.json"
+    first = WallClock(record)
+    first.save()
+    assert json.loads(record.read_text())[0] >= 0  # what a killed run leaves behind
+    record.write_text("[600.0]")  # as if the first invocation had been killed after 10 min
+    second = WallClock(record)
+    assert second.earlier == [600.0] and 600.0 <= second.total() < 660.0
+    second.finish()
+    assert not record.exists()
+    second.save()  # the daemon thread saving after the end writes nothing
+    assert not record.exists()
