@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from coordinator.store import ExpertRecord, Store
-from coordinator.uploads import FinishResult, UploadLimits, Uploads, UploadState
+from coordinator.intake.uploads import FinishResult, UploadLimits, Uploads, UploadState
+from coordinator.store.experts import ExpertRecord, Store
 from protocol.archive import unpack_bundle
 from protocol.bundle import GATES, load_bundle
 from protocol.errors import (
