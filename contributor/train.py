@@ -83,8 +83,8 @@ from contributor.package import (
     load_expert,
 )
 from contributor.targets import parse_target_modules, peft_config
-from protocol.bundle import Bundle, save_bundle, validate_bundle
-from protocol.errors import GaggleError, InvalidArgument
+from protocol.bundle import Bundle, check_gates_trained, save_bundle, validate_bundle
+from protocol.errors import InvalidArgument, TrainingDiverged
 from protocol.manifest import MAX_CURVE_POINTS
 from protocol.names import check_name
 from routing.base import BaseModel, load_base
@@ -108,12 +108,6 @@ def lr_factor(step: int, steps: int, warmup_fraction: float, schedule: str) -> f
     if schedule == "constant":
         return 1.0
     return (steps - step) / max(1, steps - warmup + 1)
-
-
-class TrainingDiverged(GaggleError):
-    """The loss became NaN or Inf."""
-
-    status = "INVALID_ARGUMENT"
 
 
 @dataclass(frozen=True)
@@ -355,14 +349,16 @@ def check_gates_moved(gates: dict[str, torch.Tensor]) -> None:
     A gate gets gradient only through its module's delta: a zero gate means that module's
     expert delta is zero, and the coordinator would refuse the bundle anyway.
     """
-    still_zero = [name for name, gate in gates.items() if not bool(gate.any())]
-    if still_zero:
-        more = f" (and {len(still_zero) - 1} more modules)" if len(still_zero) > 1 else ""
-        raise InvalidArgument(
-            f"gate training left the gate of module {still_zero[0]}{more} all zero: the "
-            "expert's delta there is zero, so the gate got no gradient; train the expert so "
-            "that every adapted module changes (more --steps, or a trained --adapter)",
-            field="gate")
+    check_gates_trained(gates.items(), _gate_left_at_zero)
+
+
+def _gate_left_at_zero(module: str, count: int) -> InvalidArgument:
+    more = f" (and {count - 1} more modules)" if count > 1 else ""
+    return InvalidArgument(
+        f"gate training left the gate of module {module}{more} all zero: the "
+        "expert's delta there is zero, so the gate got no gradient; train the expert so "
+        "that every adapted module changes (more --steps, or a trained --adapter)",
+        field="gate")
 
 
 def _write(expert: Expert, base: BaseModel, name: str, out: Path, gates: dict,
