@@ -12,8 +12,8 @@ import sys
 from contributor.commands import cancel, gate, inspect, status, submit, train
 from protocol.errors import GaggleError
 
-# The commands import torch, peft and grpc inside `run`: `--help` takes 0.1 s that way, and
-# importing them would add 4-6 s to every start (measured on the project's 2-core machine).
+# The commands import torch, peft and grpc inside `run`: measured on a 2-core machine,
+# `gaggle-contributor --help` takes 0.15 s that way and 5.5 s with them imported at the top.
 COMMANDS = (train, gate, inspect, submit, cancel, status)
 
 

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Train a gate for the adapter and write the bundle folder --out."""
-    from contributor.train import config_from_args, recycle_bundle  # torch, peft: contributor.cli
+    # torch and peft: see contributor.cli
+    from contributor.train import config_from_args, recycle_bundle
 
     config = config_from_args(args)
     bundle = recycle_bundle(args.base, args.adapter, args.data, args.out, args.name, config)

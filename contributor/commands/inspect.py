@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Print what a bundle holds; exit 0 if it validates, 1 if it does not."""
-    # torch and safetensors (protocol.bundle), transformers (routing.base): see contributor.cli
+    # torch and safetensors (protocol.bundle, routing.base): see contributor.cli
     from contributor.inspect import file_lines, manifest_lines, module_lines
     from protocol.bundle import load_bundle
     from routing.base import load_base

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Train the expert, then its gate, and write the bundle folder --out."""
-    from contributor.train import config_from_args, train_bundle  # torch, peft: contributor.cli
+    # torch and peft: see contributor.cli
+    from contributor.train import config_from_args, train_bundle
 
     config = config_from_args(args)
     bundle = train_bundle(args.base, args.data, args.out, args.name, config)
