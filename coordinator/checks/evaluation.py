@@ -25,6 +25,8 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import ray
+
 from coordinator.ray_cluster import (
     RayConfig,
     ensure_ray,
@@ -228,8 +230,6 @@ class EvalPool:
 
         The folder's files go into the object store once; every actor gets the reference.
         """
-        import ray
-
         actors = self.start(base)
         shares = [list(self.config.tasks[i::len(actors)]) for i in range(len(actors))]
         settings = self.config.to_json()
@@ -255,8 +255,6 @@ class EvalPool:
 
     def start(self, base: str) -> list:
         """The actors for base model `base`, created (loading it) unless they already run."""
-        import ray
-
         if self._actors and self._base == base:
             return self._actors
         self.shutdown()
@@ -268,8 +266,6 @@ class EvalPool:
         return self._actors
 
     def shutdown(self) -> None:
-        import ray
-
         for actor in self._actors:
             try:
                 ray.kill(actor)
