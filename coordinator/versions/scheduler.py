@@ -156,9 +156,13 @@ class Assembler:
         else:
             self.last_error = None
             self.last_result = result
-            if result.created and self.tracker is not None:
-                record_version(result.manifest, self.versions, self.tracker)
-            if self.evaluator is not None:  # after the version is written, on its own thread
+            if result.created:
+                # The checks of a new version: the usage check here (cached in the version's
+                # folder), evaluation on its own thread; tracking records what they report.
+                usage = version_usage(self.versions.folder(result.version_id))
+                if self.tracker is not None:
+                    record_version(result.manifest, self.versions, self.tracker, usage)
+            if self.evaluator is not None:
                 self.evaluator.submit(result.version_id)
             log.info("version %s: %d experts (%s), %.1f s", result.version_id,
                      len(result.manifest["experts"]), result.manifest.get("diff", ""),
@@ -204,11 +208,13 @@ class Assembler:
             self.tracker.close(_left(deadline))
 
 
-def record_version(manifest: dict, versions: VersionStore, tracker: Tracker) -> None:
-    """Run the usage check of a version (cached in its folder), then queue its tracking with
-    the report: the check measures, tracking only records what it is given."""
+def record_version(manifest: dict, versions: VersionStore, tracker: Tracker,
+                   usage: dict | None = None) -> None:
+    """Queue the tracking of a version with the report of its usage check (run here when not
+    given; the report is cached in the version's folder): tracking records what it is given."""
     folder = versions.folder(manifest["version_id"])
-    tracker.record_version(version_payload(manifest, folder, version_usage(folder)))
+    usage = version_usage(folder) if usage is None else usage
+    tracker.record_version(version_payload(manifest, folder, usage))
 
 
 def queue_untracked(records: list, versions: VersionStore, tracker: Tracker) -> None:
