@@ -30,12 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.assemble import (  # noqa: E402
-    AssemblyConfig,
-    assemble,
-    ensure_ray,
-    parse_resources,
-)
+from coordinator.ray_cluster import ensure_ray, parse_resources  # noqa: E402
+from coordinator.versions.assemble import AssemblyConfig, assemble  # noqa: E402
 from protocol.bundle import MANIFEST, Manifest, save_bundle  # noqa: E402
 from routing.base import cache_dir, load_base  # noqa: E402
 from routing.synthetic import random_bundle  # noqa: E402

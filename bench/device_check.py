@@ -95,10 +95,10 @@ def routing_check(base, counts: list[int], naive: int, rounds: int,
 def coordinator_check(experts: int) -> list[tuple[str, str, str]]:
     """Submit `experts` tiny-model bundles over gRPC, then assemble them on Ray."""
     from contributor.client import Connection, CoordinatorClient
-    from coordinator.assemble import assemble_store, ensure_ray
-    from coordinator.auth import TokenBook
     from coordinator.server import CoordinatorServer, ServerConfig
-    from coordinator.store import Store
+    from coordinator.service.auth import TokenBook
+    from coordinator.store.experts import Store
+    from coordinator.versions.assemble import assemble_store, ensure_ray
     from protocol.bundle import save_bundle
     from routing.base import load_base
     from routing.synthetic import random_bundle

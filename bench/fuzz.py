@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
-from coordinator.store import Store  # noqa: E402
-from coordinator.uploads import UploadLimits, Uploads  # noqa: E402
+from coordinator.intake.uploads import UploadLimits, Uploads  # noqa: E402
+from coordinator.store.experts import Store  # noqa: E402
 from routing.base import load_base  # noqa: E402
 from tests.coordinator.bundles import staging_is_empty, store_snapshot  # noqa: E402
 from tests.coordinator.hostile import (  # noqa: E402

@@ -29,10 +29,11 @@ from bench.zeroshot.diagnostics import own_shares
 from protocol.bundle import MANIFEST, load_bundle
 from protocol.errors import GaggleError, InvalidArgument
 from routing.base import load_base
+from routing.methods import KEY_METHODS
 from routing.stack import stack_experts
 from tasks.registry import get_task, split
 
-METHODS = ("phatgoose", "average_activation")
+METHODS = KEY_METHODS  # gates, then mean activations
 
 
 def bundle_dirs(paths: list[str]) -> list[Path]:

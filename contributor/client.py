@@ -12,7 +12,6 @@ upload.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -118,13 +117,29 @@ class CoordinatorClient:
         """Abandon the live upload of a bundle; the upload id cancelled, or None when the
         bundle is already stored. (StartUpload answers the live upload of the same bundle.)"""
         manifest = read_manifest(Path(bundle_dir))
-        start = self._call("StartUpload", pb.StartUploadRequest(
-            size_bytes=BundleArchive.of(bundle_dir).size, expert_id=manifest.expert_id,
-            name=manifest.name))
+        start = self.start_upload(BundleArchive.of(bundle_dir).size, manifest.expert_id,
+                                  manifest.name)
         if start.HasField("existing"):
             return None
         self._call("CancelUpload", pb.CancelUploadRequest(upload_id=start.upload_id))
         return start.upload_id
+
+    def start_upload(self, size_bytes: int, expert_id: str,
+                     name: str) -> pb.StartUploadResponse:
+        """Declare an upload: the live one of this bundle resumed, or the stored expert."""
+        return self._call("StartUpload", pb.StartUploadRequest(
+            size_bytes=size_bytes, expert_id=expert_id, name=name))
+
+    def write_upload(self, chunks: Iterator[pb.WriteUploadRequest]) -> pb.UploadStatus:
+        """Stream archive chunks (no deadline: a large bundle on a slow link takes long)."""
+        try:
+            return self._stub.WriteUpload(chunks, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def finish_upload(self, upload_id: str) -> pb.FinishUploadResponse:
+        """Validate and store a fully written upload."""
+        return self._call("FinishUpload", pb.FinishUploadRequest(upload_id=upload_id))
 
     def submit(self, bundle_dir: str | Path, *, progress: bool = False,
                limit_rate: float | None = None,
@@ -178,8 +193,7 @@ class _Upload:
                 self._bar.close()
 
     def _attempt(self, attempt: int) -> SubmitResult:
-        start = self.client._call("StartUpload", pb.StartUploadRequest(
-            size_bytes=self.size, expert_id=self.expert_id, name=self.name))
+        start = self.client.start_upload(self.size, self.expert_id, self.name)
         if start.HasField("existing"):
             return self._result(start.existing, True, attempt)
         self.resumed_from = start.committed_bytes
@@ -187,16 +201,11 @@ class _Upload:
         began = time.perf_counter()
         if start.committed_bytes < self.size:
             try:
-                self.client._stub.WriteUpload(self._chunks(start.upload_id,
-                                                           start.committed_bytes),
-                                              metadata=self.client._metadata)
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from None
+                self.client.write_upload(self._chunks(start.upload_id, start.committed_bytes))
             finally:
                 self.seconds["transfer"] += time.perf_counter() - began
         began = time.perf_counter()
-        done = self.client._call("FinishUpload",
-                                 pb.FinishUploadRequest(upload_id=start.upload_id))
+        done = self.client.finish_upload(start.upload_id)
         self.seconds["finish"] = time.perf_counter() - began
         return self._result(done.expert, done.already_stored, attempt)
 
@@ -270,58 +279,3 @@ def check_compatible(manifest: Manifest, federation: pb.Federation) -> None:
     if manifest.method not in federation.methods:
         raise InvalidArgument(f"the coordinator accepts methods {list(federation.methods)}, "
                               f"not {manifest.method!r}", field="method")
-
-
-def connection_from_args(args: argparse.Namespace) -> Connection:
-    def path(name: str) -> Path | None:
-        value = getattr(args, name, None)
-        return Path(value) if value else None
-
-    return Connection(address=args.coordinator, token=args.token, tls_ca=path("tls_ca"),
-                      tls_cert=path("tls_cert"), tls_key=path("tls_key"))
-
-
-def run_submit_command(args: argparse.Namespace) -> int:
-    """`gaggle-contributor submit DIR --coordinator HOST:PORT`: the expert id on the last line."""
-    try:
-        with CoordinatorClient(connection_from_args(args)) as client:
-            result = client.submit(args.bundle, progress=not getattr(args, "quiet", False),
-                                   limit_rate=getattr(args, "limit_rate", None))
-    except KeyboardInterrupt:
-        # Not cancelled here: an interrupted upload resumes, so only the user can abandon it.
-        print(f"\ninterrupted: run submit again to resume, or `gaggle-contributor cancel "
-              f"{args.bundle}` to free its upload slot at once", file=sys.stderr)
-        return 130
-    if result.already_stored:
-        print(f"{result.name}: already stored; nothing new was sent")
-    else:
-        resumed = f", resumed at byte {result.resumed_from}" if result.resumed_from else ""
-        print(f"{result.name}: accepted ({result.size_bytes} bytes; sent {result.bytes_sent} "
-              f"in {result.attempts} attempt(s){resumed})")
-    print(result.expert_id)
-    return 0
-
-
-def run_cancel_command(args: argparse.Namespace) -> int:
-    """`gaggle-contributor cancel DIR --coordinator HOST:PORT`."""
-    with CoordinatorClient(connection_from_args(args)) as client:
-        cancelled = client.cancel(args.bundle)
-    print(f"cancelled upload {cancelled}" if cancelled else
-          f"{args.bundle} is already stored: nothing to cancel")
-    return 0
-
-
-def run_status_command(args: argparse.Namespace) -> int:
-    """`gaggle-contributor status`: the federation's base model and your experts."""
-    with CoordinatorClient(connection_from_args(args)) as client:
-        federation = client.federation()
-        experts = client.list_experts(federation.contributor)
-    print(f"coordinator {args.coordinator} (gaggle {federation.server_version})")
-    print(f"base model: {federation.base_model} (fingerprint {federation.base_fingerprint})")
-    print(f"methods: {', '.join(federation.methods)}; largest bundle "
-          f"{federation.max_bundle_bytes} bytes")
-    print(f"you are {federation.contributor}: {len(experts)} expert(s)")
-    for expert in experts:
-        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(expert.created_at))
-        print(f"  {expert.expert_id}  {expert.name:<24} {expert.method:<5} {when}")
-    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,8 @@ def expert_from_peft(peft_model: nn.Module) -> Expert:
 
     adapter_name = peft_model.active_adapter
     config = peft_model.peft_config[adapter_name]
-    unsupported = [name for key, name in _UNROUTABLE.items()
-                   if key in ("use_dora", "fan_in_fan_out", "lora_bias")
-                   and getattr(config, key, False)]
+    # Per-module ranks and alphas get their own message below, from the layers themselves.
+    unsupported = _unroutable(config, ("use_dora", "fan_in_fan_out", "lora_bias"))
     if unsupported:
         raise InvalidArgument(f"{', '.join(unsupported)} cannot be routed: train a plain "
                               "LoRA or (IA)^3 adapter", field="adapter")
@@ -192,6 +192,14 @@ _UNROUTABLE = {"use_dora": "DoRA (use_dora)", "use_qalora": "QA-LoRA (use_qalora
                "layer_replication": "layer replication (layer_replication)"}
 
 
+def _unroutable(config: object, keys: Collection[str] = tuple(_UNROUTABLE)) -> list[str]:
+    """The kinds in _UNROUTABLE, among `keys`, that a peft config asks for: a live peft
+    config object or the dict of adapter_config.json."""
+    values = config if isinstance(config, dict) else \
+        {key: getattr(config, key, None) for key in _UNROUTABLE}
+    return [name for key, name in _UNROUTABLE.items() if key in keys and values.get(key)]
+
+
 def load_peft_adapter(folder: str | Path, base: BaseModel | BaseSpec) -> Expert:
     """Read a saved peft adapter (adapter_config.json + adapter_model.safetensors).
 
@@ -265,7 +273,7 @@ def _read_adapter_config(root: Path) -> dict:
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise InvalidArgument(f"{path}: a {kind!r} adapter cannot be routed; gaggle recycles "
                               "LORA and IA3 adapters", field="adapter")
-    kinds = [name for key, name in _UNROUTABLE.items() if config.get(key)]
+    kinds = _unroutable(config)
     if config.get("bias", "none") != "none":
         kinds.append(f"trained biases (bias={config['bias']!r})")
     init = config.get("init_lora_weights")

@@ -47,8 +47,8 @@ from contributor.package import (
     load_expert,
 )
 from contributor.targets import parse_target_modules, peft_config
-from protocol.bundle import save_bundle, validate_bundle
-from protocol.errors import GaggleError, InvalidArgument
+from protocol.bundle import Bundle, check_gates_trained, save_bundle, validate_bundle
+from protocol.errors import InvalidArgument, TrainingDiverged
 from protocol.manifest import MAX_CURVE_POINTS
 from protocol.names import check_name
 from routing.base import BaseModel, load_base
@@ -72,12 +72,6 @@ def lr_factor(step: int, steps: int, warmup_fraction: float, schedule: str) -> f
     if schedule == "constant":
         return 1.0
     return (steps - step) / max(1, steps - warmup + 1)
-
-
-class TrainingDiverged(GaggleError):
-    """The loss became NaN or Inf."""
-
-    status = "INVALID_ARGUMENT"
 
 
 @dataclass(frozen=True)
@@ -319,35 +313,36 @@ def check_gates_moved(gates: dict[str, torch.Tensor]) -> None:
     A gate gets gradient only through its module's delta: a zero gate means that module's
     expert delta is zero, and the coordinator would refuse the bundle anyway.
     """
-    still_zero = [name for name, gate in gates.items() if not bool(gate.any())]
-    if still_zero:
-        more = f" (and {len(still_zero) - 1} more modules)" if len(still_zero) > 1 else ""
-        raise InvalidArgument(
-            f"gate training left the gate of module {still_zero[0]}{more} all zero: the "
-            "expert's delta there is zero, so the gate got no gradient; train the expert so "
-            "that every adapted module changes (more --steps, or a trained --adapter)",
-            field="gate")
+    check_gates_trained(gates.items(), _gate_left_at_zero)
+
+
+def _gate_left_at_zero(module: str, count: int) -> InvalidArgument:
+    more = f" (and {count - 1} more modules)" if count > 1 else ""
+    return InvalidArgument(
+        f"gate training left the gate of module {module}{more} all zero: the "
+        "expert's delta there is zero, so the gate got no gradient; train the expert so "
+        "that every adapted module changes (more --steps, or a trained --adapter)",
+        field="gate")
 
 
 def _write(expert: Expert, base: BaseModel, name: str, out: Path, gates: dict,
-           activations: dict | None, training: dict) -> None:
+           activations: dict | None, training: dict) -> Bundle:
     spec = base.spec()
     bundle = bundle_from_expert(expert, spec, name, gates=gates, activations=activations,
                                 training=training)
     validate_bundle(bundle, spec)
     save_bundle(bundle, out)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {out}: {expert.method} expert {name!r}, {len(expert.modules)} modules, "
-          f"{size / 1e6:.2f} MB, expert id {bundle.expert_id[:12]}")
+    return bundle
 
 
-def run_train_command(args: argparse.Namespace) -> int:
-    """`gaggle-contributor train`: expert, then gate, then an atomic bundle write."""
-    config = config_from_args(args)
-    out, name = _check_output(args.out, args.name)
+def train_bundle(base_name: str, data: str, out: str, name: str | None,
+                 config: TrainConfig) -> Bundle:
+    """`gaggle-contributor train`: expert, then gate, then an atomic write of the bundle
+    folder `out`; returns the bundle written."""
+    target, name = _check_output(out, name)
     set_threads(config.threads)
-    records = read_jsonl(args.data)
-    base = load_training_base(args.base, config)
+    records = read_jsonl(data)
+    base = load_training_base(base_name, config)
     started, started_at = time.perf_counter(), time.time()
     examples = tokenize(records, base.tokenizer, config.max_length)
     expert, losses = train_expert(base, examples, config)
@@ -359,20 +354,19 @@ def run_train_command(args: argparse.Namespace) -> int:
                 "expert_seconds": round(expert_seconds, 2),
                 "wall_seconds": round(time.perf_counter() - started, 2),
                 "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
-    _write(expert, base, name, out, gates, activations, training)
-    return 0
+    return _write(expert, base, name, target, gates, activations, training)
 
 
-def run_gate_command(args: argparse.Namespace) -> int:
-    """`gaggle-contributor gate`: recycle a saved peft adapter (or a bundle's expert), train
-    only its gate."""
-    config = config_from_args(args)
-    out, name = _check_output(args.out, args.name)
+def recycle_bundle(base_name: str, adapter: str, data: str, out: str, name: str | None,
+                   config: TrainConfig) -> Bundle:
+    """`gaggle-contributor gate`: a saved peft adapter (or a bundle's expert) with a newly
+    trained gate, written atomically to the bundle folder `out`; returns the bundle written."""
+    target, name = _check_output(out, name)
     set_threads(config.threads)
-    records = read_jsonl(args.data)
-    base = load_training_base(args.base, config)
-    expert = load_expert(args.adapter, base)
-    check_trained(expert, args.adapter)  # a zero delta would leave the gate at zero
+    records = read_jsonl(data)
+    base = load_training_base(base_name, config)
+    expert = load_expert(adapter, base)
+    check_trained(expert, adapter)  # a zero delta would leave the gate at zero
     started, started_at = time.perf_counter(), time.time()
     examples = tokenize(records, base.tokenizer, config.max_length)
     gates, activations, gate_summary = train_gates(base, expert, examples, config)
@@ -381,5 +375,4 @@ def run_gate_command(args: argparse.Namespace) -> int:
                 **_recipe_flags(config, base),
                 "wall_seconds": round(time.perf_counter() - started, 2),
                 "started_at": round(started_at, 3), "finished_at": round(time.time(), 3)}
-    _write(expert, base, name, out, gates, activations, training)
-    return 0
+    return _write(expert, base, name, target, gates, activations, training)

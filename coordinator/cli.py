@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only store experts: no automatic assembly or MLflow tracking")
     serve.add_argument("--eval-config",
                        help="TOML/JSON evaluation config: evaluate each new version on public "
-                            "tasks and record the accuracies (see coordinator/evaluation.py)")
+                            "tasks and record the accuracies (see coordinator.checks.evaluation)")
     serve.set_defaults(handler="coordinator.server:run_serve_command")
 
     token = sub.add_parser("token", help="add, revoke or list contributor tokens")
@@ -82,30 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     _store(revoke)
     listing = token_sub.add_parser("list", help="list contributors and token state")
     _store(listing)
-    token.set_defaults(handler="coordinator.auth:run_token_command")
+    token.set_defaults(handler="coordinator.service.auth:run_token_command")
 
     experts = sub.add_parser("experts", help="list stored experts")
     _store(experts)
-    experts.set_defaults(handler="coordinator.store:run_experts_command")
+    experts.set_defaults(handler="coordinator.store.experts:run_experts_command")
 
     assemble = sub.add_parser("assemble", help="assemble a router version from all experts")
     _store(assemble)
     _tracking(assemble)
     _ray(assemble)
-    assemble.set_defaults(handler="coordinator.versions:run_assemble_command")
+    assemble.set_defaults(handler="coordinator.commands.versions:run_assemble_command")
 
     versions = sub.add_parser("versions", help="list router versions")
     _store(versions)
     _tracking(versions)
     versions.add_argument("--json", action="store_true", help="print the list as JSON")
-    versions.set_defaults(handler="coordinator.versions:run_versions_command")
+    versions.set_defaults(handler="coordinator.commands.versions:run_versions_command")
 
     diff = sub.add_parser("diff", help="experts added, removed and changed between versions")
     diff.add_argument("old", help="older version id")
     diff.add_argument("new", help="newer version id")
     _store(diff)
     diff.add_argument("--json", action="store_true", help="print the diff as JSON")
-    diff.set_defaults(handler="coordinator.versions:run_diff_command")
+    diff.set_defaults(handler="coordinator.commands.versions:run_diff_command")
 
     promote = sub.add_parser("promote", help="move the 'champion' alias to a version")
     promote.add_argument("version", help="version id (an older one rolls back)")
@@ -116,22 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: the evaluation config's max_drop, else 0.01)")
     _store(promote)
     _tracking(promote)
-    promote.set_defaults(handler="coordinator.versions:run_promote_command")
+    promote.set_defaults(handler="coordinator.commands.versions:run_promote_command")
 
     evaluate = sub.add_parser("evaluate", help="evaluate versions on public tasks now")
     evaluate.add_argument("versions", nargs="+", metavar="VERSION", help="version ids")
     _store(evaluate)
     evaluate.add_argument("--eval-config", required=True,
-                          help="TOML/JSON evaluation config (see coordinator/evaluation.py)")
+                          help="TOML/JSON evaluation config (see coordinator/checks/evaluation.py)")
     _tracking(evaluate)
     _ray(evaluate)
-    evaluate.set_defaults(handler="coordinator.evaluation:run_evaluate_command")
+    evaluate.set_defaults(handler="coordinator.checks.evaluation:run_evaluate_command")
 
     export = sub.add_parser("export", help="write a self-contained router version")
     export.add_argument("version", help="version id")
     export.add_argument("--out", required=True, help="output folder (must not exist)")
     _store(export)
-    export.set_defaults(handler="coordinator.versions:run_export_command")
+    export.set_defaults(handler="coordinator.commands.versions:run_export_command")
     return parser
 
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "store_must_exist", False):
         # Before the handler runs: opening a store creates one, so a mistyped --store would
         # otherwise leave an empty store behind and report that it holds nothing.
-        from coordinator.store import require_store
+        from coordinator.store.experts import require_store
 
         try:
             require_store(args.store)

@@ -20,11 +20,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator.admin import AdminServicer
-from coordinator.auth import AuthInterceptor, FailureLimiter, TokenBook
-from coordinator.servicer import CoordinatorServicer, OnAccepted
-from coordinator.store import Store
-from coordinator.uploads import UploadLimits, Uploads
+from coordinator.intake.uploads import UploadLimits, Uploads
+from coordinator.service.admin import AdminServicer
+from coordinator.service.auth import AuthInterceptor, FailureLimiter, TokenBook
+from coordinator.service.servicer import CoordinatorServicer, OnAccepted
+from coordinator.store.experts import Store
 from protocol.errors import InvalidArgument, Unavailable
 from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
 
@@ -209,7 +209,7 @@ def accepted_hook(config: ServerConfig) -> OnAccepted | None:
     # Ray's failure signal handler would turn the SIGTERM that `serve` handles (graceful
     # shutdown) into an abort when the process exits.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    from coordinator.assembler import server_hook  # Ray and MLflow: only when assembling
+    from coordinator.versions.scheduler import server_hook  # Ray and MLflow: only when assembling
 
     return server_hook(config.store, tracking_uri=config.tracking_uri,
                        ray_address=config.ray_address, ray_resources=config.ray_resources,

@@ -10,7 +10,6 @@ in the same pass; it accepts only regular files with the bundle's known names, n
 duplicates, and nothing but zeros after the end. `extract_members` then copies exactly the
 bytes it hashed. The archive as a whole is never hashed: the manifest's sha256 (the expert
 id, declared before the upload) and the manifest's sha256 of each file cover its content.
-`unpack_bundle` (tarfile-based) checks every member before a byte is written.
 """
 
 from __future__ import annotations
@@ -293,44 +292,3 @@ def _copy_range(source: int, dest: int, offset: int, size: int) -> None:
             raise InvalidBundle("the bundle archive is shorter than its headers say",
                                 field="archive")
         done += copied
-
-
-def unpack_bundle(archive: str | os.PathLike, dest: str | os.PathLike, *,
-                  max_bytes: int) -> Path:
-    """Extract a bundle archive into the new directory `dest`, checking every member first."""
-    target = Path(dest)
-    try:
-        with tarfile.open(archive, "r:") as tar:
-            members = tar.getmembers()
-            _check_members(members, max_bytes)
-            target.mkdir(parents=True, exist_ok=False)
-            for member in members:
-                source = tar.extractfile(member)
-                assert source is not None  # regular files only, checked above
-                with open(target / member.name, "wb") as out:
-                    while block := source.read(1 << 20):
-                        out.write(block)
-    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as err:
-        if isinstance(err, FileExistsError):
-            raise
-        raise InvalidBundle(f"the upload is not a readable bundle archive: {err}",
-                            field="archive") from None
-    return target
-
-
-def _check_members(members: list[tarfile.TarInfo], max_bytes: int) -> None:
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):
-        raise InvalidBundle("the bundle archive lists a file twice", field="archive")
-    total = 0
-    for member in members:
-        if member.name not in ALLOWED_FILES or not member.isreg():
-            raise InvalidBundle(
-                f"the bundle archive holds {member.name[:80]!r}; only regular files named "
-                f"{sorted(ALLOWED_FILES)} are allowed",
-                field="archive",
-            )
-        total += member.size
-    if total > max_bytes:
-        raise InvalidBundle(f"the bundle unpacks to {total} bytes, over the {max_bytes} limit",
-                            field="archive")

@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
-from protocol.errors import FingerprintMismatch, InvalidBundle
+from protocol.errors import FingerprintMismatch, GaggleError, InvalidBundle
 from protocol.manifest import (
     ACTIVATIONS,
     ADAPTER,
@@ -162,26 +162,34 @@ def validate_tensors(bundle: Bundle) -> None:
     vectors = {m.name: (m.d_in,) for m in manifest.modules}
     _check_tensor_set(ADAPTER, bundle.adapter, expected_adapter)
     _check_tensor_set(GATES, bundle.gates, vectors)
-    _check_gates_trained(bundle.gates, manifest.modules)
+    check_gates_trained(((m.name, bundle.gates[m.name]) for m in manifest.modules),
+                        _untrained_gate)
     if bundle.activations is not None:
         _check_tensor_set(ACTIVATIONS, bundle.activations, vectors)
 
 
-def _check_gates_trained(gates: dict[str, torch.Tensor], modules: list[ModuleSpec]) -> None:
-    """Refuse a gate vector (d_in,) that is all zero.
+def check_gates_trained(gates: Iterable[tuple[str, torch.Tensor]],
+                        refuse: Callable[[str, int], GaggleError]) -> None:
+    """Raise `refuse(first, count)` when gate vectors (d_in,) are exactly zero: the name of the
+    first such gate of the (name, gate) pairs and how many there are.
 
     Gates start at zero and only move when the expert's delta is non-zero, so a zero gate was
-    never trained. It scores every token the same for this expert, and the router refuses such
-    keys (routing.router.check_router_keys): accepting it would break every later version.
+    never trained. It scores every token the same for its expert: the coordinator refuses
+    such a bundle, the contributor refuses to write one and the router to route with one.
     """
-    for module in modules:
-        if not bool(gates[module.name].any()):
-            raise InvalidBundle(
-                f"{GATES}: the gate of module {module.name} is all zero, so it was never "
-                "trained and would break routing for every version holding this expert: "
-                "retrain the gate with gaggle-contributor gate on a trained adapter",
-                field=GATES,
-            )
+    zero = [name for name, gate in gates if not bool(gate.any())]
+    if zero:
+        raise refuse(zero[0], len(zero))
+
+
+def _untrained_gate(module: str, count: int) -> InvalidBundle:
+    # Accepting it would break every later version: the router refuses zero keys.
+    return InvalidBundle(
+        f"{GATES}: the gate of module {module} is all zero, so it was never "
+        "trained and would break routing for every version holding this expert: "
+        "retrain the gate with gaggle-contributor gate on a trained adapter",
+        field=GATES,
+    )
 
 
 def _check_tensor_set(file: str, tensors: dict[str, torch.Tensor],

@@ -35,6 +35,12 @@ class InvalidBundle(InvalidArgument):
     """A bundle breaks the format: a missing file, a bad tensor, a hash mismatch..."""
 
 
+class TrainingDiverged(GaggleError):
+    """A training loss became NaN or Inf: lower the learning rate."""
+
+    status = "INVALID_ARGUMENT"
+
+
 class FingerprintMismatch(GaggleError):
     """The bundle was trained on another base model than the federation's."""
 

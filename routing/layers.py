@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protocol.errors import InvalidArgument
+from routing.methods import SCORED_METHODS
 from routing.stack import ModuleRouter
 
 # Dense dispatch up to this many LoRA columns (E*r). Measured on SmolLM2 at 8 x 64 tokens,
@@ -53,8 +54,6 @@ DENSE_MAX_COLUMNS = 128
 # (bf16 base 0.38-0.61 s): 8 experts dense 1.53x vs grouped 7.01x; 32: 1.63 vs 4.81;
 # 64: 2.27 vs 4.35; 128: 2.60 vs 2.58.
 DENSE_MAX_COLUMNS_REDUCED = 1024
-# Methods that score every token against per-expert keys (the others pick experts otherwise).
-SCORED_METHODS = ("phatgoose", "phatgoose_centred", "arrow", "average_activation")
 
 
 @dataclass

@@ -18,21 +18,20 @@ for scoring (rank classification), where the whole sequence is one call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from protocol.bundle import Bundle
+from protocol.bundle import Bundle, check_gates_trained
 from protocol.errors import FailedPrecondition, FingerprintMismatch, InvalidArgument
 from routing.base import BaseModel
 from routing.base import fingerprint as model_fingerprint
 from routing.layers import RoutedLinear, RoutingState
+from routing.methods import METHODS, SHIPPED_KEY
 from routing.stack import ModuleRouter, RouterWeights, stack_experts, with_ia3_prototypes
 
-METHODS = ("phatgoose", "phatgoose_centred", "arrow", "average_activation", "uniform_merge",
-           "retrieval", "smear", "single:<expert name>")
 _STATE_ATTR = "gaggle_routing"
 
 
@@ -144,7 +143,7 @@ def check_router_keys(weights: RouterWeights, mode: str) -> None:
     A zero key row gives the same score to every token, the classic sign of gates that were
     never trained or were lost when a checkpoint was reloaded.
     """
-    if mode not in ("phatgoose", "phatgoose_centred", "smear", "average_activation"):
+    if mode not in SHIPPED_KEY:
         return
     for name, module in weights.modules.items():
         keys = module.activations if mode == "average_activation" else module.keys
@@ -153,15 +152,18 @@ def check_router_keys(weights: RouterWeights, mode: str) -> None:
                 f"method {mode} needs every expert's mean activations, but module "
                 f"{name} lacks them for some expert: repackage those experts with activations",
                 field="activations")
-        zero = (keys == 0).all(dim=1)
-        if bool(zero.any()):
-            expert = module.experts[int(zero.nonzero()[0])]
-            what = "mean activation" if mode == "average_activation" else "gate"
-            raise FailedPrecondition(
-                f"router keys are all zero: expert {expert!r} has a zero {what} vector for "
-                f"module {name}; its gate was not trained or was lost on reload; retrain the "
-                "gate or re-export the router",
-                field="keys")
+        check_gates_trained(zip(module.experts, keys, strict=True),
+                            _zero_keys(name, SHIPPED_KEY[mode]))
+
+
+def _zero_keys(module: str, what: str) -> Callable[[str, int], FailedPrecondition]:
+    def refuse(expert: str, count: int) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"router keys are all zero: expert {expert!r} has a zero {what} vector for "
+            f"module {module}; its gate was not trained or was lost on reload; retrain the "
+            "gate or re-export the router",
+            field="keys")
+    return refuse
 
 
 def _parse_method(method: str, weights: RouterWeights) -> tuple[str, str | None]:

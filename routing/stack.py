@@ -183,13 +183,17 @@ def _check_piece(name: str, d_in: int, d_out: int, piece: ExpertPiece) -> None:
                           f"(d_in={d_in}, d_out={d_out}) has {problem}", field="modules")
 
 
-def stack_experts(bundles: list[Bundle]) -> RouterWeights:
-    """Stack a collection of bundles (all on the same base model) into RouterWeights."""
+def stack_experts(bundles: list[Bundle], names: list[str] | None = None) -> RouterWeights:
+    """Stack a collection of bundles (all on the same base model) into RouterWeights.
+
+    names: what the router calls each expert (default: the bundles' own names; the
+    coordinator passes its `contributor/name` keys).
+    """
     if not bundles:
         raise InvalidArgument("no experts given: route over at least one bundle",
                               field="experts")
     first = bundles[0].manifest
-    names = [b.name for b in bundles]
+    names = list(names) if names is not None else [b.name for b in bundles]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidArgument(f"expert names must be unique; repeated: {duplicates}",
@@ -204,8 +208,9 @@ def stack_experts(bundles: list[Bundle]) -> RouterWeights:
             )
     by_module: dict[str, list[ExpertPiece]] = {}
     shapes: dict[str, tuple[int, int]] = {}
-    for bundle in bundles:
+    for bundle, name in zip(bundles, names, strict=True):
         for module, piece in module_pieces(bundle).items():
+            piece.expert = name
             by_module.setdefault(module, []).append(piece)
             spec = bundle.modules[module]
             shapes[module] = (spec.d_in, spec.d_out)
@@ -213,6 +218,63 @@ def stack_experts(bundles: list[Bundle]) -> RouterWeights:
                for name, pieces in sorted(by_module.items())}
     return RouterWeights(base_model=first.base_model, fingerprint=first.base_fingerprint,
                          experts=names, modules=modules)
+
+
+def concat_routers(parts: list[RouterWeights]) -> RouterWeights:
+    """RouterWeights of consecutive expert chunks (stacked apart, e.g. on several workers),
+    joined along the experts in order: the same router `stack_experts` gives for them all."""
+    by_module: dict[str, list[ModuleRouter]] = {}
+    for part in parts:
+        for name, module in part.modules.items():
+            by_module.setdefault(name, []).append(module)
+    return RouterWeights(base_model=parts[0].base_model, fingerprint=parts[0].fingerprint,
+                         experts=[e for p in parts for e in p.experts],
+                         modules={name: concat_modules(by_module[name])
+                                  for name in sorted(by_module)})
+
+
+def concat_modules(parts: list[ModuleRouter]) -> ModuleRouter:
+    """One module's ModuleRouters from consecutive expert chunks, joined along the experts.
+
+    LoRA factors are zero-padded to the largest rank, and kinds a chunk lacks are zero rows,
+    exactly as `stack_module` lays out a single stack.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    rank = max(p.rank for p in parts)
+
+    def joined(field: str, width: tuple[int, ...], pad_dim: int | None = None):
+        if all(getattr(p, field) is None for p in parts):
+            return None
+        blocks = []
+        for p in parts:
+            block = getattr(p, field)
+            if block is None:
+                block = torch.zeros(len(p.experts), *width)
+            elif pad_dim is not None and block.shape[pad_dim] < rank:
+                pad = [0, 0] * (block.dim() - 1 - pad_dim) + [0, rank - block.shape[pad_dim]]
+                block = torch.nn.functional.pad(block, pad)
+            blocks.append(block)
+        return torch.cat(blocks)
+
+    with_activations = all(p.activations is not None for p in parts)
+    lora_B = joined("lora_B", (first.d_out, rank), pad_dim=2)
+    if lora_B is not None:  # the (E, r, d_out) storage stack_module gives, as a view
+        lora_B = lora_B.transpose(1, 2).contiguous().transpose(1, 2)
+    return ModuleRouter(
+        name=first.name, d_in=first.d_in, d_out=first.d_out,
+        experts=[e for p in parts for e in p.experts],
+        kinds=[k for p in parts for k in p.kinds],
+        keys=torch.cat([p.keys for p in parts]),
+        prototypes=torch.cat([p.prototypes for p in parts]),
+        scaling=torch.cat([p.scaling for p in parts]),
+        activations=joined("activations", (first.d_in,)) if with_activations else None,
+        lora_A=joined("lora_A", (rank, first.d_in), pad_dim=1),
+        lora_B=lora_B,
+        ia3_out=joined("ia3_out", (first.d_out,)),
+        ia3_in=joined("ia3_in", (first.d_in,)),
+    )
 
 
 def ia3_prototype(vector: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:

@@ -145,8 +145,8 @@ def wait_serving(server: ServerProcess, timeout: float = 30.0) -> None:
 
 def add_token(store: Path, name: str) -> str:
     """Issue a contributor token directly in the store's index (as `token add` does)."""
-    from coordinator.auth import TokenBook
-    from coordinator.store import Store
+    from coordinator.service.auth import TokenBook
+    from coordinator.store.experts import Store
 
     store_handle = Store(store)
     try:
@@ -157,7 +157,7 @@ def add_token(store: Path, name: str) -> str:
 
 def seed_base_spec(store: Path, spec) -> None:
     """Cache the base model's spec in a store, so the server need not load the model."""
-    from coordinator.store import Store
+    from coordinator.store.experts import Store
 
     store_handle = Store(store)
     try:

@@ -29,7 +29,7 @@ from protocol.bundle import Bundle
 from routing.base import BaseModel
 from routing.controls import random_experts, random_gates
 from routing.evaluate import EvalResult, _encode, evaluate
-from routing.layers import SCORED_METHODS
+from routing.methods import TOKEN_METHODS
 from routing.router import route, routing_inputs, unroute
 from routing.stack import RouterWeights
 from tasks.task import Example
@@ -65,7 +65,7 @@ class Scorer:
         """Accuracy of `method` on every task it applies to (oracle: held-in tasks only)."""
         results: dict[str, EvalResult] = {}
         weights = self.collection.weights
-        if method in (*SCORED_METHODS, "uniform_merge"):
+        if method in TOKEN_METHODS:
             route(self.base, weights, method=method, top_k=2)
         elif method == "multitask":
             route(self.base, [self.collection.multitask], method="single:multitask")

@@ -163,7 +163,7 @@ def start_services(demo: Demo) -> None:
     Demo.start_services without its first step: the benchmark has already loaded (and so
     converted and cached) the base model in its own process.
     """
-    from coordinator.health import check
+    from coordinator.service.health import check
 
     demo.step("starting the MLflow tracking server")
     demo.tracking_uri = start_mlflow(demo.group, demo.workdir / "mlflow", free_port())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store import ExpertRecord, Store
+from coordinator.store.experts import ExpertRecord, Store
 from protocol.archive import pack_bundle_bytes
 from protocol.bundle import BaseSpec, Bundle, save_bundle
 from routing.synthetic import random_bundle
@@ -50,7 +50,7 @@ def add_expert(store: Store, spec: BaseSpec, name: str, seed: int, *, method: st
 @pytest.fixture(scope="session")
 def ray_local():
     """The process's local Ray (started once, 2 CPUs, on loopback)."""
-    from coordinator.assemble import ensure_ray
+    from coordinator.ray_cluster import ensure_ray
 
     ensure_ray()
     yield

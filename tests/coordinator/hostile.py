@@ -24,8 +24,8 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from coordinator.store import ExpertRecord
-from coordinator.uploads import Uploads
+from coordinator.intake.uploads import Uploads
+from coordinator.store.experts import ExpertRecord
 from protocol.bundle import ADAPTER, GATES, MANIFEST, BaseSpec, load_bundle, save_bundle
 from protocol.errors import GaggleError
 from routing.synthetic import random_bundle

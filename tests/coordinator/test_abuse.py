@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from contributor.client import Connection, CoordinatorClient
-from coordinator.auth import FailureLimiter, TokenBook
 from coordinator.cli import main as coordinator_cli
 from coordinator.server import CoordinatorServer, ServerConfig
-from coordinator.store import Store
-from coordinator.version_store import VERSION_FILE, VersionStore
+from coordinator.service.auth import FailureLimiter, TokenBook
+from coordinator.store.experts import Store
+from coordinator.store.versions import VERSION_FILE, VersionStore
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 from tests.coordinator.bundles import archive_id, archive_of, make_bundle, store_snapshot
@@ -55,7 +55,7 @@ def in_process(tmp_path, tiny_spec):
 def test_failed_authentications_are_logged_with_the_peer_and_rate_limited(in_process,
                                                                          caplog):
     server, tokens = in_process
-    caplog.set_level(logging.WARNING, logger="coordinator.auth")
+    caplog.set_level(logging.WARNING, logger="coordinator.service.auth")
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = gaggle_pb2_grpc.CoordinatorStub(channel)
         for forged in ("gg_000000000000_" + "x" * 43, "nonsense", None):

@@ -9,17 +9,16 @@ import time
 import pytest
 import torch
 
-from coordinator.assemble import (
+from coordinator.ray_cluster import folder_files, parse_resources
+from coordinator.store.versions import ROUTER_DIR, VersionStore
+from coordinator.versions.assemble import (
     AssemblyConfig,
     assemble,
     build_router,
-    folder_files,
     load_bundle_files,
-    parse_resources,
     select_experts,
 )
-from coordinator.assembler import Assembler
-from coordinator.version_store import ROUTER_DIR, VersionStore
+from coordinator.versions.scheduler import Assembler
 from protocol.bundle import GATES, load_bundle, save_bundle
 from protocol.errors import FailedPrecondition, InvalidArgument, InvalidBundle
 from routing.stack import stack_experts

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 from contributor.client import Connection, CoordinatorClient
+from coordinator.checks.evaluation import read_evaluation
 from coordinator.cli import main
-from coordinator.evaluation import read_evaluation
-from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, TAG_EVAL_CONFIG, TAG_VERSION
-from coordinator.version_store import VersionStore
+from coordinator.store.versions import VersionStore
+from coordinator.tracking.tracker import EXPERIMENT, REGISTERED_MODEL, TAG_EVAL_CONFIG, TAG_VERSION
 from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
 from tests.coordinator.assembly_helpers import MlflowServer

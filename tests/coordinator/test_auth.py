@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.auth import TokenBook, bearer_token
 from coordinator.cli import main as coordinator_main
-from coordinator.store import Store
+from coordinator.service.auth import TokenBook, bearer_token
+from coordinator.store.experts import Store
 from protocol.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 
 

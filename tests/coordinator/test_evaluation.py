@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.assemble import assemble
-from coordinator.cli import main
-from coordinator.evaluation import (
+from coordinator.checks.evaluation import (
     EvalPool,
     EvaluationConfig,
     active_config,
@@ -21,8 +19,10 @@ from coordinator.evaluation import (
     read_evaluation,
     save_active_config,
 )
-from coordinator.evaluator import Evaluator
-from coordinator.version_store import ROUTER_DIR, VersionStore
+from coordinator.checks.evaluator import Evaluator
+from coordinator.cli import main
+from coordinator.store.versions import ROUTER_DIR, VersionStore
+from coordinator.versions.assemble import assemble
 from protocol.errors import InvalidArgument
 from tasks.registry import HELD_OUT
 from tests.coordinator.assembly_helpers import (  # noqa: F401

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from coordinator.store import Store
-from coordinator.uploads import UploadLimits, Uploads
+from coordinator.intake.uploads import UploadLimits, Uploads
+from coordinator.store.experts import Store
 from tests.coordinator.bundles import staging_is_empty, store_snapshot
 from tests.coordinator.hostile import (
     CLIENT_ERRORS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.model_card import version_card, with_evaluation, with_promotion
+from coordinator.tracking.model_card import version_card, with_evaluation, with_promotion
 
 PAYLOAD = {
     "version_id": "0123456789abcdef", "base": "tiny-llama", "parent": "fedcba9876543210",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.pyfunc import PLACEMENT_DEFAULTS
-from coordinator.tracking_ops import PYFUNC_CODE, PYFUNC_MODEL_CONFIG
+from coordinator.tracking.pyfunc import PLACEMENT_DEFAULTS
+from coordinator.tracking.replay import PYFUNC_CODE, PYFUNC_MODEL_CONFIG
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
 from routing.version import save_router
@@ -20,7 +20,7 @@ def saved_model(tmp_path_factory, tiny_spec):
     root = tmp_path_factory.mktemp("pyfunc")
     weights = stack_experts([random_bundle(tiny_spec, f"e{i}", seed=i) for i in range(2)])
     save_router(weights, root / "version" / "router")
-    # as the coordinator logs it (coordinator.tracking_ops)
+    # as the coordinator logs it (coordinator.tracking.replay)
     mlflow.pyfunc.save_model(root / "model", python_model=str(PYFUNC_CODE),
                              artifacts={"version": str(root / "version")},
                              model_config=PYFUNC_MODEL_CONFIG)
@@ -57,21 +57,21 @@ def test_unknown_dtype_in_the_model_config_is_refused(saved_model):
 
 
 def test_serve_placement_reaches_the_usage_check(monkeypatch, tmp_path):
-    from coordinator import poison
+    from coordinator.checks import usage
     from coordinator.server import ServerConfig, accepted_hook
     from routing.device import DEVICE_ENV, DTYPE_ENV
 
     monkeypatch.delenv(DEVICE_ENV, raising=False)
     monkeypatch.delenv(DTYPE_ENV, raising=False)
-    monkeypatch.setattr(poison, "_BASES", {})
-    assert poison._base("tiny-llama").model.dtype == torch.float32  # unset: today's CPU fp32
+    monkeypatch.setattr(usage, "_BASES", {})
+    assert usage._base("tiny-llama").model.dtype == torch.float32  # unset: today's CPU fp32
     config = ServerConfig(store=tmp_path / "store", base="tiny-llama", device="cpu",
                           dtype="bfloat16", assembly=False)
     monkeypatch.setenv(DEVICE_ENV, "unset")  # registers the variables for restoring
     monkeypatch.setenv(DTYPE_ENV, "unset")
     assert accepted_hook(config) is None  # records the placement, assembly or not
-    monkeypatch.setattr(poison, "_BASES", {})
-    assert poison._base("tiny-llama").model.dtype == torch.bfloat16
+    monkeypatch.setattr(usage, "_BASES", {})
+    assert usage._base("tiny-llama").model.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("field, value", [("device", "gpu"), ("dtype", "fp8")])

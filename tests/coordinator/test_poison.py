@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from coordinator.poison import (
+from coordinator.checks.usage import (
     USAGE_FILE,
     PoisonConfig,
     evaluation_prompts,
@@ -15,7 +15,7 @@ from coordinator.poison import (
     usage_tags,
     version_usage,
 )
-from coordinator.usage_charts import HEATMAP, SHARES
+from coordinator.checks.usage_charts import HEATMAP, SHARES
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
 from routing.version import save_router

@@ -8,9 +8,9 @@ import pytest
 
 from coordinator.cli import build_parser
 from coordinator.cli import main as coordinator_main
+from coordinator.intake.uploads import Uploads
 from coordinator.server import ServerConfig
-from coordinator.store import Store
-from coordinator.uploads import Uploads
+from coordinator.store.experts import Store
 from protocol.errors import InvalidArgument
 from tests.coordinator.bundles import archive_id, archive_of, make_bundle
 

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from contributor.client import Connection, CoordinatorClient
-from coordinator.auth import TokenBook
 from coordinator.server import CoordinatorServer, ServerConfig
-from coordinator.store import ExpertRecord, Store
+from coordinator.service.auth import TokenBook
+from coordinator.store.experts import ExpertRecord, Store
 from protocol.bundle import GATES, load_bundle
 from protocol.errors import NotFound
 from protocol.gaggle.v1 import gaggle_pb2 as pb

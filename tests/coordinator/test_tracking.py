@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from coordinator.assembler import Assembler
 from coordinator.cli import main
-from coordinator.tracking import (
+from coordinator.store.versions import VersionStore
+from coordinator.tracking.tracker import (
     EXPERIMENT,
     MAX_RUN_AGE_S,
     REGISTERED_MODEL,
@@ -17,7 +17,7 @@ from coordinator.tracking import (
     Tracker,
     run_window,
 )
-from coordinator.version_store import VersionStore
+from coordinator.versions.scheduler import Assembler
 from protocol.manifest import MANIFEST, read_manifest
 from tests import postgres
 from tests.coordinator.assembly_helpers import (  # noqa: F401
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def mlflow_server(request, tmp_path_factory):
     """An MLflow server on the embedded-style SQLite backend, then on a PostgreSQL server (a
     shared tracking server's backend: see docker-compose.yml)."""
-    from coordinator.assemble import ensure_ray
+    from coordinator.ray_cluster import ensure_ray
 
     database = None
     if request.param == "postgresql":

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from coordinator.tracking import Tracker
-from coordinator.tracking_queue import OpQueue
+from coordinator.tracking.queue import OpQueue
+from coordinator.tracking.tracker import Tracker
 from tests.coordinator.assembly_helpers import free_port
 
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from coordinator.store import ExpertRecord, Store
-from coordinator.uploads import FinishResult, UploadLimits, Uploads, UploadState
-from protocol.archive import unpack_bundle
+from coordinator.intake.uploads import FinishResult, UploadLimits, Uploads, UploadState
+from coordinator.store.experts import ExpertRecord, Store
+from protocol.archive import ArchiveDigest, extract_members
 from protocol.bundle import GATES, load_bundle
 from protocol.errors import (
     FailedPrecondition,
@@ -168,7 +168,10 @@ def _crash_after_rename(uploads: Uploads, archive: bytes) -> str:
     state = begin(uploads, archive)
     write(uploads, state, archive, 0)
     staged = uploads.store.staging_dir / state.upload_id
-    unpack_bundle(uploads.part_path(state.upload_id), staged, max_bytes=1 << 20)
+    part = uploads.part_path(state.upload_id)
+    digest = ArchiveDigest()  # the coordinator's own extraction path
+    digest.update(part.read_bytes())
+    extract_members(part, digest.members(1 << 20), staged)
     expert_id = load_bundle(staged, uploads.base).expert_id
     with uploads.store.transaction() as conn:
         conn.execute("UPDATE uploads SET committing_expert_id = ? WHERE upload_id = ?",

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from coordinator.assemble import assemble
 from coordinator.cli import main
-from coordinator.version_diff import diff_versions
+from coordinator.versions.assemble import assemble
+from coordinator.versions.diff import diff_versions
 from protocol.bundle import load_bundle
 from routing.router import route
 from routing.version import load_router
@@ -116,7 +116,7 @@ def test_assemble_command_tracks_into_the_embedded_store(tmp_path, tiny_spec, ca
     """Without --tracking-uri, MLflow is a SQLite file inside the store folder."""
     from mlflow import MlflowClient
 
-    from coordinator.tracking import REGISTERED_MODEL, default_tracking_uri
+    from coordinator.tracking.tracker import REGISTERED_MODEL, default_tracking_uri
 
     store = make_store(tmp_path / "store", tiny_spec)
     add_expert(store, tiny_spec, "a", seed=1)

@@ -132,8 +132,8 @@ class _Settled:
 def wait_settled(store: Path, expert_ids: set[str], timeout_s: float) -> _Settled:
     """Until CURRENT holds exactly `expert_ids`, its tracking call is queued, and no
     tracking call is pending."""
-    from coordinator.tracking_queue import OpQueue
-    from coordinator.version_store import VersionStore
+    from coordinator.store.versions import VersionStore
+    from coordinator.tracking.queue import OpQueue
 
     deadline = time.monotonic() + timeout_s
     reason = "no version yet"
@@ -191,8 +191,8 @@ def audit_mlflow(store: Path, result: ChaosResult) -> None:
     version folder, and the tracking queue has nothing pending or failed."""
     from mlflow import MlflowClient
 
-    from coordinator.tracking import EXPERIMENT, REGISTERED_MODEL, default_tracking_uri
-    from coordinator.tracking_queue import OpQueue
+    from coordinator.tracking.queue import OpQueue
+    from coordinator.tracking.tracker import EXPERIMENT, REGISTERED_MODEL, default_tracking_uri
 
     uri = default_tracking_uri(store)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -13,11 +13,11 @@ from contributor.client import Connection, CoordinatorClient
 from contributor.data import Example, tokenize
 from contributor.package import bundle_from_expert
 from contributor.train import TrainConfig, train_expert, train_gates
-from coordinator.assemble import assemble_store
-from coordinator.auth import TokenBook
 from coordinator.server import CoordinatorServer, ServerConfig
-from coordinator.store import Store
-from coordinator.version_store import ROUTER_DIR, VersionStore
+from coordinator.service.auth import TokenBook
+from coordinator.store.experts import Store
+from coordinator.store.versions import ROUTER_DIR, VersionStore
+from coordinator.versions.assemble import assemble_store
 from protocol.bundle import save_bundle, validate_bundle
 from routing.base import load_base
 from routing.layers import RoutedLinear

@@ -187,7 +187,7 @@ def test_ray_nodes_offer_what_the_coordinators_ray_work_needs(compose):
     """Each driver (a service with --ray-address) pins its tasks with --ray-resource: some
     worker node must offer that resource, and a node running the work must hold any folder
     the work opens (a base model given as a path); the store never leaves the coordinator."""
-    from coordinator.assemble import parse_resources
+    from coordinator.ray_cluster import parse_resources
 
     services = compose["services"]
     nodes = _ray_nodes(compose)

@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from contributor.cli import main as contributor_cli
-from coordinator.auth import TokenBook
-from coordinator.store import Store
-from coordinator.version_store import CHAMPION, VERSIONS_DIR
+from coordinator.service.auth import TokenBook
+from coordinator.store.experts import Store
+from coordinator.store.versions import CHAMPION, VERSIONS_DIR
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 from tests.coordinator.bundles import archive_id, archive_of, make_bundle

@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from coordinator.evaluation import read_evaluation
-from coordinator.version_store import ROUTER_DIR, VersionStore
+from coordinator.checks.evaluation import read_evaluation
+from coordinator.store.versions import ROUTER_DIR, VersionStore
 from protocol.bundle import load_bundle
 from routing.stack import stack_experts
 from routing.version import load_router

@@ -250,8 +250,8 @@ def federation(walk):
     """The contributor's and the operator's first commands: a token, the coordinator, two
     experts (one trained, one a recycled peft adapter) submitted, each assembled into a
     version of its own."""
-    from coordinator.health import check
-    from coordinator.version_store import VersionStore
+    from coordinator.service.health import check
+    from coordinator.store.versions import VersionStore
     from tests.e2e.chaos import wait_settled  # both experts assembled and tracked
 
     out: dict[str, subprocess.CompletedProcess] = {}
@@ -294,7 +294,7 @@ def federation(walk):
 
 def _current_holds(store: Path, expert_id: str) -> bool:
     """Whether the coordinator's current version holds `expert_id`."""
-    from coordinator.version_store import VersionStore
+    from coordinator.store.versions import VersionStore
 
     versions = VersionStore(store)
     try:

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 
-from coordinator.version_store import VersionStore
+from coordinator.store.versions import VersionStore
 from tests.coordinator.assembly_helpers import add_expert, make_store
 from tests.servers import start_coordinator
 

@@ -12,8 +12,8 @@ import grpc
 import pytest
 import torch
 
-from coordinator.auth import TokenBook
-from coordinator.store import Store
+from coordinator.service.auth import TokenBook
+from coordinator.store.experts import Store
 from protocol.bundle import ADAPTER, GATES, load_bundle
 from tests.coordinator.bundles import (
     archive_of,

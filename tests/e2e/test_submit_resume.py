@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from coordinator.store import Store
+from coordinator.store.experts import Store
 from protocol.bundle import load_bundle
 from tests.coordinator.bundles import archive_of, make_bundle
 from tests.servers import ROOT, add_token, restart, seed_base_spec, start_coordinator

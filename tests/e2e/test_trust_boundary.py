@@ -20,7 +20,7 @@ import grpc
 import pytest
 from safetensors.torch import load_file, save_file
 
-from coordinator.version_store import VersionStore
+from coordinator.store.versions import VersionStore
 from protocol.bundle import ADAPTER, MANIFEST, sha256_file
 from protocol.status import MAX_MESSAGE_BYTES
 from routing.version import read_router_manifest

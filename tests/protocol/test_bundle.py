@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from protocol.archive import pack_bundle_bytes, unpack_bundle
+from protocol.archive import ArchiveDigest, extract_members, pack_bundle_bytes
 from protocol.bundle import (
     ACTIVATIONS,
     ADAPTER,
     GATES,
     MANIFEST,
     BaseSpec,
+    check_gates_trained,
     load_bundle,
     save_bundle,
     sha256_file,
@@ -140,6 +142,22 @@ def test_zero_gate_is_refused_naming_the_file_the_module_and_the_fix(tiny_spec, 
     validate_bundle(bundle, tiny_spec)
 
 
+def test_gate_check_names_the_first_zero_gate_and_counts_them():
+    refused = []
+
+    def refuse(first: str, count: int) -> GaggleError:
+        refused.append((first, count))
+        return GaggleError("zero")
+
+    gates = [("a", torch.ones(3)), ("b", torch.zeros(3)), ("c", torch.tensor([0.0, -0.0, 0.0])),
+             ("d", torch.tensor([0.0, 1e-30, 0.0]))]
+    with pytest.raises(GaggleError, match="zero"):
+        check_gates_trained(gates, refuse)
+    assert refused == [("b", 2)]
+    check_gates_trained([g for g in gates if g[0] in "ad"], refuse)  # moved gates pass
+    assert refused == [("b", 2)]
+
+
 def test_fingerprint_mismatch_is_its_own_error(saved, tiny_spec):
     path, _ = saved
     other = BaseSpec(name="other", fingerprint="0" * 64, linears=tiny_spec.linears)
@@ -165,12 +183,20 @@ def test_save_of_invalid_bundle_leaves_nothing(tiny_spec, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def unpack(archive: Path, dest: Path, *, max_bytes: int) -> Path:
+    """Extract an archive the way the coordinator does: parse and hash it as it streams in,
+    then copy out exactly the members that parse found."""
+    digest = ArchiveDigest()
+    digest.update(archive.read_bytes())
+    return extract_members(archive, digest.members(max_bytes), dest)
+
+
 def test_archive_round_trip_is_deterministic(saved, tmp_path):
     path, _ = saved
     blob = pack_bundle_bytes(path)
     assert blob == pack_bundle_bytes(path)
     (tmp_path / "a.tar").write_bytes(blob)
-    out = unpack_bundle(tmp_path / "a.tar", tmp_path / "out", max_bytes=10 << 20)
+    out = unpack(tmp_path / "a.tar", tmp_path / "out", max_bytes=10 << 20)
     assert load_bundle(out).expert_id == load_bundle(path).expert_id
 
 
@@ -185,10 +211,10 @@ def test_archive_rejects_path_traversal_and_oversize(saved, tmp_path):
         tar.addfile(info, io.BytesIO(b"abc"))
     (tmp_path / "evil.tar").write_bytes(buffer.getvalue())
     with pytest.raises(InvalidBundle, match="only regular files named"):
-        unpack_bundle(tmp_path / "evil.tar", tmp_path / "x", max_bytes=1 << 20)
+        unpack(tmp_path / "evil.tar", tmp_path / "x", max_bytes=1 << 20)
     assert not (tmp_path / "x").exists()
     path, _ = saved
     (tmp_path / "ok.tar").write_bytes(pack_bundle_bytes(path))
     with pytest.raises(InvalidBundle, match="over the 100 limit"):
-        unpack_bundle(tmp_path / "ok.tar", tmp_path / "y", max_bytes=100)
+        unpack(tmp_path / "ok.tar", tmp_path / "y", max_bytes=100)
     assert not (tmp_path / "y").exists()

@@ -13,7 +13,7 @@ from protocol.archive import ArchiveDigest
 from protocol.errors import InvalidArgument, OutOfRange
 
 if TYPE_CHECKING:
-    from coordinator.uploads import UploadState
+    from coordinator.intake.uploads import UploadState
 
 _QUEUED_CHUNKS = 8  # chunks received but not yet handled, per thread and stream (~8 MiB)
 _FLUSH_BYTES = 32 << 20  # written but unsynced bytes that wake the flusher

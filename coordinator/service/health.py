@@ -1,4 +1,4 @@
-"""`python -m coordinator.health HOST:PORT`: exit 0 when the coordinator answers SERVING.
+"""`python -m coordinator.service.health HOST:PORT`: exit 0 when the coordinator answers SERVING.
 
 Used by container health checks; speaks the standard gRPC health protocol, no token needed.
 """
@@ -25,7 +25,7 @@ def check(address: str, timeout: float = 5.0) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m coordinator.health HOST:PORT", file=sys.stderr)
+        print("usage: python -m coordinator.service.health HOST:PORT", file=sys.stderr)
         return 2
     healthy = check(args[0])
     print("SERVING" if healthy else "NOT SERVING")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.usage_charts import write_usage_charts
+from coordinator.checks.usage_charts import write_usage_charts
 
 log = logging.getLogger(__name__)
 USAGE_FILE = "usage.json"
@@ -144,7 +144,7 @@ def version_usage(folder: str | os.PathLike, config: PoisonConfig = PoisonConfig
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     try:
-        from coordinator.version_store import ROUTER_DIR
+        from coordinator.store.versions import ROUTER_DIR
         from routing.version import load_router
 
         weights = load_router(Path(folder) / ROUTER_DIR)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from coordinator.store import Store
+from coordinator.store.experts import Store
 from protocol.errors import (
     AlreadyExists,
     FailedPrecondition,

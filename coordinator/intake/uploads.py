@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.store import ExpertRecord, Store
-from coordinator.upload_writer import UploadWriter
+from coordinator.intake.writer import UploadWriter
+from coordinator.store.experts import ExpertRecord, Store
 from protocol.archive import ArchiveDigest, extract_members
 from protocol.bundle import MANIFEST, BaseSpec, Bundle, fsync_path, load_bundle
 from protocol.errors import (

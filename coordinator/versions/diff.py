@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from coordinator.version_store import ROUTER_DIR, VersionStore, expert_changes
+from coordinator.store.versions import ROUTER_DIR, VersionStore, expert_changes
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,14 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from coordinator.assemble import (
-    AssemblyConfig,
+from coordinator.ray_cluster import (
+    RayConfig,
     ensure_ray,
     folder_files,
     parse_resources,
     scratch_dir,
 )
-from coordinator.version_store import ROUTER_DIR, VersionStore
+from coordinator.store.versions import ROUTER_DIR, VersionStore
 from protocol.errors import DeadlineExceeded, GaggleError, InvalidArgument, Unavailable
 from tasks.registry import HELD_OUT, TASKS
 
@@ -226,9 +226,9 @@ class EvalPool:
     """
 
     def __init__(self, config: EvaluationConfig,
-                 assembly_config: AssemblyConfig | None = None) -> None:
+                 ray_config: RayConfig | None = None) -> None:
         self.config = config
-        self.assembly_config = assembly_config or AssemblyConfig()
+        self.ray_config = ray_config or RayConfig()
         self._actors: list = []
         self._base: str | None = None
 
@@ -269,8 +269,8 @@ class EvalPool:
         if self._actors and self._base == base:
             return self._actors
         self.shutdown()
-        ensure_ray(self.assembly_config)
-        worker = ray.remote(EvalWorker).options(**self.assembly_config.ray_options())
+        ensure_ray(self.ray_config)
+        worker = ray.remote(EvalWorker).options(**self.ray_config.ray_options())
         count = min(self.config.actors, len(self.config.tasks))
         self._actors = [worker.remote(base) for _ in range(count)]
         self._base = base
@@ -293,9 +293,9 @@ def evaluate_version(store_root: str | os.PathLike, version_id: str, pool: EvalP
                      tracker=None, *, base: str | None = None) -> dict:
     """Evaluate a version on the pool, write its local record and queue its MLflow tags.
 
-    tracker: a `coordinator.tracking.Tracker` (None: local record only). base: the base model
-    to load (default: the version's declared one; routing checks the fingerprint either way).
-    Returns the record.
+    tracker: a `coordinator.tracking.tracker.Tracker` (None: local record only). base: the
+    base model to load (default: the version's declared one; routing checks the fingerprint
+    either way). Returns the record.
     """
     config = pool.config
     versions = VersionStore(store_root)
@@ -326,8 +326,8 @@ def needs_evaluation(store_root: str | os.PathLike, version_id: str,
 def run_evaluate_command(args) -> int:
     """`evaluate V... --store DIR --eval-config FILE`: evaluate versions now (say, ones made
     before evaluation was configured), record them locally and in MLflow."""
-    from coordinator.store import Store
-    from coordinator.tracking import Tracker
+    from coordinator.store.experts import Store
+    from coordinator.tracking.tracker import Tracker
 
     root = Path(args.store)
     versions = VersionStore(root)
@@ -339,7 +339,7 @@ def run_evaluate_command(args) -> int:
     finally:
         store.close()
     tracker = Tracker(root, args.tracking_uri)
-    pool = EvalPool(config, AssemblyConfig(ray_address=args.ray_address,
+    pool = EvalPool(config, RayConfig(ray_address=args.ray_address,
                                            resources=parse_resources(args.ray_resources)))
     try:
         for version_id in ids:

@@ -1,7 +1,7 @@
 """The gaggle.v1.Coordinator servicer: decode, delegate to the store, map errors to statuses.
 
-Handlers stay thin: the upload logic lives in coordinator.uploads, the index in
-coordinator.store, and every GaggleError becomes its status in protocol.status.
+Handlers stay thin: the upload logic lives in coordinator.intake.uploads, the index in
+coordinator.store.experts, and every GaggleError becomes its status in protocol.status.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from coordinator.auth import current_identity
-from coordinator.store import ExpertRecord
-from coordinator.uploads import UploadLimits, Uploads, UploadState
+from coordinator.intake.uploads import UploadLimits, Uploads, UploadState
+from coordinator.service.auth import current_identity
+from coordinator.store.experts import ExpertRecord
 from protocol import status
 from protocol.bundle import FORMAT_VERSION, METHODS
 from protocol.errors import GaggleError, InvalidArgument

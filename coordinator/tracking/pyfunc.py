@@ -14,7 +14,7 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT = "version"  # the artifact key holding the version folder (version.json, router/)
-ROUTER_DIR = "router"  # the router folder inside it (coordinator.version_store.ROUTER_DIR)
+ROUTER_DIR = "router"  # the router folder inside it (coordinator.store.versions.ROUTER_DIR)
 DEFAULTS = {"max_new_tokens": 32, "method": "phatgoose", "top_k": 2}
 # Where the base runs, from the model config given at load time:
 # mlflow.pyfunc.load_model(uri, model_config={"device": "cuda:1", "dtype": "bfloat16"}).

@@ -2,7 +2,7 @@
 version, all sent through a durable on-disk queue so that an unreachable MLflow never blocks
 the coordinator.
 
-mlflow is imported only here and in `coordinator.pyfunc`, and only when a call is replayed.
+mlflow is imported only here and in `coordinator.tracking.pyfunc`, and only when a call is replayed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.tracking_queue import Op, OpQueue
+from coordinator.tracking.queue import Op, OpQueue
 from protocol.errors import Unavailable
 
 EXPERIMENT = "gaggle"
@@ -92,7 +92,7 @@ class Tracker:
         return queued
 
     def record_evaluation(self, record: dict) -> bool:
-        """Queue a version's evaluation (a `coordinator.evaluation` record): its model
+        """Queue a version's evaluation (a `coordinator.checks.evaluation` record): its model
         version's `eval.*` tags and a run holding the metrics."""
         op_id = f"eval:{record['version_id']}:{record['config_key']}"
         queued = self.queue.enqueue(op_id, "evaluation", record)
@@ -283,8 +283,8 @@ def version_payload(manifest: dict, folder: Path) -> dict:
 
 
 def _usage(folder: Path) -> dict:
-    """The version's expert usage on public prompts (coordinator.poison), measured once."""
-    from coordinator.poison import version_usage
+    """The version's expert usage on public prompts (coordinator.checks.usage), measured once."""
+    from coordinator.checks.usage import version_usage
 
     return version_usage(folder)
 
@@ -323,25 +323,25 @@ def _fail_fast_on_unreachable_server() -> None:
 
 
 def _replay_expert_run(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking_ops import replay_expert_run
+    from coordinator.tracking.replay import replay_expert_run
 
     replay_expert_run(client, tracker.experiment_id(client), op)
 
 
 def _replay_router_version(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking_ops import replay_router_version
+    from coordinator.tracking.replay import replay_router_version
 
     replay_router_version(client, tracker.experiment_id(client), op)
 
 
 def _replay_evaluation(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking_ops import replay_evaluation
+    from coordinator.tracking.replay import replay_evaluation
 
     replay_evaluation(client, tracker.experiment_id(client), op)
 
 
 def _replay_promotion(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking_ops import replay_promotion
+    from coordinator.tracking.replay import replay_promotion
 
     replay_promotion(client, op)
 

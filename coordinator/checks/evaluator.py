@@ -10,15 +10,15 @@ import time
 from collections import deque
 from pathlib import Path
 
-from coordinator.assemble import AssemblyConfig
-from coordinator.evaluation import (
+from coordinator.checks.evaluation import (
     EvalPool,
     EvaluationConfig,
     evaluate_version,
     needs_evaluation,
     save_active_config,
 )
-from coordinator.version_store import VersionStore
+from coordinator.ray_cluster import RayConfig
+from coordinator.store.versions import VersionStore
 from protocol.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,9 @@ class Evaluator:
     """Owns the evaluation actors and a FIFO of version ids to evaluate."""
 
     def __init__(self, store_root: str | os.PathLike, config: EvaluationConfig, *,
-                 tracker=None, assembly_config: AssemblyConfig | None = None,
+                 tracker=None, ray_config: RayConfig | None = None,
                  pool: EvalPool | None = None, base: str | None = None) -> None:
-        """tracker: the assembler's `coordinator.tracking.Tracker`, or None (local only).
+        """tracker: the assembler's `coordinator.tracking.tracker.Tracker`, or None (local only).
         pool: actors to share (their config must be `config`); default: this evaluator's.
         base: the coordinator's base model name; its actors start loading it at once
         (default: each version's declared base, loaded on the first evaluation)."""
@@ -42,7 +42,7 @@ class Evaluator:
             raise InvalidArgument("the shared evaluation pool runs another config than this "
                                   "evaluator's: give both the same EvaluationConfig",
                                   field="eval_config")
-        self.pool = pool or EvalPool(config, assembly_config)
+        self.pool = pool or EvalPool(config, ray_config)
         self._own_pool = pool is None
         self.versions = VersionStore(self.root)
         self.evaluated = 0  # versions evaluated by this process

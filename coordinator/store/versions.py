@@ -22,7 +22,7 @@ CURRENT = "CURRENT"
 CHAMPION = "CHAMPION"
 PROMOTIONS = "promotions.jsonl"
 # fullmatch, not match: "$" also matches before a final newline.
-VERSION_ID_RE = re.compile(r"[0-9a-f]{16}")  # coordinator.assemble.version_id_for
+VERSION_ID_RE = re.compile(r"[0-9a-f]{16}")  # coordinator.versions.assemble.version_id_for
 _PREFIX_RE = re.compile(r"[0-9a-f]{1,16}")
 
 

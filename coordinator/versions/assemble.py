@@ -24,42 +24,37 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.version_store import (
+import ray
+
+from coordinator.ray_cluster import RayConfig, ensure_ray, folder_files, scratch_dir
+from coordinator.store.experts import Store
+from coordinator.store.versions import (
     ROUTER_DIR,
     VERSION_FILE,
     VersionStore,
     one_line_diff,
 )
-from protocol.errors import FailedPrecondition, GaggleError, InvalidArgument, InvalidBundle
+from protocol.bundle import load_bundle
+from protocol.errors import FailedPrecondition, GaggleError, InvalidBundle
+from protocol.manifest import MANIFEST, read_manifest
+from routing.stack import RouterWeights, concat_routers, stack_experts
+from routing.version import save_router
 
 FORMAT = 1
-SHM = "/dev/shm"
 log = logging.getLogger(__name__)
-_RAY_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
-class AssemblyConfig:
-    """How assembly runs; the defaults suit a laptop."""
+class AssemblyConfig(RayConfig):
+    """How assembly runs: where Ray runs (RayConfig) and how bundles are batched into tasks."""
 
-    ray_address: str | None = None  # join this Ray cluster; None starts a local one
-    num_cpus: int = 2  # CPUs of the local Ray instance (ignored with ray_address)
     chunk_size: int = 256  # bundles loaded and stacked per Ray task: amortises task overhead
-    # Custom Ray resources every assembly task and evaluation actor asks for, as (name,
-    # amount) pairs: they pin that work to the nodes started with `--resources` naming them.
-    resources: tuple[tuple[str, float], ...] = ()
-
-    def ray_options(self) -> dict:
-        """`.options(...)` for this coordinator's Ray tasks and actors."""
-        return {"resources": dict(self.resources)} if self.resources else {}
 
 
 @dataclass(frozen=True)
@@ -77,62 +72,12 @@ class ExpertEntry:
                 "method": self.method}
 
 
-def parse_resources(specs: list[str] | tuple[str, ...] | None) -> tuple[tuple[str, float], ...]:
-    """`--ray-resource NAME=AMOUNT` values as AssemblyConfig.resources pairs."""
-    pairs = []
-    for spec in specs or ():
-        name, _, amount = str(spec).partition("=")
-        try:
-            value = float(amount)
-        except ValueError:
-            value = -1.0
-        if not name.strip() or not value > 0:
-            raise InvalidArgument(f"Ray resource {spec!r} must be NAME=AMOUNT with a positive "
-                                  "amount, e.g. gaggle_worker=1", field="ray_resources")
-        pairs.append((name.strip(), value))
-    return tuple(pairs)
-
-
-def ensure_ray(config: AssemblyConfig | None = None) -> None:
-    """Start (or join) Ray once per process, on loopback unless an address is given."""
-    import ray
-
-    config = config or AssemblyConfig()
-    with _RAY_LOCK:
-        if ray.is_initialized():
-            return
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # quiet about tokens
-        if config.ray_address:  # HOST:PORT, or ray://HOST:PORT through Ray Client
-            _join(ray, config.ray_address)
-            return
-        # A local Ray stays on 127.0.0.1 (see the project's ENV notes); joining a cluster
-        # must not: the cluster reaches this driver at the address Ray finds for it.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False)
-
-
-def _join(ray, address: str, attempts: int = 3) -> None:
-    """ray.init on an existing cluster. Ray Client's server starts one process per driver and
-    on a busy head that start sometimes fails (ConnectionAbortedError); a new connection
-    gets a new process, so try again a few times before giving up."""
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(address=address, log_to_driver=False)
-            return
-        except ConnectionAbortedError as err:
-            if attempt == attempts or not address.startswith("ray://"):
-                raise
-            log.warning("Ray Client at %s refused this driver (%s); trying again", address,
-                        str(err).strip().splitlines()[-1][:200])
-            time.sleep(attempt)
-
-
 def select_experts(records: list) -> list[ExpertEntry]:
     """The expert set of a new version: the newest expert per (contributor, name).
 
     A contributor re-submitting a name replaces that expert. Inside the router, in usage
     reports and in version diffs an expert is known by its key, `contributor/name`
-    (coordinator.store.expert_key).
+    (coordinator.store.experts.expert_key).
     """
     newest: dict[tuple[str, str], object] = {}
     for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
@@ -152,16 +97,6 @@ def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def folder_files(path: str | os.PathLike, what: str = "expert folder") -> dict[str, bytes]:
-    """The files of a stored folder (a bundle, a router), as bytes: what travels to Ray."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise InvalidBundle(f"{what} {folder} is missing from the store: the store was "
-                            "changed on disk", field="path")
-    return {child.name: child.read_bytes() for child in sorted(folder.iterdir())
-            if child.is_file()}
-
-
 def load_bundle_files(files: Mapping[str, bytes]):
     """Load and re-verify a bundle from its files' bytes.
 
@@ -170,8 +105,6 @@ def load_bundle_files(files: Mapping[str, bytes]):
     file, the strict manifest and safetensors headers, tensor shapes. The tensors are read
     into memory, so the folder goes at once.
     """
-    from protocol.bundle import load_bundle
-
     size = sum(len(data) for data in files.values())
     with tempfile.TemporaryDirectory(prefix="gaggle-bundle-", dir=scratch_dir(size)) as folder:
         for name, data in files.items():
@@ -179,44 +112,21 @@ def load_bundle_files(files: Mapping[str, bytes]):
         return load_bundle(folder)
 
 
-def scratch_dir(size: int) -> str | None:
-    """Memory-backed /dev/shm when it has room for `size` bytes (several times faster than a
-    disk for thousands of small files), else the default temp folder (None)."""
-    try:
-        if shutil.disk_usage(SHM).free > 4 * size + (64 << 20) and os.access(SHM, os.W_OK):
-            return SHM
-    except OSError:
-        pass
-    return None
-
-
 def _stack_chunk(chunk: list[tuple[ExpertEntry, dict[str, bytes]]],
-                 fingerprint: str | None) -> dict:
+                 fingerprint: str | None) -> RouterWeights:
     """Ray task: re-verify and load a contiguous chunk of bundles from their bytes and stack
-    them module by module.
+    them (routing.stack.stack_experts), named by their keys, in chunk order.
 
-    Returns {"fingerprint", "base_model", "modules": {module: ModuleRouter of this chunk's
-    experts, in chunk order}}. Stacking here, not in the driver, keeps the work parallel and
-    sends a few stacked tensors per module back instead of every expert's small ones.
+    Stacking here, not in the driver, keeps the work parallel and sends a few stacked tensors
+    per module back instead of every expert's small ones.
     """
-    from routing.stack import module_pieces, stack_module
-
-    pieces: dict[str, list] = {}
-    shapes: dict[str, tuple[int, int]] = {}
-    out: dict = {"fingerprint": fingerprint, "base_model": None}
+    bundles = []
     for entry, files in chunk:
         bundle = load_bundle_files(files)
-        _check_entry(bundle, entry, out["fingerprint"])
-        out["fingerprint"], out["base_model"] = (bundle.manifest.base_fingerprint,
-                                                 bundle.manifest.base_model)
-        for module, piece in module_pieces(bundle).items():
-            piece.expert = entry.name
-            pieces.setdefault(module, []).append(piece)
-            spec = bundle.modules[module]
-            shapes[module] = (spec.d_in, spec.d_out)
-    out["modules"] = {name: stack_module(name, *shapes[name], group)
-                      for name, group in pieces.items()}
-    return out
+        _check_entry(bundle, entry, fingerprint)
+        fingerprint = bundle.manifest.base_fingerprint  # the rest of the chunk must match it
+        bundles.append(bundle)
+    return stack_experts(bundles, names=[entry.name for entry, _ in chunk])
 
 
 def _check_entry(bundle, entry: ExpertEntry, fingerprint: str | None) -> None:
@@ -234,54 +144,6 @@ def _check_entry(bundle, entry: ExpertEntry, fingerprint: str | None) -> None:
             field="base_model.fingerprint")
 
 
-def concat_modules(parts: list) -> object:
-    """One module's ModuleRouters from consecutive expert chunks, joined along the experts.
-
-    LoRA factors are zero-padded to the largest rank, and kinds a chunk lacks are zero rows,
-    exactly as `routing.stack.stack_module` lays out a single stack.
-    """
-    import torch
-
-    from routing.stack import ModuleRouter
-
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    rank = max(p.rank for p in parts)
-
-    def joined(field: str, width: tuple[int, ...], pad_dim: int | None = None):
-        if all(getattr(p, field) is None for p in parts):
-            return None
-        blocks = []
-        for p in parts:
-            block = getattr(p, field)
-            if block is None:
-                block = torch.zeros(len(p.experts), *width)
-            elif pad_dim is not None and block.shape[pad_dim] < rank:
-                pad = [0, 0] * (block.dim() - 1 - pad_dim) + [0, rank - block.shape[pad_dim]]
-                block = torch.nn.functional.pad(block, pad)
-            blocks.append(block)
-        return torch.cat(blocks)
-
-    with_activations = all(p.activations is not None for p in parts)
-    lora_B = joined("lora_B", (first.d_out, rank), pad_dim=2)
-    if lora_B is not None:  # the (E, r, d_out) storage stack_module gives, as a view
-        lora_B = lora_B.transpose(1, 2).contiguous().transpose(1, 2)
-    return ModuleRouter(
-        name=first.name, d_in=first.d_in, d_out=first.d_out,
-        experts=[e for p in parts for e in p.experts],
-        kinds=[k for p in parts for k in p.kinds],
-        keys=torch.cat([p.keys for p in parts]),
-        prototypes=torch.cat([p.prototypes for p in parts]),
-        scaling=torch.cat([p.scaling for p in parts]),
-        activations=joined("activations", (first.d_in,)) if with_activations else None,
-        lora_A=joined("lora_A", (rank, first.d_in), pad_dim=1),
-        lora_B=lora_B,
-        ia3_out=joined("ia3_out", (first.d_out,)),
-        ia3_in=joined("ia3_in", (first.d_in,)),
-    )
-
-
 def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
                  fingerprint: str | None = None, stages: dict[str, float] | None = None):
     """Load and stack `entries` on Ray into `routing.stack.RouterWeights`.
@@ -291,10 +153,6 @@ def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
     module; the driver joins each module's chunk stacks in order. stages: gets the seconds
     of both (tasks: reading, transfer and tasks; join).
     """
-    import ray
-
-    from routing.stack import RouterWeights
-
     ensure_ray(config)
     stages = {} if stages is None else stages
     started = time.perf_counter()
@@ -304,24 +162,19 @@ def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
         chunk = [(entry, folder_files(entry.path))
                  for entry in entries[start:start + config.chunk_size]]
         refs.append(task.remote(ray.put(chunk), fingerprint))
-    parts = _get(ray, refs)
+    parts = _get(refs)
     stages["tasks"] = time.perf_counter() - started
-    fingerprints = {part["fingerprint"] for part in parts}
+    fingerprints = {part.fingerprint for part in parts}
     if len(fingerprints) != 1:
         raise InvalidBundle(f"experts were trained on {len(fingerprints)} different base "
                             "models; a version routes experts of one base only",
                             field="base_model.fingerprint")
-    by_module: dict[str, list] = {}
-    for part in parts:  # chunk order is expert order
-        for name, module in part["modules"].items():
-            by_module.setdefault(name, []).append(module)
-    modules = {name: concat_modules(by_module[name]) for name in sorted(by_module)}
+    weights = concat_routers(parts)  # chunk order is expert order
     stages["join"] = time.perf_counter() - started - stages["tasks"]
-    return RouterWeights(base_model=parts[0]["base_model"], fingerprint=fingerprints.pop(),
-                         experts=[e.name for e in entries], modules=modules)
+    return weights
 
 
-def _get(ray, refs: list) -> list:
+def _get(refs: list) -> list:
     """ray.get, re-raising a task's GaggleError as itself (its message names the expert)."""
     try:
         return ray.get(refs)
@@ -389,8 +242,6 @@ def assemble(store_root: str | os.PathLike, records: list,
 def assemble_store(store_root: str | os.PathLike,
                    config: AssemblyConfig | None = None) -> AssemblyResult:
     """Assemble every expert of a store, checked against the store's base model."""
-    from coordinator.store import Store
-
     store = Store(store_root)
     try:
         base = store.cached_base_spec()
@@ -400,15 +251,11 @@ def assemble_store(store_root: str | os.PathLike,
         store.close()
 
 
-def _write_version(folder: Path, weights, manifest: dict) -> None:
-    from routing.version import save_router
-
+def _write_version(folder: Path, weights: RouterWeights, manifest: dict) -> None:
     save_router(weights, folder / ROUTER_DIR, metadata={"gaggle_version": manifest})
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     (folder / VERSION_FILE).write_text(text, encoding="utf-8")
 
 
 def _declared_fingerprint(entry: ExpertEntry) -> str:
-    from protocol.manifest import MANIFEST, read_manifest
-
     return read_manifest(Path(entry.path) / MANIFEST).base_fingerprint

@@ -1,4 +1,4 @@
-"""Pictures of a version's expert usage (coordinator.poison's report), written beside it so
+"""Pictures of a version's expert usage (coordinator.checks.usage's report), written beside it so
 that MLflow shows them with the logged model: a layer x expert heatmap of top-1 shares, and
 each expert's share against its uniform share, flagged experts in red."""
 

@@ -11,9 +11,10 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from coordinator.model_card import version_card, with_evaluation, with_promotion
-from coordinator.store import expert_key
-from coordinator.tracking import (
+from coordinator.store.experts import expert_key
+from coordinator.tracking.model_card import version_card, with_evaluation, with_promotion
+from coordinator.tracking.queue import Op
+from coordinator.tracking.tracker import (
     CHAMPION,
     MAX_TAG_CHARS,
     MODEL_NAME,
@@ -23,11 +24,10 @@ from coordinator.tracking import (
     TAG_OP,
     TAG_VERSION,
 )
-from coordinator.tracking_queue import Op
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")  # logged as an MLflow model from code
 # The model config keys a consumer may override at load time (MLflow drops any key the logged
-# model lacks): coordinator.pyfunc.PLACEMENT_DEFAULTS, the base's device and dtype.
+# model lacks): coordinator.tracking.pyfunc.PLACEMENT_DEFAULTS, the base's device and dtype.
 PYFUNC_MODEL_CONFIG = {"device": "auto", "dtype": "auto"}
 _REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "mlflow")
 _MAX_METRICS_PER_BATCH = 1000
@@ -204,10 +204,10 @@ def version_tags(payload: dict) -> dict[str, str]:
 
 def _usage_tags(payload: dict) -> dict[str, str]:
     """`usage.*` tags: each expert's share of routed tokens, the flagged (poisoned-looking)
-    experts (coordinator.poison); none for payloads queued before the check existed."""
+    experts (coordinator.checks.usage); none for payloads queued before the check existed."""
     if not payload.get("usage"):
         return {}
-    from coordinator.poison import usage_tags
+    from coordinator.checks.usage import usage_tags
 
     return usage_tags(payload["usage"], MAX_TAG_CHARS)
 

@@ -16,16 +16,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from coordinator.assemble import (
+from coordinator.ray_cluster import ensure_ray, parse_resources
+from coordinator.store.versions import VersionStore
+from coordinator.tracking.tracker import Tracker, expert_payload, version_payload
+from coordinator.versions.assemble import (
     AssemblyConfig,
     AssemblyResult,
     assemble,
-    ensure_ray,
-    parse_resources,
     select_experts,
 )
-from coordinator.tracking import Tracker, expert_payload, version_payload
-from coordinator.version_store import VersionStore
 from protocol.errors import GaggleError
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,8 @@ class Assembler:
     def __init__(self, store, *, config: AssemblyConfig | None = None,
                  tracker: Tracker | None = None, evaluator=None,
                  reconcile_s: float = 60.0) -> None:
-        """store: the serving coordinator's `coordinator.store.Store`; evaluator: a
-        `coordinator.evaluator.Evaluator` given each version assembled (None: no evaluation);
+        """store: the serving coordinator's `coordinator.store.experts.Store`; evaluator: a
+        `coordinator.checks.evaluator.Evaluator` given each version assembled (None: no evaluation);
         reconcile_s: how often to look for stored experts missing from the current version."""
         self.store = store
         self.root = Path(store.root)
@@ -218,7 +217,7 @@ def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str 
                     ray_resources: tuple[str, ...] = ()) -> Assembler:
     """The assembler a serving coordinator runs; pass `.on_accepted` as the server's hook.
 
-    store: the server's `coordinator.store.Store`. tracking_uri: MLflow server (default: the
+    store: the server's `coordinator.store.experts.Store`. tracking_uri: MLflow server (default: the
     SQLite store inside the store folder); tracking=False turns MLflow off. eval_config: an
     `EvaluationConfig` or the path of its TOML/JSON file; each new version is then evaluated.
     base: the coordinator's base model name, which evaluation loads (default: the store's).
@@ -228,14 +227,14 @@ def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str 
     tracker = Tracker(store.root, tracking_uri) if tracking else None
     evaluator = None
     if eval_config is not None:
-        from coordinator.evaluation import EvaluationConfig
-        from coordinator.evaluator import Evaluator
+        from coordinator.checks.evaluation import EvaluationConfig
+        from coordinator.checks.evaluator import Evaluator
 
         if not isinstance(eval_config, EvaluationConfig):
             eval_config = EvaluationConfig.from_file(eval_config)
         if base is None and store.cached_base_spec() is not None:
             base = store.cached_base_spec().name
-        evaluator = Evaluator(store.root, eval_config, tracker=tracker, assembly_config=config,
+        evaluator = Evaluator(store.root, eval_config, tracker=tracker, ray_config=config,
                               base=base)
     return Assembler(store, config=config, tracker=tracker, evaluator=evaluator).start()
 
@@ -251,10 +250,10 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     handle on the store (never the recovering one) and stops with the process, within
     SHUTDOWN_S seconds even with an assembly in flight (that one runs again on start).
     """
-    from coordinator.store import Store
+    from coordinator.store.experts import Store
 
     if eval_config is not None:  # a bad file is an error at start, not in a thread later
-        from coordinator.evaluation import EvaluationConfig
+        from coordinator.checks.evaluation import EvaluationConfig
 
         eval_config = EvaluationConfig.from_file(eval_config)
     try:

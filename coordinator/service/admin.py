@@ -11,11 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-from coordinator.auth import TokenBook, current_identity
-from coordinator.servicer import handles_errors
-from coordinator.store import Store
-from coordinator.tracking import Tracker
-from coordinator.versions import promote_version
+from coordinator.commands.versions import promote_version
+from coordinator.service.auth import TokenBook, current_identity
+from coordinator.service.servicer import handles_errors
+from coordinator.store.experts import Store
+from coordinator.tracking.tracker import Tracker
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 

@@ -5,7 +5,7 @@ Layout of a store folder::
     index.sqlite          contributors, tokens, experts, uploads (WAL, synchronous=FULL)
     base.json             the federation's BaseSpec, cached so the server starts fast
     experts/<expert_id>/  one validated bundle folder per expert (protocol.bundle layout)
-    uploads/<id>.part     bytes of an upload in progress (coordinator.uploads)
+    uploads/<id>.part     bytes of an upload in progress (coordinator.intake.uploads)
     staging/<id>/         an upload being unpacked and validated
 
 An expert folder appears by one atomic rename, and its index row in one transaction right

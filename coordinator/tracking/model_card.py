@@ -17,7 +17,7 @@ MAX_CARD_ROWS = 200  # experts listed in full; the rest are counted
 
 
 def version_card(payload: dict) -> str:
-    """The card of a router version (a coordinator.tracking.version_payload)."""
+    """The card of a router version (a coordinator.tracking.tracker.version_payload)."""
     experts = payload.get("experts") or [
         {"name": n, "contributor": c, "method": "", "expert_id": i} for n, c, i in
         zip(payload["expert_names"], payload["contributors"], payload["expert_ids"],
@@ -39,7 +39,7 @@ def version_card(payload: dict) -> str:
 
 
 def usage_section(report: dict) -> list[str]:
-    """Each expert's top-1 share of routed tokens on public prompts (coordinator.poison)."""
+    """Each expert's top-1 share of routed tokens on public prompts (coordinator.checks.usage)."""
     if not report:
         return []
     if "error" in report:
@@ -57,7 +57,7 @@ def usage_section(report: dict) -> list[str]:
 
 
 def with_evaluation(card: str, record: dict) -> str:
-    """The card with its evaluation section set to a coordinator.evaluation record (replacing
+    """The card with its evaluation section set to a coordinator.checks.evaluation record (replacing
     an earlier one, so replaying the call gives the same card)."""
     body = card.split(f"\n{EVALUATION_HEADING}\n", 1)[0].rstrip()
     metrics = record["metrics"]

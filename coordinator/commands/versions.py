@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from coordinator.version_store import ROUTER_DIR, VERSION_FILE, VersionStore
+from coordinator.store.versions import ROUTER_DIR, VERSION_FILE, VersionStore
 from protocol.errors import AlreadyExists, FailedPrecondition, GaggleError, NotFound
 
 
@@ -32,9 +32,9 @@ def _replay(tracker) -> str:
 
 def run_assemble_command(args: argparse.Namespace) -> int:
     """`assemble --store DIR`: a version from every stored expert, tracked in MLflow."""
-    from coordinator.assemble import AssemblyConfig, assemble_store, parse_resources
-    from coordinator.store import Store
-    from coordinator.tracking import Tracker, expert_payload, version_payload
+    from coordinator.store.experts import Store
+    from coordinator.tracking.tracker import Tracker, expert_payload, version_payload
+    from coordinator.versions.assemble import AssemblyConfig, assemble_store, parse_resources
 
     root = _store_root(args)
     config = AssemblyConfig(ray_address=args.ray_address,
@@ -63,8 +63,8 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
     Evaluation metrics come from the local records (so they show with MLflow down), then
     from the model versions' `eval.*` tags for what the local records lack.
     """
-    from coordinator.evaluation import read_evaluation
-    from coordinator.tracking import Tracker, default_tracking_uri
+    from coordinator.checks.evaluation import read_evaluation
+    from coordinator.tracking.tracker import Tracker, default_tracking_uri
 
     versions = VersionStore(root)
     current, champion = versions.current_id(), versions.champion_id()
@@ -123,7 +123,7 @@ def run_versions_command(args: argparse.Namespace) -> int:
 
 def run_diff_command(args: argparse.Namespace) -> int:
     """`diff OLD NEW --store DIR`: experts added, removed, changed, and how much per module."""
-    from coordinator.version_diff import diff_versions
+    from coordinator.versions.diff import diff_versions
 
     diff = diff_versions(_store_root(args), args.old, args.new)
     if getattr(args, "json", False):
@@ -155,7 +155,7 @@ def run_promote_command(args: argparse.Namespace) -> int:
     Refuses, unless --force, a version whose mean evaluation accuracy lies more than the
     threshold below the champion's (--max-drop, else the evaluation config's `max_drop`).
     """
-    from coordinator.tracking import Tracker
+    from coordinator.tracking.tracker import Tracker
 
     root = _store_root(args)
     tracker = Tracker(root, args.tracking_uri)
@@ -176,7 +176,7 @@ def promote_version(root: Path, version: str, *, force: bool, by: str, tracker=N
     worse than the champion (check_not_worse), move CHAMPION, and queue the MLflow alias move
     when a Tracker is given, with who (`by`) promoted from which version for the history.
     Returns (version id, promotion sequence, note or None)."""
-    from coordinator.evaluation import MEAN, read_evaluation
+    from coordinator.checks.evaluation import MEAN, read_evaluation
 
     versions = VersionStore(root)
     version_id, previous = versions.resolve(version), versions.champion_id()
@@ -193,7 +193,7 @@ def promote_version(root: Path, version: str, *, force: bool, by: str, tracker=N
 def promotion_threshold(root: Path, max_drop: float | None = None) -> float:
     """The largest allowed drop in mean accuracy: `max_drop` if given, else the `max_drop` of
     the evaluation config the coordinator runs with, else DEFAULT_MAX_DROP."""
-    from coordinator.evaluation import DEFAULT_MAX_DROP, active_config
+    from coordinator.checks.evaluation import DEFAULT_MAX_DROP, active_config
 
     if max_drop is not None:
         return max_drop
@@ -210,7 +210,7 @@ def check_not_worse(root: Path, candidate: str, champion: str | None, *, tracker
     The local evaluation records decide; with a `Tracker`, MLflow's `eval.*` tags stand in
     for a missing record.
     """
-    from coordinator.evaluation import MEAN
+    from coordinator.checks.evaluation import MEAN
 
     if champion is None or champion == candidate:
         return None
@@ -256,7 +256,7 @@ class _Registry:
 def _evaluation_of(root: Path, registry: _Registry,
                    version_id: str) -> tuple[str | None, float] | None:
     """(config key, mean accuracy) of a version, from its local record or MLflow; or None."""
-    from coordinator.evaluation import MEAN, read_evaluation
+    from coordinator.checks.evaluation import MEAN, read_evaluation
 
     record = read_evaluation(root, version_id)
     if record is not None and isinstance(record.get("metrics", {}).get(MEAN), float):
