@@ -1,1 +1,14 @@
-"""Coordinator role: the gRPC service, the durable store, assembly on Ray, tracking in MLflow."""
+"""The coordinator service, in rooms, each importing only the rooms below it:
+
+    cli, commands/   the `gaggle-coordinator` subcommands (one module each)
+    server.py        ServerConfig and the gRPC server that wires the rooms together
+    service/         the gRPC edge: Coordinator and Admin servicers, token auth, health
+    versions/        router versions: assembly on Ray, its scheduler, diff, promotion, history
+    checks/          what is measured about a version: evaluation, expert usage (poisoning)
+    intake/          receiving a bundle: resumable uploads and their writer
+    tracking/        recording in MLflow: the durable queue, its replay, names, model cards
+    store/           what is on disk: the Layout, the expert store, the version folders
+    ray_cluster.py   where Ray runs (local on 127.0.0.1, or a cluster)
+
+tests/test_layers.py keeps these directions true.
+"""

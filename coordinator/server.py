@@ -25,8 +25,10 @@ from coordinator.service.admin import AdminServicer
 from coordinator.service.auth import AuthInterceptor, FailureLimiter, TokenBook
 from coordinator.service.servicer import CoordinatorServicer, OnAccepted
 from coordinator.store.experts import Store
+from coordinator.versions.scheduler import server_hook
 from protocol.errors import InvalidArgument, Unavailable
 from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
+from routing.device import check_names, set_serving_placement
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gaggle_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -44,11 +46,13 @@ class ServerConfig:
     tls_cert: Path | None = None  # server certificate (PEM); enables TLS
     tls_key: Path | None = None  # its private key (PEM)
     tls_client_ca: Path | None = None  # when set, clients must present a cert signed by it
-    max_bundle_bytes: int = 512 * 1024 * 1024  # largest archive accepted
-    max_concurrent_uploads: int = 4  # unfinished uploads per contributor
-    upload_idle_timeout_s: float = 3600.0  # uploads idle this long expire
-    stream_idle_timeout_s: float = 60.0  # an upload stream silent this long is cancelled
-    store_quota_bytes: int | None = None  # total archive bytes the store may hold
+    # The upload limits, under the names a config file uses; their defaults and meanings
+    # are UploadLimits' (the `limits` property maps them).
+    max_bundle_bytes: int = UploadLimits.max_bundle_bytes
+    max_concurrent_uploads: int = UploadLimits.max_concurrent_uploads
+    upload_idle_timeout_s: float = UploadLimits.idle_timeout_s
+    stream_idle_timeout_s: float = UploadLimits.stream_idle_timeout_s
+    store_quota_bytes: int | None = UploadLimits.quota_bytes
     max_workers: int = 16  # concurrent RPCs (threads)
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
@@ -67,8 +71,6 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key",
                                   field="tls_client_ca")
-        from routing.device import check_names  # light: torch only, no model
-
         check_names(self.device, self.dtype)
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} is out of range 0-65535", field="port")
@@ -201,16 +203,12 @@ def accepted_hook(config: ServerConfig) -> OnAccepted | None:
     """What runs after each newly accepted expert (off the RPC path, in order): the
     assembler, which builds a router version on Ray and tracks it in MLflow. None with
     `assembly = false` (--no-assembly): experts are then only stored."""
-    from routing.device import set_serving_placement  # before Ray starts: workers inherit it
-
-    set_serving_placement(config.device, config.dtype)
+    set_serving_placement(config.device, config.dtype)  # before Ray starts: workers inherit it
     if not config.assembly:
         return None
     # Ray's failure signal handler would turn the SIGTERM that `serve` handles (graceful
     # shutdown) into an abort when the process exits.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    from coordinator.versions.scheduler import server_hook  # Ray and MLflow: only when assembling
-
     return server_hook(config.store, tracking_uri=config.tracking_uri,
                        ray_address=config.ray_address, ray_resources=config.ray_resources,
                        eval_config=config.eval_config,
@@ -235,11 +233,3 @@ def serve(config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:
         pass
     server.stop()
     log.info("stopped")
-
-
-def run_serve_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig.from_args(args)
-    serve(config, accepted_hook(config))
-    return 0

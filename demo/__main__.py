@@ -200,7 +200,7 @@ class Demo:
         """Addresses of the run list, an expert's run and the champion's version page."""
         from mlflow import MlflowClient
 
-        from coordinator.tracking.tracker import CHAMPION, EXPERIMENT, REGISTERED_MODEL
+        from coordinator.tracking.names import CHAMPION, EXPERIMENT, REGISTERED_MODEL
 
         client = MlflowClient(self.tracking_uri, self.tracking_uri)
         champion = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)

@@ -1,1 +1,1 @@
-"""checks"""
+"""What is measured about a router version: evaluation on public tasks, expert usage."""

@@ -25,22 +25,28 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import ray
+
 from coordinator.ray_cluster import (
     RayConfig,
     ensure_ray,
     folder_files,
-    parse_resources,
     scratch_dir,
 )
+from coordinator.store.layout import Layout, atomic_write
 from coordinator.store.versions import ROUTER_DIR, VersionStore
 from protocol.errors import DeadlineExceeded, GaggleError, InvalidArgument, Unavailable
-from tasks.registry import HELD_OUT, TASKS
+from routing.base import load_base
+from routing.device import serving_placement
+from routing.evaluate import evaluate
+from routing.methods import TOKEN_METHODS
+from routing.router import route, unroute
+from routing.version import load_router
+from tasks.registry import HELD_OUT, TASKS, split
 
-EVAL_DIR = "evaluations"
 CONFIG_FILE = "config.json"
 MEAN = "accuracy"  # the key of the mean over tasks (tag `eval.accuracy`)
 DEFAULT_MAX_DROP = 0.01  # promote's threshold when no evaluation config says otherwise
-METHODS = ("phatgoose", "phatgoose_centred", "arrow", "average_activation", "uniform_merge")
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +56,7 @@ class EvaluationConfig:
 
     tasks: tuple[str, ...] = HELD_OUT  # registry task names; public data, never a contributor's
     examples_per_task: int = 100  # the first N of each task's seeded test split
-    method: str = "phatgoose"  # routing method evaluated (see routing.router.METHODS)
+    method: str = "phatgoose"  # routing method evaluated (one of routing.methods.TOKEN_METHODS)
     top_k: int = 2  # experts mixed per token
     batch_size: int = 16  # prompts per forward
     max_length: int = 256  # tokens kept per prompt + choice
@@ -71,8 +77,8 @@ class EvaluationConfig:
                                   field="tasks")
         if len(set(self.tasks)) != len(self.tasks):
             raise InvalidArgument(f"evaluation tasks repeat: {list(self.tasks)}", field="tasks")
-        if self.method not in METHODS:
-            raise InvalidArgument(f"evaluation method must be one of {METHODS}, got "
+        if self.method not in TOKEN_METHODS:
+            raise InvalidArgument(f"evaluation method must be one of {TOKEN_METHODS}, got "
                                   f"{self.method!r}", field="method")
         for name in ("examples_per_task", "top_k", "batch_size", "actors"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -126,16 +132,12 @@ class EvaluationConfig:
 # ----- local records -----
 
 def _eval_dir(store_root: str | os.PathLike) -> Path:
-    return Path(store_root) / EVAL_DIR
+    return Layout.of(store_root).evaluations
 
 
 def _write_json(path: Path, data: dict) -> None:
     """Replace `path` atomically: a reader sees the old record or the new one, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(staging, path)
+    atomic_write(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_evaluation(store_root: str | os.PathLike, version_id: str) -> dict | None:
@@ -164,9 +166,6 @@ class EvalWorker:
     """Ray actor body: one base model, loaded once, evaluating router versions in turn."""
 
     def __init__(self, base: str) -> None:
-        from routing.base import load_base
-        from routing.device import serving_placement
-
         self.base = load_base(base, **serving_placement())  # serve --device / --dtype
         self._examples: dict[tuple[str, int, int], list] = {}
 
@@ -180,8 +179,6 @@ class EvalWorker:
 
         Returns {task: {"accuracy", "n", "seconds"}}; the base model is unrouted after.
         """
-        from routing.evaluate import evaluate
-        from routing.router import route, unroute
 
         model = route(self.base, _load_router_files(router_files), method=config["method"],
                       top_k=config["top_k"])
@@ -199,8 +196,6 @@ class EvalWorker:
         return out
 
     def _test_examples(self, task: str, seed: int, n: int) -> list:
-        from tasks.registry import split
-
         if (task, seed, n) not in self._examples:
             self._examples[(task, seed, n)] = split(task, seed).test[:n]
         return self._examples[(task, seed, n)]
@@ -209,8 +204,6 @@ class EvalWorker:
 def _load_router_files(files: dict[str, bytes]):
     """RouterWeights from a router folder's files: written to a scratch folder and read back
     by `routing.version.load_router`, which checks the hash and every shape."""
-    from routing.version import load_router
-
     size = sum(len(data) for data in files.values())
     with tempfile.TemporaryDirectory(prefix="gaggle-router-", dir=scratch_dir(size)) as scratch:
         for name, data in files.items():
@@ -237,8 +230,6 @@ class EvalPool:
 
         The folder's files go into the object store once; every actor gets the reference.
         """
-        import ray
-
         actors = self.start(base)
         shares = [list(self.config.tasks[i::len(actors)]) for i in range(len(actors))]
         settings = self.config.to_json()
@@ -264,8 +255,6 @@ class EvalPool:
 
     def start(self, base: str) -> list:
         """The actors for base model `base`, created (loading it) unless they already run."""
-        import ray
-
         if self._actors and self._base == base:
             return self._actors
         self.shutdown()
@@ -277,8 +266,6 @@ class EvalPool:
         return self._actors
 
     def shutdown(self) -> None:
-        import ray
-
         for actor in self._actors:
             try:
                 ray.kill(actor)
@@ -321,35 +308,3 @@ def needs_evaluation(store_root: str | os.PathLike, version_id: str,
     """True unless the version already holds an evaluation under this config."""
     record = read_evaluation(store_root, version_id)
     return record is None or record.get("config_key") != config.key
-
-
-def run_evaluate_command(args) -> int:
-    """`evaluate V... --store DIR --eval-config FILE`: evaluate versions now (say, ones made
-    before evaluation was configured), record them locally and in MLflow."""
-    from coordinator.store.experts import Store
-    from coordinator.tracking.tracker import Tracker
-
-    root = Path(args.store)
-    versions = VersionStore(root)
-    ids = [versions.resolve(v) for v in args.versions]
-    config = EvaluationConfig.from_file(args.eval_config)
-    store = Store(root)
-    try:
-        spec = store.cached_base_spec()
-    finally:
-        store.close()
-    tracker = Tracker(root, args.tracking_uri)
-    pool = EvalPool(config, RayConfig(ray_address=args.ray_address,
-                                           resources=parse_resources(args.ray_resources)))
-    try:
-        for version_id in ids:
-            record = evaluate_version(root, version_id, pool, tracker,
-                                      base=spec.name if spec else None)
-            scores = " ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
-            print(f"version {version_id}: {scores} ({record['seconds']:.1f} s)")
-    finally:
-        pool.shutdown()
-    result = tracker.replay()
-    print(f"MLflow at {tracker.uri}: " + (f"{result.pending} calls queued ({result.error})"
-                                          if result.pending else "up to date"))
-    return 0

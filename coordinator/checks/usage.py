@@ -26,6 +26,14 @@ from pathlib import Path
 import torch
 
 from coordinator.checks.usage_charts import write_usage_charts
+from coordinator.store.layout import atomic_write
+from coordinator.store.versions import ROUTER_DIR
+from routing.base import load_base
+from routing.device import serving_placement
+from routing.router import route, unroute
+from routing.trace import capture_routing
+from routing.version import load_router
+from tasks.registry import HELD_OUT, split
 
 log = logging.getLogger(__name__)
 USAGE_FILE = "usage.json"
@@ -46,8 +54,6 @@ class PoisonConfig:
 
 def evaluation_prompts(config: PoisonConfig = PoisonConfig()) -> list[str]:
     """The fixed public prompt set: the first test inputs of every held-out task."""
-    from tasks.registry import HELD_OUT, split
-
     return [example.input for task in HELD_OUT
             for example in split(task).test[:config.prompts_per_task]]
 
@@ -56,7 +62,6 @@ def top1_shares(model, tokenizer, prompts: list[str],
                 max_tokens: int) -> tuple[dict[str, torch.Tensor], list[str], int]:
     """Run a routed model on each prompt; per module, (E_collection,) share of tokens whose
     top-1 expert is each expert (NaN for experts not adapting it); collection names; tokens."""
-    from routing.trace import capture_routing
 
     with torch.inference_mode(), capture_routing(model) as trace:
         for prompt in prompts:
@@ -125,7 +130,6 @@ def shares_by_layer(shares: dict[str, torch.Tensor], experts: list[str],
 def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
                    prompts: list[str] | None = None) -> dict:
     """The usage report of RouterWeights on a loaded BaseModel (routed, then unrouted)."""
-    from routing.router import route, unroute
 
     prompts = evaluation_prompts(config) if prompts is None else prompts
     model = route(base, weights, method="phatgoose", top_k=config.top_k)
@@ -144,9 +148,6 @@ def version_usage(folder: str | os.PathLike, config: PoisonConfig = PoisonConfig
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     try:
-        from coordinator.store.versions import ROUTER_DIR
-        from routing.version import load_router
-
         weights = load_router(Path(folder) / ROUTER_DIR)
         with _LOCK:  # one measurement at a time: the base model is shared
             report = measure_router(weights, _base(weights.base_model), config)
@@ -157,29 +158,12 @@ def version_usage(folder: str | os.PathLike, config: PoisonConfig = PoisonConfig
         log.warning("version %s: experts %s take more than their share of the tokens "
                     "(possible poisoning)", Path(folder).name, report["flagged"])
     write_usage_charts(report, Path(folder))  # before usage.json: it marks the check done
-    temp = path.with_name(f".{USAGE_FILE}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write(path, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
     return report
-
-
-def usage_tags(report: dict, max_chars: int = 4000) -> dict[str, str]:
-    """MLflow tags of a usage report: the flagged experts and each expert's top-1 share."""
-    if "error" in report:
-        return {"usage.error": report["error"]}
-    experts = report["experts"]
-    shares = ",".join(f"{name}={e['share']:.3f}" for name, e in sorted(experts.items()))
-    if len(shares) > max_chars:
-        shares = shares[:max_chars - 20] + " ... (cut)"
-    return {"usage.slot": report["slot"], "usage.flagged": ",".join(report["flagged"]),
-            "usage.max_share": f"{max((e['share'] for e in experts.values()), default=0):.4f}",
-            "usage.shares": shares}
 
 
 def _base(name: str):
     if name not in _BASES:
-        from routing.base import load_base
-        from routing.device import serving_placement
 
         _BASES.clear()  # keep one base model in memory at most
         _BASES[name] = load_base(name, **serving_placement())  # serve --device / --dtype

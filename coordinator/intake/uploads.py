@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.intake.writer import UploadWriter
+from coordinator.intake.writer import UploadState, UploadWriter
 from coordinator.store.experts import ExpertRecord, Store
 from protocol.archive import ArchiveDigest, extract_members
 from protocol.bundle import MANIFEST, BaseSpec, Bundle, fsync_path, load_bundle
@@ -60,16 +60,6 @@ class UploadLimits:
         if self.idle_timeout_s <= 0 or self.stream_idle_timeout_s <= 0:
             raise InvalidArgument("idle_timeout_s and stream_idle_timeout_s must be positive",
                                   field="limits")
-
-
-@dataclass(frozen=True)
-class UploadState:
-    upload_id: str
-    contributor: str
-    name: str
-    size_bytes: int  # declared archive size
-    expert_id: str  # declared expert id: sha256 of the bundle's canonical manifest
-    committed_bytes: int  # durable bytes so far: resume from here
 
 
 @dataclass(frozen=True)

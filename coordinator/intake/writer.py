@@ -6,17 +6,26 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from protocol.archive import ArchiveDigest
 from protocol.errors import InvalidArgument, OutOfRange
 
-if TYPE_CHECKING:
-    from coordinator.intake.uploads import UploadState
-
 _QUEUED_CHUNKS = 8  # chunks received but not yet handled, per thread and stream (~8 MiB)
 _FLUSH_BYTES = 32 << 20  # written but unsynced bytes that wake the flusher
+
+
+@dataclass(frozen=True)
+class UploadState:
+    """Where one upload stands: what was declared, and how many bytes are durable."""
+
+    upload_id: str
+    contributor: str
+    name: str
+    size_bytes: int  # declared archive size
+    expert_id: str  # declared expert id: sha256 of the bundle's canonical manifest
+    committed_bytes: int  # durable bytes so far: resume from here
 
 
 class UploadWriter:

@@ -1,1 +1,1 @@
-"""service"""
+"""The gRPC edge: the Coordinator and Admin servicers, token auth and the health check."""

@@ -11,11 +11,11 @@ import threading
 import time
 from pathlib import Path
 
-from coordinator.commands.versions import promote_version
 from coordinator.service.auth import TokenBook, current_identity
 from coordinator.service.servicer import handles_errors
 from coordinator.store.experts import Store
 from coordinator.tracking.tracker import Tracker
+from coordinator.versions.promotion import promote_version
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 

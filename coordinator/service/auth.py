@@ -7,7 +7,6 @@ handler sees comes from the token, never from anything the contributor sends.
 
 from __future__ import annotations
 
-import argparse
 import contextvars
 import hashlib
 import hmac
@@ -308,23 +307,3 @@ def _rebuild(handler: grpc.RpcMethodHandler,
                            request_deserializer=handler.request_deserializer,
                            response_serializer=handler.response_serializer)
     return handler
-
-
-def run_token_command(args: argparse.Namespace) -> int:
-    """`gaggle-coordinator token add|revoke|list --store DIR`."""
-    book = TokenBook(Store(args.store))
-    if args.token_command == "add":
-        token = book.add(args.name, role="admin" if getattr(args, "admin", False)
-                         else "contributor", rotate=getattr(args, "rotate", False))
-        print(f"{book.role(args.name)} token for {args.name} (shown once; store it safely):")
-        print(token)
-    elif args.token_command == "revoke":
-        count = book.revoke(args.name)
-        print(f"revoked {count} token(s) of {args.name}")
-    else:
-        rows = book.list()
-        if not rows:
-            print("no contributors yet: add one with `gaggle-coordinator token add NAME`")
-        for name, role, live, revoked in rows:
-            print(f"{name:<24} {role:<12} live tokens: {live}  revoked: {revoked}")
-    return 0

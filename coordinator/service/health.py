@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import sys
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 
 def check(address: str, timeout: float = 5.0) -> bool:
     """True when the server at `address` reports SERVING for the overall service."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from coordinator.intake.uploads import UploadLimits, Uploads, UploadState
+from coordinator.intake.uploads import UploadLimits, Uploads
+from coordinator.intake.writer import UploadState
 from coordinator.service.auth import current_identity
 from coordinator.store.experts import ExpertRecord
 from protocol import status

@@ -1,22 +1,13 @@
 """The coordinator's durable store: expert bundle folders addressed by expert id, a SQLite index.
 
-Layout of a store folder::
-
-    index.sqlite          contributors, tokens, experts, uploads (WAL, synchronous=FULL)
-    base.json             the federation's BaseSpec, cached so the server starts fast
-    experts/<expert_id>/  one validated bundle folder per expert (protocol.bundle layout)
-    uploads/<id>.part     bytes of an upload in progress (coordinator.intake.uploads)
-    staging/<id>/         an upload being unpacked and validated
-
-An expert folder appears by one atomic rename, and its index row in one transaction right
-after; `recover()` (run when the server starts) finishes or undoes whatever a crash
-interrupted, so the store holds either nothing or a complete expert, and never loses an
-acknowledged one.
+Where each file lives is `coordinator.store.layout.Layout`'s to say. An expert folder appears
+by one atomic rename, and its index row in one transaction right after; `recover()` (run when
+the server starts) finishes or undoes whatever a crash interrupted, so the store holds either
+nothing or a complete expert, and never loses an acknowledged one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,12 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.bundle import BaseSpec, Bundle, fsync_path
+from coordinator.store.layout import Layout, atomic_write
+from protocol.bundle import BaseSpec, Bundle, fsync_path, load_bundle
 from protocol.errors import FailedPrecondition, GaggleError, NotFound
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.sqlite"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS contributors (
@@ -105,14 +96,15 @@ class Store:
         `recover=True` runs `recover()`: only the serving coordinator may do that, since it
         would discard another process's uploads in flight.
         """
-        self.root = Path(path)
-        self.experts_dir = self.root / "experts"
-        self.uploads_dir = self.root / "uploads"
-        self.staging_dir = self.root / "staging"
+        self.layout = Layout.of(path)
+        self.root = self.layout.root
+        self.experts_dir = self.layout.experts
+        self.uploads_dir = self.layout.uploads
+        self.staging_dir = self.layout.staging
         for folder in (self.experts_dir, self.uploads_dir, self.staging_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.root / INDEX, timeout=30,
+        self._conn = sqlite3.connect(self.layout.index, timeout=30,
                                      isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -222,10 +214,10 @@ class Store:
             )
         data = {"name": spec.name, "fingerprint": spec.fingerprint,
                 "linears": {k: list(v) for k, v in spec.linears.items()}}
-        _atomic_write(self.root / "base.json", json.dumps(data, indent=1).encode())
+        atomic_write(self.layout.base_spec, json.dumps(data, indent=1).encode())
 
     def cached_base_spec(self) -> BaseSpec | None:
-        path = self.root / "base.json"
+        path = self.layout.base_spec
         if not path.exists():
             return None
         data = json.loads(path.read_text())
@@ -273,7 +265,6 @@ class Store:
         rows = self.query("SELECT * FROM uploads WHERE committing_expert_id = ?",
                           (folder.name,))
         if rows:
-            from protocol.bundle import load_bundle
 
             upload = rows[0]
             try:
@@ -297,20 +288,6 @@ class Store:
         log.warning("removing expert folder %s: no index row and no upload committing it",
                     folder.name)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def require_store(path: str | os.PathLike) -> Path:
-    """The root of an existing store at `path`; NotFound, creating nothing, when none is there.
-
-    `Store(path)` creates a store where there is none, which only `serve` and `token add`
-    should do: for every other command a mistyped --store must fail, not list an empty one.
-    """
-    root = Path(path)
-    if not (root / INDEX).is_file():
-        reason = f"it holds no {INDEX}" if root.is_dir() else "no such folder"
-        raise NotFound(f"no gaggle store at {root} ({reason}): check --store, or start one "
-                       f"with gaggle-coordinator serve --store {root}", field="store")
-    return root
 
 
 def _statements() -> list[str]:
@@ -341,30 +318,3 @@ def _insert_expert(conn: sqlite3.Connection, record: ExpertRecord) -> None:
         (record.expert_id, record.name, record.contributor, record.method,
          record.size_bytes, record.num_modules, record.created_at),
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_path(path.parent)
-
-
-def run_experts_command(args: argparse.Namespace) -> int:
-    """`gaggle-coordinator experts --store DIR`: one line per stored expert."""
-    store = Store(require_store(args.store))
-    experts = store.list_experts()
-    if not experts:
-        print(f"no experts in {store.root}")
-        return 0
-    print(f"{'expert id':<16} {'name':<24} {'contributor':<16} {'method':<6} "
-          f"{'size':>10}  accepted (UTC)")
-    for e in experts:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.created_at))
-        print(f"{e.expert_id[:16]:<16} {e.name[:24]:<24} {e.contributor[:16]:<16} "
-              f"{e.method:<6} {e.size_bytes:>10}  {when}")
-    print(f"{len(experts)} experts")
-    return 0

@@ -11,11 +11,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from coordinator.store.layout import Layout, atomic_write
 from protocol.bundle import fsync_path
-from protocol.errors import InvalidArgument, NotFound
+from protocol.errors import AlreadyExists, InvalidArgument, NotFound
 from protocol.names import preview
+from routing.stack import RouterWeights
+from routing.version import load_router
 
-VERSIONS_DIR = "versions"
 VERSION_FILE = "version.json"
 ROUTER_DIR = "router"
 CURRENT = "CURRENT"
@@ -39,8 +41,8 @@ def check_version_ref(value: object) -> str:
 class VersionStore:
     """The version folders of one coordinator store."""
 
-    def __init__(self, store_root: str | os.PathLike) -> None:
-        self.root = Path(store_root) / VERSIONS_DIR
+    def __init__(self, store: Layout | str | os.PathLike) -> None:
+        self.root = Layout.of(store).versions
         self.root.mkdir(parents=True, exist_ok=True)
 
     def folder(self, version_id: str) -> Path:
@@ -123,6 +125,22 @@ class VersionStore:
         self._write_pointer(CHAMPION, version_id)
         return sequence
 
+    def export(self, version: str, out: str | os.PathLike) -> tuple[str, RouterWeights]:
+        """Copy version `version` (an id or a unique prefix) to a new folder `out` that
+        `routing.version.load_router` reads alone; returns (version id, its router). The
+        folder appears whole or not at all: it is read back before it gets its name."""
+        version_id = self.resolve(version)
+        out = Path(out)
+        if out.exists():
+            raise AlreadyExists(f"--out {out} already exists: choose a new folder", field="out")
+        staging = out.with_name(f".{out.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(self.folder(version_id) / ROUTER_DIR, staging)
+        shutil.copy2(self.folder(version_id) / VERSION_FILE, staging / VERSION_FILE)
+        weights = load_router(staging)
+        staging.rename(out)
+        return version_id, weights
+
     def _read_pointer(self, name: str) -> str | None:
         try:
             value = (self.root / name).read_text(encoding="utf-8").strip()
@@ -131,9 +149,7 @@ class VersionStore:
         return value or None
 
     def _write_pointer(self, name: str, version_id: str) -> None:
-        staging = self.root / f".{name}.tmp"
-        staging.write_text(version_id + "\n", encoding="utf-8")
-        os.replace(staging, self.root / name)
+        atomic_write(self.root / name, (version_id + "\n").encode())
 
 
 def expert_changes(old: dict | None, new: dict) -> dict[str, list]:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from coordinator.store.experts import expert_key
 from coordinator.tracking.model_card import version_card, with_evaluation, with_promotion
-from coordinator.tracking.queue import Op
-from coordinator.tracking.tracker import (
+from coordinator.tracking.names import (
     CHAMPION,
     MAX_TAG_CHARS,
     MODEL_NAME,
@@ -24,6 +23,7 @@ from coordinator.tracking.tracker import (
     TAG_OP,
     TAG_VERSION,
 )
+from coordinator.tracking.queue import Op
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")  # logged as an MLflow model from code
 # The model config keys a consumer may override at load time (MLflow drops any key the logged
@@ -207,9 +207,20 @@ def _usage_tags(payload: dict) -> dict[str, str]:
     experts (coordinator.checks.usage); none for payloads queued before the check existed."""
     if not payload.get("usage"):
         return {}
-    from coordinator.checks.usage import usage_tags
-
     return usage_tags(payload["usage"], MAX_TAG_CHARS)
+
+
+def usage_tags(report: dict, max_chars: int = MAX_TAG_CHARS) -> dict[str, str]:
+    """MLflow tags of a usage report: the flagged experts and each expert's top-1 share."""
+    if "error" in report:
+        return {"usage.error": report["error"]}
+    experts = report["experts"]
+    shares = ",".join(f"{name}={e['share']:.3f}" for name, e in sorted(experts.items()))
+    if len(shares) > max_chars:
+        shares = shares[:max_chars - 20] + " ... (cut)"
+    return {"usage.slot": report["slot"], "usage.flagged": ",".join(report["flagged"]),
+            "usage.max_share": f"{max((e['share'] for e in experts.values()), default=0):.4f}",
+            "usage.shares": shares}
 
 
 def _cut(text: str) -> str:

@@ -2,7 +2,9 @@
 version, all sent through a durable on-disk queue so that an unreachable MLflow never blocks
 the coordinator.
 
-mlflow is imported only here and in `coordinator.tracking.pyfunc`, and only when a call is replayed.
+mlflow is imported only in the tracking room, and only when a call is replayed or read back:
+importing it takes 5.3 s on a 2-core machine, which a coordinator that accepts uploads with
+MLflow down, or a CLI command that only lists versions, should not pay.
 """
 
 from __future__ import annotations
@@ -15,19 +17,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.store.layout import Layout
+from coordinator.tracking import replay
+from coordinator.tracking.names import (
+    EXPERIMENT,
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING,
+    REGISTERED_MODEL,
+    TAG_EVAL_CONFIG,
+    TAG_EVAL_PREFIX,
+    TAG_VERSION,
+    evaluation_op,
+    expert_op,
+    promotion_op,
+    version_op,
+)
 from coordinator.tracking.queue import Op, OpQueue
 from protocol.errors import Unavailable
+from protocol.manifest import MANIFEST, read_manifest
 
-EXPERIMENT = "gaggle"
-REGISTERED_MODEL = "gaggle-router"
-CHAMPION = "champion"
-MODEL_NAME = "router"  # the logged model's name inside MLflow
-TAG_OP = "gaggle.op_id"  # written on every object a replay creates, to recognise it later
-TAG_VERSION = "gaggle.version_id"
-TAG_EVAL_PREFIX = "eval."  # model version tags `eval.accuracy` (the mean), `eval.<task>`
-TAG_EVAL_CONFIG = "gaggle.eval_config"  # key of the evaluation config behind the eval tags
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-MAX_TAG_CHARS = 4000  # MLflow limits tag values; long expert lists are cut with a count
 # MLflow errors that mean "try again later" rather than "this call is wrong".
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                     "DEADLINE_EXCEEDED", "ABORTED"}
@@ -35,9 +43,9 @@ _MLFLOW_LOCK = threading.Lock()  # mlflow's fluent API keeps a process-global tr
 log = logging.getLogger(__name__)
 
 
-def default_tracking_uri(store: Path) -> str:
+def default_tracking_uri(store: Layout | str | os.PathLike) -> str:
     """The embedded SQLite tracking store inside the coordinator's store folder."""
-    return f"sqlite:///{(Path(store) / 'mlflow' / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(Layout.of(store).mlflow / 'mlflow.db').resolve()}"
 
 
 @dataclass(frozen=True)
@@ -52,10 +60,11 @@ class ReplayResult:
 class Tracker:
     """Queues tracking calls in `<store>/tracking/` and replays them into MLflow in order."""
 
-    def __init__(self, store: str | os.PathLike, tracking_uri: str | None = None) -> None:
-        self.store = Path(store)
-        self.uri = tracking_uri or default_tracking_uri(self.store)
-        self.queue = OpQueue(self.store / "tracking")
+    def __init__(self, store: Layout | str | os.PathLike,
+                 tracking_uri: str | None = None) -> None:
+        self.layout = Layout.of(store)
+        self.uri = tracking_uri or default_tracking_uri(self.layout)
+        self.queue = OpQueue(self.layout.tracking)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -66,13 +75,13 @@ class Tracker:
 
     def record_expert(self, payload: dict) -> bool:
         """Queue the MLflow run of an accepted expert (see `expert_payload`)."""
-        queued = self.queue.enqueue(f"expert:{payload['expert_id']}", "expert_run", payload)
+        queued = self.queue.enqueue(expert_op(payload["expert_id"]), "expert_run", payload)
         self.wake()
         return queued
 
     def record_version(self, payload: dict) -> bool:
         """Queue the registered model version of a router version (see `version_payload`)."""
-        queued = self.queue.enqueue(f"version:{payload['version_id']}", "router_version",
+        queued = self.queue.enqueue(version_op(payload["version_id"]), "router_version",
                                     payload)
         self.wake()
         return queued
@@ -83,7 +92,7 @@ class Tracker:
         """Queue moving alias `champion` to a version, and its row in the champion history:
         `sequence` tells promotions apart; who promoted, from which version, and the version's
         mean accuracy when it was evaluated."""
-        op_id = f"promote:{sequence}:{version_id}"
+        op_id = promotion_op(sequence, version_id)
         payload = {"version_id": version_id, "sequence": sequence, "by": by,
                    "from": previous, "mean_accuracy": mean_accuracy,
                    "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
@@ -94,10 +103,18 @@ class Tracker:
     def record_evaluation(self, record: dict) -> bool:
         """Queue a version's evaluation (a `coordinator.checks.evaluation` record): its model
         version's `eval.*` tags and a run holding the metrics."""
-        op_id = f"eval:{record['version_id']}:{record['config_key']}"
+        op_id = evaluation_op(record["version_id"], record["config_key"])
         queued = self.queue.enqueue(op_id, "evaluation", record)
         self.wake()
         return queued
+
+    def has_expert(self, expert_id: str) -> bool:
+        """Whether the run of this expert was ever queued (replayed or not)."""
+        return self.queue.has(expert_op(expert_id))
+
+    def has_version(self, version_id: str) -> bool:
+        """Whether the model version of this router version was ever queued."""
+        return self.queue.has(version_op(version_id))
 
     # ----- replay -----
 
@@ -152,7 +169,7 @@ class Tracker:
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:"):
-            location = (self.store / "mlflow" / "artifacts").resolve().as_uri()
+            location = (self.layout.mlflow / "artifacts").resolve().as_uri()
         # A model-training experiment: the UI opens on its runs, not on a GenAI traces page.
         return client.create_experiment(EXPERIMENT, artifact_location=location,
                                         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
@@ -232,8 +249,6 @@ def expert_payload(record) -> dict:
     list of numbers, such as a loss curve, a metric series by step). The run spans the
     contributor's training (run_window).
     """
-    from protocol.manifest import MANIFEST, read_manifest
-
     manifest = read_manifest(Path(record.path) / MANIFEST)
     params: dict[str, object] = {"contributor": record.contributor, "name": record.name,
                                  "method": record.method}
@@ -270,8 +285,9 @@ def run_window(training: dict, accepted_at: float) -> tuple[int, int]:
     return int(start * 1000), int(end * 1000)
 
 
-def version_payload(manifest: dict, folder: Path) -> dict:
-    """The model version of a router version, from its version.json and folder."""
+def version_payload(manifest: dict, folder: Path, usage: dict | None) -> dict:
+    """The model version of a router version, from its version.json and folder, and the
+    report of its usage check (coordinator.checks.usage; None when it did not run)."""
     experts = manifest["experts"]
     return {"version_id": manifest["version_id"], "folder": str(Path(folder).resolve()),
             "n_experts": len(experts), "experts": experts,
@@ -279,14 +295,7 @@ def version_payload(manifest: dict, folder: Path) -> dict:
             "expert_names": [e["name"] for e in experts],
             "contributors": [e["contributor"] for e in experts],
             "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
-            "base": manifest["base"]["name"], "usage": _usage(folder)}
-
-
-def _usage(folder: Path) -> dict:
-    """The version's expert usage on public prompts (coordinator.checks.usage), measured once."""
-    from coordinator.checks.usage import version_usage
-
-    return version_usage(folder)
+            "base": manifest["base"]["name"], "usage": usage}
 
 
 def _aliases(client) -> dict[str, list[str]]:
@@ -323,27 +332,19 @@ def _fail_fast_on_unreachable_server() -> None:
 
 
 def _replay_expert_run(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking.replay import replay_expert_run
-
-    replay_expert_run(client, tracker.experiment_id(client), op)
+    replay.replay_expert_run(client, tracker.experiment_id(client), op)
 
 
 def _replay_router_version(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking.replay import replay_router_version
-
-    replay_router_version(client, tracker.experiment_id(client), op)
+    replay.replay_router_version(client, tracker.experiment_id(client), op)
 
 
 def _replay_evaluation(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking.replay import replay_evaluation
-
-    replay_evaluation(client, tracker.experiment_id(client), op)
+    replay.replay_evaluation(client, tracker.experiment_id(client), op)
 
 
 def _replay_promotion(tracker: Tracker, client, op: Op) -> None:
-    from coordinator.tracking.replay import replay_promotion
-
-    replay_promotion(client, op)
+    replay.replay_promotion(client, op)
 
 
 _HANDLERS: dict[str, Callable[[Tracker, object, Op], None]] = {

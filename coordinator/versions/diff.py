@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from coordinator.store.versions import ROUTER_DIR, VersionStore, expert_changes
+from routing.version import load_router
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,6 @@ _TOLERANCE = 1e-6
 
 def diff_versions(store_root: str | Path, old: str, new: str) -> VersionDiff:
     """Compare two versions of a store (ids or unique prefixes)."""
-    from routing.version import load_router
-
     versions = VersionStore(store_root)
     old, new = versions.resolve(old), versions.resolve(new)
     before, after = versions.manifest(old), versions.manifest(new)

@@ -16,7 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from coordinator.checks.evaluation import EvaluationConfig
+from coordinator.checks.evaluation_thread import Evaluator
+from coordinator.checks.usage import version_usage
 from coordinator.ray_cluster import ensure_ray, parse_resources
+from coordinator.store.experts import Store
 from coordinator.store.versions import VersionStore
 from coordinator.tracking.tracker import Tracker, expert_payload, version_payload
 from coordinator.versions.assemble import (
@@ -35,12 +39,11 @@ SHUTDOWN_S = 4.0
 class Assembler:
     """Owns the assembly thread of a serving coordinator (and its tracker, when given)."""
 
-    def __init__(self, store, *, config: AssemblyConfig | None = None,
-                 tracker: Tracker | None = None, evaluator=None,
+    def __init__(self, store: Store, *, config: AssemblyConfig | None = None,
+                 tracker: Tracker | None = None, evaluator: Evaluator | None = None,
                  reconcile_s: float = 60.0) -> None:
-        """store: the serving coordinator's `coordinator.store.experts.Store`; evaluator: a
-        `coordinator.checks.evaluator.Evaluator` given each version assembled (None: no evaluation);
-        reconcile_s: how often to look for stored experts missing from the current version."""
+        """evaluator: given each version assembled (None: no evaluation); reconcile_s: how
+        often to look for stored experts missing from the current version."""
         self.store = store
         self.root = Path(store.root)
         self.config = config or AssemblyConfig()
@@ -95,13 +98,7 @@ class Assembler:
         """
         records = self.store.list_experts()
         if self.tracker is not None:
-            for record in records:
-                if not self.tracker.queue.has(f"expert:{record.expert_id}"):
-                    self.tracker.record_expert(expert_payload(record))
-            for manifest in self.versions.all():  # a crash after commit, before queueing
-                if not self.tracker.queue.has(f"version:{manifest['version_id']}"):
-                    folder = self.versions.folder(manifest["version_id"])
-                    self.tracker.record_version(version_payload(manifest, folder))
+            queue_untracked(records, self.versions, self.tracker)
         wanted = frozenset(e.expert_id for e in select_experts(records))
         current = self.versions.current_id()
         have = ({e["expert_id"] for e in self.versions.manifest(current)["experts"]}
@@ -160,8 +157,7 @@ class Assembler:
             self.last_error = None
             self.last_result = result
             if result.created and self.tracker is not None:
-                folder = self.versions.folder(result.version_id)
-                self.tracker.record_version(version_payload(result.manifest, folder))
+                record_version(result.manifest, self.versions, self.tracker)
             if self.evaluator is not None:  # after the version is written, on its own thread
                 self.evaluator.submit(result.version_id)
             log.info("version %s: %d experts (%s), %.1f s", result.version_id,
@@ -208,12 +204,32 @@ class Assembler:
             self.tracker.close(_left(deadline))
 
 
+def record_version(manifest: dict, versions: VersionStore, tracker: Tracker) -> None:
+    """Run the usage check of a version (cached in its folder), then queue its tracking with
+    the report: the check measures, tracking only records what it is given."""
+    folder = versions.folder(manifest["version_id"])
+    tracker.record_version(version_payload(manifest, folder, version_usage(folder)))
+
+
+def queue_untracked(records: list, versions: VersionStore, tracker: Tracker) -> None:
+    """Queue the runs of stored experts and the model versions of router versions that were
+    never queued: after a crash between a commit and its queueing, or a CLI assembly."""
+    for record in records:
+        if not tracker.has_expert(record.expert_id):
+            tracker.record_expert(expert_payload(record))
+    for manifest in versions.all():
+        if not tracker.has_version(manifest["version_id"]):
+            record_version(manifest, versions, tracker)
+
+
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
-def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str | None = None,
-                    tracking: bool = True, eval_config=None, base: str | None = None,
+def start_assembler(store: Store, *, tracking_uri: str | None = None,
+                    ray_address: str | None = None, tracking: bool = True,
+                    eval_config: EvaluationConfig | str | os.PathLike | None = None,
+                    base: str | None = None,
                     ray_resources: tuple[str, ...] = ()) -> Assembler:
     """The assembler a serving coordinator runs; pass `.on_accepted` as the server's hook.
 
@@ -227,8 +243,6 @@ def start_assembler(store, *, tracking_uri: str | None = None, ray_address: str 
     tracker = Tracker(store.root, tracking_uri) if tracking else None
     evaluator = None
     if eval_config is not None:
-        from coordinator.checks.evaluation import EvaluationConfig
-        from coordinator.checks.evaluator import Evaluator
 
         if not isinstance(eval_config, EvaluationConfig):
             eval_config = EvaluationConfig.from_file(eval_config)
@@ -250,10 +264,8 @@ def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = Non
     handle on the store (never the recovering one) and stops with the process, within
     SHUTDOWN_S seconds even with an assembly in flight (that one runs again on start).
     """
-    from coordinator.store.experts import Store
 
     if eval_config is not None:  # a bad file is an error at start, not in a thread later
-        from coordinator.checks.evaluation import EvaluationConfig
 
         eval_config = EvaluationConfig.from_file(eval_config)
     try:

@@ -10,7 +10,7 @@ from contributor.client import Connection, CoordinatorClient
 from coordinator.checks.evaluation import read_evaluation
 from coordinator.cli import main
 from coordinator.store.versions import VersionStore
-from coordinator.tracking.tracker import EXPERIMENT, REGISTERED_MODEL, TAG_EVAL_CONFIG, TAG_VERSION
+from coordinator.tracking.names import EXPERIMENT, REGISTERED_MODEL, TAG_EVAL_CONFIG, TAG_VERSION
 from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
 from tests.coordinator.assembly_helpers import MlflowServer

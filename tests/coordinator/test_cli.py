@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.cli import main
-from coordinator.store.experts import INDEX
+from coordinator.store.layout import INDEX
 
 # Every command that reads or operates an existing store, with its other arguments.
 EXISTING_STORE_COMMANDS = {

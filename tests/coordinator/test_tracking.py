@@ -9,14 +9,8 @@ import pytest
 
 from coordinator.cli import main
 from coordinator.store.versions import VersionStore
-from coordinator.tracking.tracker import (
-    EXPERIMENT,
-    MAX_RUN_AGE_S,
-    REGISTERED_MODEL,
-    TAG_VERSION,
-    Tracker,
-    run_window,
-)
+from coordinator.tracking.names import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION
+from coordinator.tracking.tracker import MAX_RUN_AGE_S, Tracker, run_window
 from coordinator.versions.scheduler import Assembler
 from protocol.manifest import MANIFEST, read_manifest
 from tests import postgres

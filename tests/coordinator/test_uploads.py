@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from coordinator.intake.uploads import FinishResult, UploadLimits, Uploads, UploadState
+from coordinator.intake.uploads import FinishResult, UploadLimits, Uploads
+from coordinator.intake.writer import UploadState
 from coordinator.store.experts import ExpertRecord, Store
 from protocol.archive import ArchiveDigest, extract_members
 from protocol.bundle import GATES, load_bundle

@@ -116,7 +116,8 @@ def test_assemble_command_tracks_into_the_embedded_store(tmp_path, tiny_spec, ca
     """Without --tracking-uri, MLflow is a SQLite file inside the store folder."""
     from mlflow import MlflowClient
 
-    from coordinator.tracking.tracker import REGISTERED_MODEL, default_tracking_uri
+    from coordinator.tracking.names import REGISTERED_MODEL
+    from coordinator.tracking.tracker import default_tracking_uri
 
     store = make_store(tmp_path / "store", tiny_spec)
     add_expert(store, tiny_spec, "a", seed=1)

@@ -16,7 +16,8 @@ import pytest
 from contributor.cli import main as contributor_cli
 from coordinator.service.auth import TokenBook
 from coordinator.store.experts import Store
-from coordinator.store.versions import CHAMPION, VERSIONS_DIR
+from coordinator.store.layout import Layout
+from coordinator.store.versions import CHAMPION
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
 from tests.coordinator.bundles import archive_id, archive_of, make_bundle
@@ -92,7 +93,7 @@ def test_promote_refuses_what_is_not_a_version_id(server, version):
                          metadata=_meta(admin), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert len(info.value.details().encode()) <= 1024
-    assert not (process.store / VERSIONS_DIR / CHAMPION).exists()
+    assert not (Layout(process.store).versions / CHAMPION).exists()
 
 
 def test_a_valid_token_passes_whatever_else_its_host_sent(server):

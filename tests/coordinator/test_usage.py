@@ -12,10 +12,10 @@ from coordinator.checks.usage import (
     PoisonConfig,
     evaluation_prompts,
     measure_router,
-    usage_tags,
     version_usage,
 )
 from coordinator.checks.usage_charts import HEATMAP, SHARES
+from coordinator.tracking.replay import usage_tags
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
 from routing.version import save_router

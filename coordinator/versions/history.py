@@ -1,0 +1,49 @@
+"""The version history as a table: every router version with its pointers, its MLflow model
+version and aliases when MLflow is reachable, and its evaluation metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.checks.evaluation import read_evaluation
+from coordinator.store.versions import VersionStore
+from coordinator.tracking.tracker import Tracker, default_tracking_uri
+from protocol.errors import GaggleError
+
+
+def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str | None]:
+    """One dict per version (oldest first), with MLflow's view when reachable; and a note.
+
+    Evaluation metrics come from the local records (so they show with MLflow down), then
+    from the model versions' `eval.*` tags for what the local records lack.
+    """
+    versions = VersionStore(root)
+    current, champion = versions.current_id(), versions.champion_id()
+    registry: dict[str, dict] = {}
+    note = None
+    embedded = Path(default_tracking_uri(root).removeprefix("sqlite:///"))
+    if tracking_uri or embedded.exists():
+        try:
+            registry = Tracker(root, tracking_uri).model_versions()
+        except GaggleError as err:
+            note = str(err)
+    rows = []
+    manifests = versions.all()
+    for manifest in manifests:
+        vid = manifest["version_id"]
+        tracked = registry.get(vid, {})
+        aliases = set(tracked.get("aliases", []))
+        aliases |= {name for name, pointer in (("current", current), ("champion", champion))
+                    if pointer == vid}
+        if manifest is manifests[-1]:
+            aliases.add("latest")
+        evaluation = read_evaluation(root, vid) or {}
+        rows.append({
+            "version_id": vid, "created_at": manifest["created_at"],
+            "n_experts": len(manifest["experts"]),
+            "experts": [e["name"] for e in manifest["experts"]],
+            "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
+            "aliases": sorted(aliases), "mlflow_version": tracked.get("number"),
+            "metrics": tracked.get("metrics", {}) | evaluation.get("metrics", {}),
+        })
+    return rows, note
