@@ -7,45 +7,9 @@ so an error at any point leaves nothing at --out.
 
 Defaults (TrainConfig) keep PHATGOOSE's recipe (LoRA rank 16 on every linear layer, s = 1/r,
 AdamW lr 5e-3 and weight decay 0, constant LR after 6% warmup; zero-initialised gates, AdamW
-lr 5e-3) and cut the step counts to fit about 6 minutes on a 2-core CPU. On SmolLM2-135M at
-batch 8 x <=64 tokens one float32 thread spends 3.5-3.8 CPU-s per LoRA expert step and 3.5 per
-gate step ((IA)^3: 3.2 and ~4); bf16 autocast (--precision, auto where the CPU has AMX or
-AVX512-BF16) cuts a training step about 1.6x. The expert gets the larger share: on
-tweet-sentiment (120 held-out examples, rank classification) the base model scores 36.7%, a
-50-step expert 42.5% and a 100-step expert 66.7%.
-
-What the gates learn. During gate training the target loss reaches a gate directly only at the
-scored positions (the last prompt token and the answer tokens but the last); a prompt token's
-gate gets gradient only through attention. So the keys tell the tasks apart where the answer is
-predicted, and much less at prompt tokens. `python -m bench.gate_shares` on the eight 80-step
-experts of a full zero-shot run, their gates retrained with these defaults (50 steps, batch 8,
-lr 5e-3), routing 32 validation examples a task (own-expert top-1 share, chance 0.125): at the
-scored positions 0.31-0.86, mean 0.47; over all tokens 0.05-0.79, mean 0.29. The shipped mean
-activations (Average Activation) score 0.20-0.73 (mean 0.57) and 0.24-0.71 (0.51). Over all
-tokens the routing collapses onto the expert with the longest targets: xsum-summary's key wins
-0.79 of its own tokens and many of every other task's, because its loss falls on many ordinary
-text positions where the others' falls on an answer slot. In the zero-shot benchmark
-PHATGOOSE's held-in and held-out means are still above Average Activation's (README).
-
-Steps, batch and learning rate do not change this. Same experts and measurement, mean share at
-the scored positions / over all tokens: 30 steps 0.47 / 0.28, 50 steps 0.47 / 0.29, 100 steps
-0.48 / 0.29, lr 5e-4 0.46 / 0.28. Earlier probes on four 30-step experts: lr 5e-2 routes as
-5e-3 does (Adam's step ignores the gradient's size, and the router's LN removes the scale), 4x
-the examples per step (--gate-accumulation 4) gives gates at cosine 0.91-0.97 to the batch-8
-ones, and linear LR decay in the expert's training leaves the shares where they were. PHATGOOSE
-trains its experts 1000 steps at an effective batch of 1024 before its 100 gate steps; that
-budget is out of reach here.
-
-Changes to the gate itself, each measured on the same eight experts and none adopted (the
-recipe stays PHATGOOSE's): a gate held orthogonal to its module's mean input removes the
-collapse but leaves every share near chance; normalised gradient descent instead of AdamW keeps
-the collapse; a gate of 2 * sigmoid(v . x), whose zero start is the expert at its trained
-strength, loses the pull to open and most of what the keys know; offsetting each key by its
-score of its own mean activation moves the collapse to another expert; adding text sampled from
-the base model as negatives, with the same LM loss, teaches the gates to close on generic text
-(mean gate 0.36-0.58 there against 0.41-0.70 on own data) but not to tell the tasks apart (0.39
-/ 0.24); the LM loss on all of the own data's tokens instead of the targets makes the gates
-close on prompt tokens, where the expert hurts, and lowers the shares (0.25 / 0.19).
+lr 5e-3) with fewer steps, to fit a few minutes on a 2-core CPU; bench/README.md has the step
+costs behind them. What the gates learn, and the gate-training changes measured and not
+adopted: docs/gates.md. The formulas: docs/methods.md.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ GATES = "gates.safetensors"
 ACTIVATIONS = "activations.safetensors"
 TENSOR_FILES = (ADAPTER, GATES, ACTIVATIONS)
 METHODS = ("lora", "ia3")
-# How each kind of module adds its delta (METHODS.md): a LoRA product, or an (IA)^3 vector
+# How each kind of module adds its delta (docs/methods.md): a LoRA product, or an (IA)^3 vector
 # scaling the module's output (k/v projections) or its input (feed-forward down projection).
 MODULE_KINDS = {"lora": ("lora",), "ia3": ("ia3_out", "ia3_in")}
 PEFT_FIELDS = {"lora": ("alpha", "rank", "scaling", "target_modules"),

@@ -6,7 +6,7 @@ For a module with frozen base weight W and a frozen expert delta, per token x (d
 
 with v (d_in,) initialised to ZERO and the only trainable tensor. delta(x) is
 `s * B A x` for LoRA, `(l - 1) * (W x)` for an output-scaled (IA)^3 module and
-`W ((l - 1) * x)` for an input-scaled one (METHODS.md). With the gate switched off the layer
+`W ((l - 1) * x)` for an input-scaled one (docs/methods.md). With the gate switched off the layer
 runs the plain expert (g = 1), which is how mean input activations are measured.
 """
 

@@ -381,12 +381,12 @@ def _centring_bias(router: ModuleRouter, keys: torch.Tensor) -> torch.Tensor:
     """bias_e = <mu, key_e> (E,), mu = the experts' mean activations averaged over experts;
     keys: the layer-normed gate keys of _route_keys.
 
-    Deviation from METHODS.md, opt-in as method "phatgoose_centred": PHATGOOSE scores
+    A deviation (docs/methods.md), opt-in as method "phatgoose_centred": PHATGOOSE scores
     <LN(x), LN(v_e)>; this scores <x - mu, LN(v_e)> / sqrt(d_in), scaled by x's inverse std
     as LN(x) is. A gate trained only on its own data learns mostly whether to open there,
     along the direction every token shares (mu), so <mu, key_e> becomes a per-expert bias
     that sends every task's tokens to the expert with the largest gain on its own data
-    (measured in contributor/train.py). mu comes from the bundles' shipped mean activations
+    (measured in docs/gates.md). mu comes from the bundles' shipped mean activations
     (the Average Activation baseline's); no data reaches the router.
     """
     if router.activations is None:

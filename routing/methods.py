@@ -1,6 +1,6 @@
 """The routing methods by name: the one registry that route(), the routed layers and callers use.
 
-Formulas: routing.router's docstring and routing.layers. `single:<expert name>` names its
+Formulas: docs/methods.md. `single:<expert name>` names its
 expert in the method string itself.
 """
 

@@ -9,7 +9,7 @@ Methods: phatgoose (gate keys), phatgoose_centred (gate keys, inputs centred by 
 mean activations: a documented deviation, see routing.layers._centring_bias),
 average_activation (mean activations as keys), arrow (|x . prototype|), uniform_merge,
 single:<expert name>, retrieval (expert per example given at call time), smear (per-example
-parameter-averaged expert). See METHODS.md for the formulas.
+parameter-averaged expert). docs/methods.md has the formulas.
 
 Per-token methods work unchanged with `generate()` and its KV cache. smear averages over the
 tokens of each call, so under incremental decoding each new token gets its own merge: use it

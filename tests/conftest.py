@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-# Keep Ray on loopback and quiet for every test process (see the project's ENV notes).
+# Ray binds the machine's non-loopback address by default; this setting keeps every test
+# process's Ray on 127.0.0.1, and the auth mode silences a token warning.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

@@ -244,7 +244,7 @@ def notes(plan: Plan) -> list[str]:
     """How to read the table: what is fixed, what is scaled down, what each baseline does."""
     lines = [
         "- Splits are fixed by seed " + str(plan.seed) + " (tasks.registry.split); no "
-        "hyperparameter was tuned: the METHODS.md recipe and this plan were fixed before any "
+        "hyperparameter was tuned: the docs/methods.md recipe and this plan were fixed before any "
         "test example was scored, and validation examples serve only the routing diagnostics.",
         "- PHATGOOSE, Arrow and average activation route per token and module with top-2; "
         "SMEAR merges the experts' parameters per example with softmax weights over the gate "

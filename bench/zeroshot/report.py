@@ -69,8 +69,8 @@ def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) ->
               "task's identity)."]
     if "phatgoose_centred" in methods:
         lines += ["", "† PHATGOOSE centred: PHATGOOSE's gate keys scored against each token "
-                  "minus the mean of the experts' shipped mean activations, a deviation from "
-                  "METHODS.md (routing.layers._centring_bias explains why)."]
+                  "minus the mean of the experts' shipped mean activations, a deviation listed in "
+                  "docs/methods.md (routing.layers._centring_bias explains why)."]
     if set(CONTROLS) & set(methods):
         lines += ["", "‡ controls: PHATGOOSE routing with each expert's adapter replaced by a "
                   "random one of the same shape and per-module norm (random experts), or with "

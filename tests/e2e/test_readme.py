@@ -61,8 +61,8 @@ RUN_HERE = {
     "curl": "test_consumer_code_and_model_serving",
     "mlflow.pyfunc.load_model(": "test_consumer_code_and_model_serving",
     "load_router(": "test_consumer_code_and_model_serving",
-    "python bench/inference.py": "test_benchmark_commands",
-    "bench/transport.py": "test_benchmark_commands",
+    "python -m bench.inference": "test_benchmark_commands",
+    "python -m bench.transport": "test_benchmark_commands",
     "python -m bench.expert_gain": "test_benchmark_commands",
     "python -m bench.gate_shares": "test_benchmark_commands",
 }
@@ -443,12 +443,11 @@ def test_benchmark_commands(walk, tmp_path, tiny_spec):
                       "16", "--test-examples", "4", cwd=ROOT)
     shares = walk.spawn("python -m bench.gate_shares", "--base", "tiny-llama", "--examples", "3",
                         values={"DIR": str(experts)}, cwd=ROOT)
-    inference = walk.spawn("python bench/inference.py", "--base", "tiny-llama", "--experts", "8",
+    inference = walk.spawn("python -m bench.inference", "--base", "tiny-llama", "--experts", "8",
                            "--naive-experts", "8", "--rounds", "1", "--out",
                            str(tmp_path / "inference.json"), cwd=ROOT)
-    # The README names the script alone; it runs with python.
-    transport = walk.spawn("bench/transport.py", "--repeats", "1", values={"200": "1"},
-                           prefix="python ", cwd=ROOT)
+    transport = walk.spawn("python -m bench.transport", "--repeats", "1", values={"200": "1"},
+                           cwd=ROOT)
     assert "routed_8" in inference.result().stdout
     assert (tmp_path / "inference.json").is_file()
     assert "ratio submit/raw" in transport.result().stdout

@@ -1,4 +1,4 @@
-"""The slow, obvious routing of METHODS.md: loops over tokens and experts, full matrices.
+"""The slow, obvious routing of docs/methods.md: loops over tokens and experts, full matrices.
 
 Kept in the tests only, as the yardstick the vectorised layers must match.
 """
@@ -26,7 +26,7 @@ def full_delta(piece: ExpertPiece, weight: torch.Tensor) -> torch.Tensor:
 
 
 def expert_delta(piece: ExpertPiece, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """delta_e(x) for one token x (d_in,), computed the way METHODS.md writes it."""
+    """delta_e(x) for one token x (d_in,), computed the way docs/methods.md writes it."""
     if piece.kind == "lora":
         return piece.scaling * (piece.lora_B @ (piece.lora_A @ x))
     if piece.kind == "ia3_out":
