@@ -87,7 +87,7 @@ class TrainConfig:
     max_length: int = 64  # tokens per example (prompt cut from the start when longer)
     warmup_fraction: float = 0.06  # linear warmup share of each run
     schedule: str = "constant"  # after warmup: "constant" LR, or "linear" decay to zero
-    gate_steps: int = 50  # gate optimiser steps (PHATGOOSE: 100; see the module docstring)
+    gate_steps: int = 50  # gate optimiser steps (PHATGOOSE: 100; see docs/gates.md)
     gate_lr: float = 5e-3  # gate AdamW learning rate (weight decay 0), PHATGOOSE's
     gate_accumulation: int = 1  # micro-batches per gate step
     activations: bool = True  # ship mean module inputs for the Average Activation baseline

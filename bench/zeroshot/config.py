@@ -70,7 +70,7 @@ FULL = Plan(
     batch_size=8, max_length=64, rank=16, multitask_steps=80 * len(HELD_IN),
     retrieval_examples=1000, eval_batch_size=16, eval_max_length=192, parallel=2,
     # phatgoose_centred would add ~10 CPU-minutes of scoring (~5 min of wall time) to a run
-    # already at the edge of its 90 minutes; its validation figures are in the README.
+    # already at the edge of its 90 minutes; its validation figures are in docs/gates.md.
     methods=tuple(m for m in METHODS if m != "phatgoose_centred" and m not in CONTROLS),
 )
 
