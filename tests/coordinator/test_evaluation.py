@@ -197,5 +197,5 @@ def test_evaluate_command_gives_the_same_numbers_on_a_fresh_actor(two_evaluated,
     assert main(["evaluate", version_id[:8], "--store", str(root), "--eval-config",
                  str(config_file), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 0
     out = capsys.readouterr().out
-    assert f"version {version_id}: " in out and "calls queued" in out
+    assert f"version {version_id}: " in out and "tracking calls stay queued" in out
     assert read_evaluation(root, version_id)["metrics"] == record["metrics"]
