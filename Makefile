@@ -36,7 +36,7 @@ demo-tiny: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -m slow
-	$(PY) bench/inference.py --quick
+	$(PY) -m bench.inference --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

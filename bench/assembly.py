@@ -9,9 +9,9 @@ folder, so no run can reuse an earlier version. Target: 10,000 experts in under 
 
 With --ray-address the assembly runs on that cluster instead, the bundle bytes travelling
 through its object store; --two-node starts a two-node cluster of separate processes on
-127.0.0.1 (tests/raycluster.py) whose worker node cannot see the bundle cache, and uses it.
+127.0.0.1 (tests/harness/raycluster.py) whose worker node cannot see the bundle cache, and uses it.
 
-    python bench/assembly.py [--sizes 10 100 1000 10000] [--repeats 1] [--json out.json]
+    python -m bench.assembly [--sizes 10 100 1000 10000] [--repeats 1] [--json out.json]
                              [--ray-address HOST:PORT | ray://HOST:10001]
                              [--ray-resource NAME=AMOUNT] [--two-node]
 """
@@ -27,14 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from coordinator.ray_cluster import ensure_ray, parse_resources
+from coordinator.versions.assemble import AssemblyConfig, assemble
+from protocol.bundle import MANIFEST, Manifest, save_bundle
+from routing.base import cache_dir, load_base
+from routing.synthetic import random_bundle
 
-from coordinator.ray_cluster import ensure_ray, parse_resources  # noqa: E402
-from coordinator.versions.assemble import AssemblyConfig, assemble  # noqa: E402
-from protocol.bundle import MANIFEST, Manifest, save_bundle  # noqa: E402
-from routing.base import cache_dir, load_base  # noqa: E402
-from routing.synthetic import random_bundle  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     experts = cached_experts(max(args.sizes), spec)
     cluster = None
     if args.two_node:
-        from tests.raycluster import RESOURCE, LocalCluster
+        from tests.harness.raycluster import RESOURCE, LocalCluster
 
         cluster = LocalCluster(experts[0].path.parent, resource_units=64).start()
         args.ray_address, args.ray_resource = cluster.address, [f"{RESOURCE}=1"]

@@ -2,13 +2,13 @@
 and restarted, then an audit; prints the counts.
 
 The coordinator runs as in production (assembly on Ray after each accepted expert, tracking
-into its embedded MLflow store). The audit (tests/e2e/chaos.py): every acknowledged expert is
+into its embedded MLflow store). The audit (tests/harness/chaos.py): every acknowledged expert is
 indexed and its folder verifies; no staging, upload or version-staging leftovers and no
 unindexed expert folder; after the coordinator catches up, MLflow holds exactly one finished
 run per stored expert and one model version (with usage.* tags) per version folder, and the
 tracking queue has nothing pending or failed.
 
-    python bench/chaos.py [--submissions 50] [--kills 10] [--seed 0] [--no-assembly]
+    python -m bench.chaos [--submissions 50] [--kills 10] [--seed 0] [--no-assembly]
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from routing.base import load_base
+from tests.harness.chaos import run_chaos
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# Ray reads these when it starts (in the coordinator processes), not when it is imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from routing.base import load_base  # noqa: E402
-from tests.e2e.chaos import run_chaos  # noqa: E402
 
 
 def main() -> int:

@@ -1,12 +1,12 @@
 """A check of gaggle on a CUDA machine, printed as one table: training speed, routing cost, and
 the coordinator's path.
 
-    .venv/bin/python bench/device_check.py            # on a machine with a CUDA GPU
-    .venv/bin/python bench/device_check.py --quick    # fewer steps, 8 and 64 experts
+    python -m bench.device_check            # on a machine with a CUDA GPU
+    python -m bench.device_check --quick    # fewer steps, 8 and 64 experts
 
 1. An expert (LoRA r=16 on every linear) and its gate trained on SmolLM2-135M in bf16 on the
    GPU: steps per second, and the wall time of 100 + 50 steps (target: under a minute).
-2. Routing 8, 64 and 512 random experts (bench/inference.py's synthetic router, bf16): the
+2. Routing 8, 64 and 512 random experts (`bench.inference`'s synthetic router, bf16): the
    routed forward's time over the base's (targets: 1.15 at 8 experts, 1.5 at 512) and the
    naive per-expert loop's time over the routed one.
 3. Submitting bundles over gRPC to an in-process coordinator and assembling them on Ray, on
@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGETS = {"routed_8": 1.15, "routed_512": 1.5}  # routed / base forward time, bf16
 TRAIN_TARGET_S = 60.0  # 100 expert + 50 gate steps

@@ -7,7 +7,7 @@ must be a client-error status (or a stored, verifying expert when the mutation l
 valid), the store's expert files and index rows must be unchanged by a refusal, and no case
 may take longer than --hang-seconds. The server must be alive and SERVING at the end.
 
-    python bench/fuzz.py [--cases 10000] [--server-cases 500] [--seed 0]
+    python -m bench.fuzz [--cases 10000] [--server-cases 500] [--seed 0]
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from hypothesis import HealthCheck, given, seed, settings
 
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
-
-from coordinator.intake.uploads import UploadLimits, Uploads  # noqa: E402
-from coordinator.store.experts import Store  # noqa: E402
-from routing.base import load_base  # noqa: E402
-from tests.coordinator.bundles import staging_is_empty, store_snapshot  # noqa: E402
-from tests.coordinator.hostile import (  # noqa: E402
+from coordinator.intake.uploads import UploadLimits, Uploads
+from coordinator.store.experts import Store
+from routing.base import load_base
+from tests.harness.bundles import staging_is_empty, store_snapshot
+from tests.harness.hostile import (
     CLIENT_ERRORS,
     check_stored,
     hostile_cases,
@@ -38,7 +35,9 @@ from tests.coordinator.hostile import (  # noqa: E402
     run_over_grpc,
     valid_files,
 )
-from tests.servers import add_token, seed_base_spec, start_coordinator, wait_serving  # noqa: E402
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator, wait_serving
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ACCEPTED = ("OK", "ALREADY_STORED")
 

@@ -1,7 +1,7 @@
 """Inference cost of PHATGOOSE routing on SmolLM2-135M: base vs routed (8/64/512 experts) vs naive.
 
-    .venv/bin/python bench/inference.py            # full run, writes bench/results/inference.json
-    .venv/bin/python bench/inference.py --quick    # 8 and 64 experts, 2 rounds: < 1 minute
+    python -m bench.inference            # full run, writes bench/results/inference.json
+    python -m bench.inference --quick    # 8 and 64 experts, 2 rounds: < 1 minute
 
 Experts are seeded random LoRA factors and gates (r=8 on all 210 linears, drawn like
 routing.synthetic.random_bundle's), so the figures measure cost, not quality. Every round
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -29,13 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from routing.base import BaseModel, load_base  # noqa: E402
-from routing.layers import RoutedLinear, parameter_free_layer_norm  # noqa: E402
-from routing.precision import PRECISIONS, for_scoring  # noqa: E402
-from routing.router import route, unroute  # noqa: E402
-from routing.stack import ModuleRouter, RouterWeights  # noqa: E402
+from routing.base import BaseModel, load_base
+from routing.layers import RoutedLinear, parameter_free_layer_norm
+from routing.precision import PRECISIONS, for_scoring
+from routing.router import route, unroute
+from routing.stack import ModuleRouter, RouterWeights
 
 
 def synthetic_router(base: BaseModel, count: int, rank: int, seed: int = 0) -> RouterWeights:

@@ -1,12 +1,12 @@
 """Load: 32 concurrent contributors each submitting 3 bundles of at least 2 MiB to a real
 coordinator process; prints errors, throughput and p50/p99 submission latency.
 
-Each contributor is a thread with its own token and channel (tests/e2e/loadgen.py); a
+Each contributor is a thread with its own token and channel (tests/harness/loadgen.py); a
 submission is timed end to end as a contributor sees it (pack, hash, stream, verify, commit).
 The coordinator runs with --no-assembly unless --assembly is given, so that what is measured
 is the submission path, not Ray and MLflow sharing the same two cores.
 
-    python bench/load.py [--contributors 32] [--bundles 3]
+    python -m bench.load [--contributors 32] [--bundles 3]
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from routing.base import load_base
+from tests.harness.bundles import store_snapshot
+from tests.harness.loadgen import RANK_FOR_2MB, make_bundles, run_load
+from tests.harness.servers import seed_base_spec, start_coordinator
 
-from routing.base import load_base  # noqa: E402
-from tests.coordinator.bundles import store_snapshot  # noqa: E402
-from tests.e2e.loadgen import RANK_FOR_2MB, make_bundles, run_load  # noqa: E402
-from tests.servers import seed_base_spec, start_coordinator  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ and the median of each is reported, with the ratio (target: submit >= 0.8 of raw
 also counts the CPU seconds of both its processes (client and server, all threads): on a
 shared machine wall time swings with the load, CPU time much less.
 
-    python bench/transport.py [--megabytes 200] [--repeats 3]
+    python -m bench.transport [--megabytes 200] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RAW_METHOD = "/bench.Raw/Push"
 CHUNK = 1 << 20  # the same chunk size the coordinator asks for
@@ -125,8 +124,8 @@ def make_bundles(folder: Path, megabytes: int, count: int) -> tuple[list[Path], 
 
 def start_raw_server(folder: Path) -> tuple[subprocess.Popen, str]:
     port_file = folder / "raw.port"
-    process = subprocess.Popen([sys.executable, __file__, "--raw-server", str(port_file)],
-                               cwd=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.transport", "--raw-server", str(port_file)], cwd=ROOT)
     deadline = time.monotonic() + 60
     while not port_file.exists() or not port_file.read_text():
         if time.monotonic() > deadline or process.poll() is not None:
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from contributor.client import Connection, CoordinatorClient
     from protocol.archive import pack_bundle
-    from tests.servers import add_token, seed_base_spec, start_coordinator
+    from tests.harness.servers import add_token, seed_base_spec, start_coordinator
 
     with tempfile.TemporaryDirectory(prefix="gaggle-bench-") as scratch:
         folder = Path(scratch)

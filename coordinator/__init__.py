@@ -10,5 +10,5 @@
     store/           what is on disk: the Layout, the expert store, the version folders
     ray_cluster.py   where Ray runs (local on 127.0.0.1, or a cluster)
 
-tests/test_layers.py keeps these directions true.
+tests/test_import_directions.py keeps these directions true (its ROOMS table).
 """

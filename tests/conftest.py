@@ -38,3 +38,12 @@ def tiny_base():
 @pytest.fixture(scope="session")
 def tiny_spec(tiny_base):
     return tiny_base.spec()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The process's local Ray (started once, 2 CPUs, on loopback)."""
+    from coordinator.ray_cluster import ensure_ray
+
+    ensure_ray()
+    yield

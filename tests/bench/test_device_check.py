@@ -1,4 +1,4 @@
-"""bench/device_check.py: says there is no accelerator and exits 0 on a CPU machine; its
+"""`python -m bench.device_check`: says there is no accelerator and exits 0 on a CPU machine; its
 checks run (on the tiny model, on the CPU) so the GPU run meets no untried code."""
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.coordinator.assembly_helpers import ray_local  # noqa: F401
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_without_an_accelerator_it_says_so_and_exits_0():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a GPU machine behaves as a CPU one
-    result = subprocess.run([sys.executable, "bench/device_check.py"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "bench.device_check"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "no CUDA accelerator on this machine" in result.stdout

@@ -19,8 +19,8 @@ from coordinator.store.experts import Store
 from coordinator.store.versions import VERSION_FILE, VersionStore
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
-from tests.coordinator.bundles import archive_id, archive_of, make_bundle, store_snapshot
-from tests.servers import add_token, seed_base_spec, start_coordinator
+from tests.harness.bundles import archive_id, archive_of, make_bundle, store_snapshot
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator
 
 
 def _meta(token: str) -> tuple:

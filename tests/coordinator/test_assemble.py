@@ -24,12 +24,7 @@ from protocol.errors import FailedPrecondition, InvalidArgument, InvalidBundle
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
 from routing.version import load_router
-from tests.coordinator.assembly_helpers import (  # noqa: F401
-    add_expert,
-    commit,
-    make_store,
-    ray_local,
-)
+from tests.harness.stores import add_expert, commit, make_store
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -13,8 +13,13 @@ from coordinator.store.versions import VersionStore
 from coordinator.tracking.names import EXPERIMENT, REGISTERED_MODEL, TAG_EVAL_CONFIG, TAG_VERSION
 from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
-from tests.coordinator.assembly_helpers import MlflowServer
-from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
+from tests.harness.servers import (
+    MlflowServer,
+    add_token,
+    seed_base_spec,
+    start_coordinator,
+    wait_for,
+)
 
 
 def _eval_tags(registry, version_id: str) -> dict[str, str]:

@@ -23,14 +23,10 @@ from coordinator.checks.evaluation_thread import Evaluator
 from coordinator.cli import main
 from coordinator.store.versions import ROUTER_DIR, VersionStore
 from coordinator.versions.assemble import assemble
+from demo.processes import free_port
 from protocol.errors import InvalidArgument
 from tasks.registry import HELD_OUT
-from tests.coordinator.assembly_helpers import (  # noqa: F401
-    add_expert,
-    free_port,
-    make_store,
-    ray_local,
-)
+from tests.harness.stores import add_expert, make_store
 
 TASKS = ("openbookqa", "imdb-sentiment")  # public held-out tasks, cheap to load
 CONFIG = EvaluationConfig(tasks=TASKS, examples_per_task=8, batch_size=8)

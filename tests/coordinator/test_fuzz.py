@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 
 from coordinator.intake.uploads import UploadLimits, Uploads
 from coordinator.store.experts import Store
-from tests.coordinator.bundles import staging_is_empty, store_snapshot
-from tests.coordinator.hostile import (
+from tests.harness.bundles import staging_is_empty, store_snapshot
+from tests.harness.hostile import (
     CLIENT_ERRORS,
     check_stored,
     hostile_cases,
@@ -23,7 +23,7 @@ from tests.coordinator.hostile import (
     run_over_grpc,
     valid_files,
 )
-from tests.servers import add_token, seed_base_spec, start_coordinator, wait_serving
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator, wait_serving
 
 IN_PROCESS_CASES = 520
 SERVER_CASES = 100

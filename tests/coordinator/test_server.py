@@ -12,7 +12,7 @@ from coordinator.intake.uploads import Uploads
 from coordinator.server import ServerConfig
 from coordinator.store.experts import Store
 from protocol.errors import InvalidArgument
-from tests.coordinator.bundles import archive_id, archive_of, make_bundle
+from tests.harness.bundles import archive_id, archive_of, make_bundle
 
 
 def config_from(argv: list[str]) -> ServerConfig:

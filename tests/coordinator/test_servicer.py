@@ -16,7 +16,7 @@ from protocol.bundle import GATES, load_bundle
 from protocol.errors import NotFound
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
-from tests.coordinator.bundles import (
+from tests.harness.bundles import (
     archive_id,
     archive_of,
     make_bundle,

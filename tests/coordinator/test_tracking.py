@@ -13,13 +13,9 @@ from coordinator.tracking.names import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION
 from coordinator.tracking.tracker import MAX_RUN_AGE_S, Tracker, run_window
 from coordinator.versions.scheduler import Assembler
 from protocol.manifest import MANIFEST, read_manifest
-from tests import postgres
-from tests.coordinator.assembly_helpers import (  # noqa: F401
-    MlflowServer,
-    add_expert,
-    make_store,
-    ray_local,
-)
+from tests.harness import postgres
+from tests.harness.servers import MlflowServer
+from tests.harness.stores import add_expert, make_store
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -7,7 +7,7 @@ import time
 
 from coordinator.tracking.queue import OpQueue
 from coordinator.tracking.tracker import Tracker
-from tests.coordinator.assembly_helpers import free_port
+from demo.processes import free_port
 
 
 def test_enqueue_is_idempotent_and_keeps_order(tmp_path):

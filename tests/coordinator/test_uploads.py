@@ -21,7 +21,7 @@ from protocol.errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from tests.coordinator.bundles import archive_id, archive_of, make_bundle, store_snapshot
+from tests.harness.bundles import archive_id, archive_of, make_bundle, store_snapshot
 
 LIMITS = UploadLimits(max_bundle_bytes=1 << 20, max_concurrent_uploads=2, idle_timeout_s=60)
 

@@ -15,12 +15,7 @@ from coordinator.versions.diff import diff_versions
 from protocol.bundle import load_bundle
 from routing.router import route
 from routing.version import load_router
-from tests.coordinator.assembly_helpers import (  # noqa: F401
-    add_expert,
-    commit,
-    make_store,
-    ray_local,
-)
+from tests.harness.stores import add_expert, commit, make_store
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 CHANGED = "model.layers.0.self_attn.q_proj"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers import CommandProcess, launch_command
+from tests.harness.servers import CommandProcess, launch_command
 
 SHELL_LANGS = ("bash", "sh", "shell", "console")
 PROGRAMS = ("gaggle-contributor", "gaggle-coordinator", "mlflow", "make", "python", "curl")

@@ -23,7 +23,6 @@ from routing.base import load_base
 from routing.layers import RoutedLinear
 from routing.router import route, unroute
 from routing.version import load_router
-from tests.coordinator.assembly_helpers import ray_local  # noqa: F401
 from tests.routing.families import FAMILIES, save_family
 
 FAST = {"steps": 4, "gate_steps": 3, "batch_size": 4, "max_length": 24,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.chaos import run_chaos
+from tests.harness.chaos import run_chaos
 
 
 def test_acknowledged_experts_survive_sigkills_with_nothing_partial(tmp_path, tiny_spec):

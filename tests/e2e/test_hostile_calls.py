@@ -20,8 +20,8 @@ from coordinator.store.layout import Layout
 from coordinator.store.versions import CHAMPION
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
-from tests.coordinator.bundles import archive_id, archive_of, make_bundle
-from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
+from tests.harness.bundles import archive_id, archive_of, make_bundle
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 MAX_UPLOADS = 2
 MAX_FAILURES = 10  # the server's default: failed authentications per host and minute

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tests.coordinator.bundles import store_snapshot
-from tests.e2e.loadgen import make_bundles, run_load
-from tests.servers import seed_base_spec, start_coordinator
+from tests.harness.bundles import store_snapshot
+from tests.harness.loadgen import make_bundles, run_load
+from tests.harness.servers import seed_base_spec, start_coordinator
 
 CONTRIBUTORS = 8
 PER_CONTRIBUTOR = 2

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from contributor.cli import main as contributor_cli
 from tests.contributor.conftest import FAST, write_records
-from tests.e2e.chaos import ChaosResult, audit_mlflow, wait_settled
-from tests.servers import add_token, seed_base_spec, start_coordinator
+from tests.harness.chaos import ChaosResult, audit_mlflow, wait_settled
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator
 
 
 def _encodings(text: str) -> list[bytes]:

@@ -1,7 +1,7 @@
 """The coordinator's Ray work on a real two-node cluster whose worker node cannot see the store.
 
 Proof that no Ray task or actor reads the coordinator's disk: the store lives under a folder
-that, in the worker node's mount namespace, is covered by an empty tmpfs (tests/raycluster.py),
+that, in the worker node's mount namespace, is covered by an empty tmpfs (tests/harness/raycluster.py),
 and the head node has no CPUs, so every assembly task and evaluation actor runs on the worker
 node (pinned there by its custom resource too). A task that opened a store path would find
 nothing there and the assembly would fail; it passes only when the bundle bytes and the router
@@ -22,8 +22,8 @@ from coordinator.store.versions import ROUTER_DIR, VersionStore
 from protocol.bundle import load_bundle
 from routing.stack import stack_experts
 from routing.version import load_router
-from tests.coordinator.assembly_helpers import add_expert, make_store
-from tests.raycluster import RESOURCE, LocalCluster, can_hide_folders
+from tests.harness.raycluster import RESOURCE, LocalCluster, can_hide_folders
+from tests.harness.stores import add_expert, make_store
 
 _CANNOT_HIDE = can_hide_folders()
 pytestmark = pytest.mark.skipif(_CANNOT_HIDE is not None,

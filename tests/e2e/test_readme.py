@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from demo.processes import free_port, http_ok
 from tests.contributor.conftest import write_records
 from tests.e2e import readme_commands
 from tests.e2e.readme_commands import ReadmeCommand, Walkthrough, parse_readme
-from tests.servers import ROOT, CommandProcess, free_port, http_ok
+from tests.harness.servers import ROOT, CommandProcess
 
 README = ROOT / "README.md"
 TINY_TRAINING = ("--steps", "2", "--gate-steps", "2", "--batch-size", "4", "--max-length", "32")
@@ -91,10 +92,10 @@ ELSEWHERE = {
         "pyproject.toml", 'testpaths = ["tests"]', "the whole suite, this module included",
         make_prints=".venv/bin/python -m pytest -q"),
     "ray start --head": Elsewhere(
-        "tests/raycluster.py", '"start", "--head"',
+        "tests/harness/raycluster.py", '"start", "--head"',
         "a cluster of its own processes; the two-node cluster test starts the same head"),
     "ray start --address": Elsewhere(
-        "tests/raycluster.py", '"start", f"--address=',
+        "tests/harness/raycluster.py", '"start", f"--address=',
         "a second node in its own mount namespace; the two-node cluster test starts it"),
     "mlflow server": Elsewhere(
         "tests/coordinator/test_tracking.py", "postgres.PostgresServer().start()",
@@ -252,7 +253,7 @@ def federation(walk):
     version of its own."""
     from coordinator.service.health import check
     from coordinator.store.versions import VersionStore
-    from tests.e2e.chaos import wait_settled  # both experts assembled and tracked
+    from tests.harness.chaos import wait_settled  # both experts assembled and tracked
 
     out: dict[str, subprocess.CompletedProcess] = {}
     store = Path(walk.values["STORE"])

@@ -13,8 +13,8 @@ import signal
 import time
 
 from coordinator.store.versions import VersionStore
-from tests.coordinator.assembly_helpers import add_expert, make_store
-from tests.servers import start_coordinator
+from tests.harness.servers import start_coordinator
+from tests.harness.stores import add_expert, make_store
 
 OFFLINE_MLFLOW = ("--tracking-uri", "http://127.0.0.1:9")  # calls queue on disk
 

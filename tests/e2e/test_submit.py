@@ -15,7 +15,7 @@ import torch
 from coordinator.service.auth import TokenBook
 from coordinator.store.experts import Store
 from protocol.bundle import ADAPTER, GATES, load_bundle
-from tests.coordinator.bundles import (
+from tests.harness.bundles import (
     archive_of,
     make_bundle,
     nan_first,
@@ -26,7 +26,7 @@ from tests.coordinator.bundles import (
     store_snapshot,
     tamper,
 )
-from tests.servers import ROOT, add_token, seed_base_spec, start_coordinator
+from tests.harness.servers import ROOT, add_token, seed_base_spec, start_coordinator
 
 MAX_BUNDLE = 1 << 20  # small, so the oversized case is cheap
 

@@ -10,8 +10,8 @@ import time
 
 from coordinator.store.experts import Store
 from protocol.bundle import load_bundle
-from tests.coordinator.bundles import archive_of, make_bundle
-from tests.servers import ROOT, add_token, restart, seed_base_spec, start_coordinator
+from tests.harness.bundles import archive_of, make_bundle
+from tests.harness.servers import ROOT, add_token, restart, seed_base_spec, start_coordinator
 
 
 def largest_part(store) -> int:

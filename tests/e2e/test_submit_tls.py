@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from contributor.client import Connection, CoordinatorClient
 from protocol.errors import Unauthenticated, Unavailable
-from tests.coordinator.bundles import make_bundle
-from tests.servers import add_token, seed_base_spec, start_coordinator
+from tests.harness.bundles import make_bundle
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator
 
 
 def _name(common_name: str) -> x509.Name:

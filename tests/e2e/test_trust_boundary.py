@@ -24,8 +24,8 @@ from coordinator.store.versions import VersionStore
 from protocol.bundle import ADAPTER, MANIFEST, sha256_file
 from protocol.status import MAX_MESSAGE_BYTES
 from routing.version import read_router_manifest
-from tests.coordinator.bundles import archive_of, make_bundle, raw_upload, store_snapshot
-from tests.servers import add_token, seed_base_spec, start_coordinator, wait_for
+from tests.harness.bundles import archive_of, make_bundle, raw_upload, store_snapshot
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 BIG = "x" * 100_000
 

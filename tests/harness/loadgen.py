@@ -17,7 +17,7 @@ from pathlib import Path
 from contributor.client import Connection, CoordinatorClient, RetryPolicy
 from protocol.bundle import BaseSpec, save_bundle
 from routing.synthetic import random_bundle
-from tests.servers import ServerProcess, add_token
+from tests.harness.servers import ServerProcess, add_token
 
 RANK_FOR_2MB = 520  # LoRA rank at which a tiny-llama bundle (all linears) passes 2 MiB
 

@@ -15,6 +15,7 @@ pass `extra_args=("--no-assembly",)`.
 Any other long-running command (a README command as written, `mlflow ui`, `mlflow models
 serve`) starts with `start_command(argv, ready=lambda: http_ok(url), log_path=...)` on a
 `free_port()`, and `stop()` ends it by its PID, then whatever of its process group is left.
+`MlflowServer(root).start()` runs `mlflow server` (SQLite, or a given backend URI) the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,9 +34,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from demo.processes import free_port, http_ok  # noqa: F401  (re-exported for the tests)
+from demo.processes import free_port, http_ok
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _READY_RE = re.compile(r"gaggle-coordinator serving on [^\s:]+:(\d+)")
 
 
@@ -276,3 +278,65 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise TimeoutError(f"no {what} after {timeout} s")
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend (or `backend_uri`, say a
+    PostgreSQL database); stopped and restarted by PID."""
+
+    def __init__(self, root: Path, backend_uri: str | None = None) -> None:
+        self.root = root
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (it takes seconds to answer)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        mlflow = str(Path(sys.executable).with_name("mlflow"))
+        with open(self.root / "server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [mlflow, "server", "--backend-store-uri", self.backend_uri,
+                 "--artifacts-destination", str(self.root / "artifacts"),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log_text = (self.root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited: {log_text}")
+            if http_ok(f"{self.uri}/health"):
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"mlflow server not ready in {timeout} s")
+
+    def stop(self) -> None:
+        """SIGTERM to the server (its workers follow); wait until the port is free."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own session: the workers too
+                self.process.wait()
+        self.process = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.2)

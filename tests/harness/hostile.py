@@ -29,7 +29,7 @@ from coordinator.store.experts import ExpertRecord
 from protocol.bundle import ADAPTER, GATES, MANIFEST, BaseSpec, load_bundle, save_bundle
 from protocol.errors import GaggleError
 from routing.synthetic import random_bundle
-from tests.coordinator.bundles import archive_id
+from tests.harness.bundles import archive_id
 
 # What a hostile upload may be answered with: the client's fault, never the server's.
 CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE",

@@ -23,7 +23,7 @@ from pathlib import Path
 from contributor.client import Connection, CoordinatorClient, RetryPolicy
 from protocol.bundle import BaseSpec, load_bundle, save_bundle
 from routing.synthetic import random_bundle
-from tests.servers import add_token, restart, seed_base_spec, start_coordinator
+from tests.harness.servers import add_token, restart, seed_base_spec, start_coordinator
 
 RETRY = RetryPolicy(attempts=40, first_delay_s=0.3, max_delay_s=2.0)
 
