@@ -5,7 +5,8 @@ that, in the worker node's mount namespace, is covered by an empty tmpfs
 (tests/harness/raycluster.py), and the head node has no CPUs, so every assembly task and
 evaluation actor runs on the worker node (pinned there by its custom resource too). A task
 that opened a store path would find nothing there and the assembly would fail; it passes only
-when the bundle bytes and the router travel through Ray's object store. Drivers join both ways: HOST:PORT and Ray Client.
+when the bundle bytes and the router travel through Ray's object store. Drivers join both
+ways: HOST:PORT and Ray Client.
 """
 
 from __future__ import annotations
