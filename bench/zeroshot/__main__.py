@@ -74,8 +74,7 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
 
     from bench.zeroshot import report
     from bench.zeroshot.retrieval import Encoder, RetrievalIndex
-    from bench.zeroshot.scoring import score_in_workers
-    from bench.zeroshot.system import describe, run_federation
+    from bench.zeroshot.scoring import DIAGNOSTICS, score_in_workers
     from routing.base import load_base
     from routing.precision import resolve
     from tasks.registry import split
@@ -85,25 +84,25 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     base = load_base(plan.base)
     base_fingerprint = base.fingerprint
     step(f"base model {plan.base}, fingerprint {base_fingerprint[:12]}")
-    system = run_federation(plan, workdir, args.cache, base_fingerprint)
-    # bf16 weights where native: every method then runs in bf16 (about 2.5x faster with AMX);
-    # log-probabilities stay float32.
-    step(f"scoring in {resolve(plan.precision)}")
-    step(f"exported version {system.version['version_id']} to {system.router}")
-    began = time.monotonic()
-    index = RetrievalIndex.from_files(Encoder(), {c.task: c.data for c in system.contributions},
-                                      plan.retrieval_examples)
-    seconds = {"retrieval_index": time.monotonic() - began}
     # The test splits, scored exactly once per method for the final table.
     tests = {t: split(t, plan.seed).test[:plan.test_examples]
              for t in (*plan.held_in, *plan.held_out)}
     methods = [m for m in args.methods.split(",") if m] if args.methods else list(plan.methods)
     if args.seeds > 1 and not args.methods:  # a seed study includes the random controls
         methods += [m for m in CONTROLS if m not in methods]
+    system, planned, saved = federation(plan, args, workdir, base_fingerprint, tests,
+                                        [*methods, DIAGNOSTICS])
+    # bf16 weights where native: every method then runs in bf16 (about 2.5x faster with AMX);
+    # log-probabilities stay float32.
+    step(f"scoring in {resolve(plan.precision)}")
+    step(f"exported version {system['version_id']} to {system['router']}")
+    began = time.monotonic()
+    index = RetrievalIndex.from_files(Encoder(), planned.data, plan.retrieval_examples)
+    seconds = {"retrieval_index": time.monotonic() - began}
     del base  # each scoring worker loads its own copy
-    results, diagnosed, took = score_in_workers(plan, system.router, system.multitask, index,
-                                                methods, tests, plan.parallel, progress=step,
-                                                checkpoints=checkpoints(args, plan, system, tests))
+    results, diagnosed, took = score_in_workers(plan, Path(system["router"]), planned.multitask,
+                                                index, methods, tests, plan.parallel,
+                                                progress=step, checkpoints=saved)
     seconds.update(took)
     summary = report.summarise(plan, results)
     rounds = [more_seed(replace(plan, train_seed=seed), args, workdir, base_fingerprint, index,
@@ -116,7 +115,7 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
                **({"earlier_invocations_seconds": clock.earlier} if clock.earlier else {}),
                "load_average": list(os.getloadavg()),
                "test_examples": {t: len(v) for t, v in tests.items()},
-               "system": describe(system),
+               "system": system,
                "seconds": {k: round(v, 1) for k, v in seconds.items()},
                **summary, "diagnostics": diagnosed,
                **({"seeds": rounds} if rounds else {})}
@@ -130,30 +129,49 @@ def more_seed(plan: Plan, args: argparse.Namespace, workdir: Path, fingerprint: 
     """One more round of the federation and the post-hoc methods with plan.train_seed."""
     from bench.zeroshot import report
     from bench.zeroshot.scoring import score_in_workers
-    from bench.zeroshot.system import run_federation
 
     seed = plan.train_seed
     step(f"training seed {seed}: experts and gates anew")
     began = time.monotonic()
-    system = run_federation(plan, workdir / f"seed-{seed}", args.cache, fingerprint)
+    system, planned, saved = federation(plan, args, workdir / f"seed-{seed}", fingerprint,
+                                        tests, methods)
     seconds[f"seed_{seed}_federation"] = time.monotonic() - began
-    results, _, took = score_in_workers(plan, system.router, system.multitask, index, methods,
-                                        tests, plan.parallel, progress=step, diagnose=False,
-                                        checkpoints=checkpoints(args, plan, system, tests))
+    results, _, took = score_in_workers(plan, Path(system["router"]), planned.multitask, index,
+                                        methods, tests, plan.parallel, progress=step,
+                                        diagnose=False, checkpoints=saved)
     seconds.update({f"seed_{seed}_{k}": v for k, v in took.items()})
     summary = report.summarise(plan, results)
-    return {"train_seed": seed, "version_id": system.version["version_id"],
-            "experts": [c.bundle.name for c in system.contributions],
+    return {"train_seed": seed, "version_id": system["version_id"],
+            "experts": [expert["bundle"] for expert in system["experts"]],
             **{k: summary[k] for k in ("accuracy", "means", "correct", "predictions")}}
 
 
-def checkpoints(args: argparse.Namespace, plan: Plan, system, tests: dict):
+def federation(plan: Plan, args: argparse.Namespace, workdir: Path, fingerprint: str,
+               tests: dict, jobs: list[str]):
+    """A round's federation: train, submit, assemble and export, unless an earlier run of this
+    command scored every one of `jobs` for it (then nothing is trained, and the round's saved
+    description stands in). Returns (described system, recipes, the round's checkpoints)."""
+    from bench.zeroshot.system import describe, recipes, run_federation
+
+    planned = recipes(plan, workdir, args.cache, fingerprint)
+    saved = checkpoints(args, plan, planned, tests)
+    described = saved.system() if saved.complete(jobs) else None
+    if described is not None:
+        step(f"seed {plan.train_seed}: every job was scored by an earlier run "
+             f"({saved.folder}); nothing to train")
+        return described, planned, saved
+    described = describe(run_federation(plan, workdir, args.cache, fingerprint, planned))
+    saved.save_system(described)
+    return described, planned, saved
+
+
+def checkpoints(args: argparse.Namespace, plan: Plan, planned, tests: dict):
     """Where this round's finished scoring jobs are kept: beside the bundle cache, in a folder
-    named by everything the scores depend on (bundles, plan, test examples)."""
+    named by everything the scores depend on (the bundles' content keys, plan, test examples)."""
     from bench.zeroshot.scoring import Checkpoints
 
-    depends = {"plan": plan.to_json(), "multitask": system.multitask.name,
-               "experts": [c.bundle.name for c in system.contributions],
+    depends = {"plan": plan.to_json(), "multitask": planned.multitask.name,
+               "experts": [planned.bundles[task].name for task in plan.held_in],
                "tests": {t: [e.input for e in v] for t, v in tests.items()}}
     digest = hashlib.sha256(json.dumps(depends, sort_keys=True).encode()).hexdigest()[:24]
     return Checkpoints(args.cache.parent / "scores" / digest)

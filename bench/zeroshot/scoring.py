@@ -151,6 +151,7 @@ _COST = {"smear": 1.6, "diagnostics": 2.2, "phatgoose": 1.5, "phatgoose_centred"
          "retrieval": 1.4, "arrow": 1.3, "base": 1.0,
          "multitask": 1.0, "uniform_merge": 0.9, "oracle": 0.7}
 DIAGNOSTICS = "diagnostics"  # the job that runs bench.zeroshot.diagnostics.routing_diagnostics
+SYSTEM_FILE = "_system.json"  # beside a round's jobs: its federation, described
 
 _scorer: Scorer | None = None  # one per worker process, built by _start_worker
 _tests: dict[str, list[Example]] = {}
@@ -233,6 +234,23 @@ class Checkpoints:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps({"out": out, "seconds": seconds}), encoding="utf-8")
         partial.replace(path)
+
+    def complete(self, jobs: Sequence[str]) -> bool:
+        """Whether every one of `jobs` has finished in an earlier run."""
+        return self.folder is not None and all(self._path(job).exists() for job in jobs)
+
+    def system(self) -> dict | None:
+        """The round's federation as `system.describe` gave it, once saved."""
+        path = None if self.folder is None else self.folder / SYSTEM_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path and path.exists() else None
+
+    def save_system(self, described: dict) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.folder / f"{SYSTEM_FILE}.partial"
+        partial.write_text(json.dumps(described, indent=1), encoding="utf-8")
+        partial.replace(self.folder / SYSTEM_FILE)
 
     def _path(self, job: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{job}.json"

@@ -33,6 +33,17 @@ class Contribution:
 
 
 @dataclass(frozen=True)
+class Recipes:
+    """What a round trains, known before it trains: each held-in task's data file, the multitask
+    union, and the cache folder each bundle lands in (its content key, config.content_key)."""
+
+    data: dict[str, Path]  # task -> the contributor's exported training file
+    union: Path  # the multitask LoRA's data: every held-in file in one
+    bundles: dict[str, Path]  # task -> its bundle folder in the cache
+    multitask: Path  # the multitask LoRA's bundle folder in the cache
+
+
+@dataclass(frozen=True)
 class SystemRun:
     """What the federation produced: the exported router version and the contributions."""
 
@@ -58,6 +69,29 @@ def union_file(files: list[Path], out: Path) -> Path:
         for file in files:
             handle.write(file.read_text(encoding="utf-8"))
     return out
+
+
+def recipes(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> Recipes:
+    """Export each contributor's data and name the bundles it will train into."""
+    logs = workdir / "logs"
+    data = {task: export_data(plan, task, workdir / "contributors" / task / "train.jsonl",
+                              logs / f"export-{task}.log") for task in plan.held_in}
+    union = union_file(list(data.values()), workdir / "multitask" / "train.jsonl")
+    flags = plan.train_flags()
+    return Recipes(data, union,
+                   {task: cache / content_key(file, flags, fingerprint)
+                    for task, file in data.items()},
+                   cache / content_key(union, multitask_flags(plan), fingerprint))
+
+
+def multitask_flags(plan: Plan) -> list[str]:
+    """The multitask LoRA trains like a contributor for the same budget as all of them."""
+    flags = plan.train_flags(plan.multitask_steps)
+    # Its gate is never used (it runs as a single expert), so one gate step suffices.
+    flags[flags.index("--gate-steps") + 1] = "1"
+    # Privileged and single-seed: every --seeds round reuses the first round's cached LoRA.
+    flags[flags.index("--seed") + 1] = str(plan.seed)
+    return [*flags, "--no-activations"]
 
 
 class Trainer:
@@ -118,7 +152,8 @@ def _staging(path: Path) -> Path:
     return path.with_name(path.name + ".training")
 
 
-def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> SystemRun:
+def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str,
+                   planned: Recipes) -> SystemRun:
     """Train every held-in expert and the multitask LoRA, submit the experts, export a version.
 
     Every process started here is stopped, by PID, before returning.
@@ -129,20 +164,19 @@ def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str) -> 
     seconds: dict[str, float] = {}
     try:
         began = time.monotonic()
-        data = {task: export_data(plan, task, workdir / "contributors" / task / "train.jsonl",
-                                  demo.logs / f"export-{task}.log") for task in plan.held_in}
         trainer = Trainer(demo, plan, cache, fingerprint)
         flags = plan.train_flags()
-        was_cached = [trainer.is_cached(file, flags) for file in data.values()]
+        was_cached = [trainer.is_cached(file, flags) for file in planned.data.values()]
         # The longest job first, so the short ones fill the other slots around it.
-        multitask = submit_multitask(plan, trainer, list(data.values()), workdir)
-        bundles = [trainer.submit(task, file, flags) for task, file in data.items()]
+        multitask = trainer.submit("multitask", planned.union, multitask_flags(plan))
+        bundles = [trainer.submit(task, file, flags) for task, file in planned.data.items()]
         start_services(demo)  # while the first contributors train
         seconds["services_ready"] = time.monotonic() - began  # from the start
         trainer.wait()
         seconds["training_done"] = time.monotonic() - began  # from the start
         began = time.monotonic()
-        contributions = [Contribution(task, data[task], bundle, cached) for task, bundle, cached
+        contributions = [Contribution(task, planned.data[task], bundle, cached)
+                         for task, bundle, cached
                          in zip(plan.held_in, bundles, was_cached, strict=True)]
         submit_all(demo, contributions)
         versions = demo.wait_for_version(len(contributions))
@@ -174,17 +208,6 @@ def start_services(demo: Demo) -> None:
         gaggle("coordinator"), "serve", "--store", str(demo.store), "--base", demo.plan.base,
         "--host", LOOPBACK, "--port", str(port), "--tracking-uri", demo.tracking_uri])
     wait_until(lambda: check(demo.address, timeout=1), 300, "the coordinator", coordinator)
-
-
-def submit_multitask(plan: Plan, trainer: Trainer, files: list[Path], workdir: Path) -> Path:
-    """One LoRA on the union of held-in data: trained like a contributor, never submitted."""
-    union = union_file(files, workdir / "multitask" / "train.jsonl")
-    flags = plan.train_flags(plan.multitask_steps)
-    # Its gate is never used (it runs as a single expert), so one gate step suffices.
-    flags[flags.index("--gate-steps") + 1] = "1"
-    # Privileged and single-seed: every --seeds round reuses the first round's cached LoRA.
-    flags[flags.index("--seed") + 1] = str(plan.seed)
-    return trainer.submit("multitask", union, [*flags, "--no-activations"])
 
 
 def submit_all(demo: Demo, contributions: list[Contribution]) -> None:

@@ -181,6 +181,21 @@ def test_checkpoints_give_back_what_a_finished_job_scored(tmp_path):
     assert Checkpoints(None).load("phatgoose") is None
 
 
+def test_a_round_is_complete_only_with_every_job_and_gives_back_its_system(tmp_path):
+    from bench.zeroshot.scoring import DIAGNOSTICS, Checkpoints
+    from routing.evaluate import EvalResult
+
+    checkpoints = Checkpoints(tmp_path / "scores")
+    assert not checkpoints.complete(["phatgoose"]) and checkpoints.system() is None
+    checkpoints.save("phatgoose", {"boolq": EvalResult([[-1.0, -2.0]], [0], [0], 1.0)}, 2.0)
+    assert checkpoints.complete(["phatgoose"])
+    assert not checkpoints.complete(["phatgoose", DIAGNOSTICS])  # diagnostics still to run
+    described = {"version_id": "v1", "router": "/x", "experts": [{"bundle": "k1"}]}
+    checkpoints.save_system(described)
+    assert checkpoints.system() == described
+    assert not Checkpoints(None).complete([]) and Checkpoints(None).system() is None
+
+
 def test_wall_clock_adds_the_time_of_killed_invocations(tmp_path):
     from bench.zeroshot.__main__ import WallClock
 

@@ -223,10 +223,21 @@ def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
     assert set(first["accuracy"]["oracle"]) == set(TINY.held_in)
     for name in ("results.md", "means.png", "heatmap.png"):
         assert (out / name).stat().st_size > 0
+    # A finished round is not trained again: with its bundles gone, a rerun of jobs it scored
+    # still reports, from the scores and the round's saved description.
+    cache.rename(tmp_path / "kept")
     assert main([*args, "--workdir", str(tmp_path / "second"), "--methods", "base"]) == 0
     second = json.loads((out / "results.json").read_text())
-    assert all(e["cached"] for e in second["system"]["experts"])
+    assert not cache.exists()  # nothing trained
+    assert second["system"] == first["system"]
     assert second["accuracy"]["base"] == first["accuracy"]["base"]
+    # Other test examples make a new round, which takes its bundles from the content cache.
+    (tmp_path / "kept").rename(cache)
+    assert main([*args, "--workdir", str(tmp_path / "third"), "--methods", "base",
+                 "--test-examples", "6"]) == 0
+    third = json.loads((out / "results.json").read_text())
+    assert all(e["cached"] for e in third["system"]["experts"])
+    assert third["test_examples"]["boolq"] == 6
 
 
 def test_methods_default_to_the_plan_and_unknown_ones_are_refused(capsys):
