@@ -1,7 +1,8 @@
 """Inference cost of PHATGOOSE routing on SmolLM2-135M: base vs routed (8/64/512 experts) vs naive.
 
     python -m bench.inference            # full run, writes bench/results/inference.json
-    python -m bench.inference --quick    # 8 and 64 experts, 2 rounds: < 1 minute
+    python -m bench.inference --quick    # 8 and 64 experts, 2 rounds: < 1 minute, writes
+                                         # bench/results/quick/inference.json
 
 Experts are seeded random LoRA factors and gates (r=8 on all 210 linears, drawn like
 routing.synthetic.random_bundle's), so the figures measure cost, not quality. Every round
@@ -213,8 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights and compute of every configuration alike; bf16 (or auto "
                         "where the CPU runs bf16 natively) casts the base model and so the "
                         "routed layers")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/inference.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default bench/results/inference.json; with --quick "
+                        "bench/results/quick/inference.json, so a quick run never overwrites "
+                        "the committed full results)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        results = Path("bench/results") / ("quick" if args.quick else "")
+        args.out = results / "inference.json"
     rounds = args.rounds or (2 if args.quick else 7)
     counts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     if args.threads:
