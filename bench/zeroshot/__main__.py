@@ -95,12 +95,13 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
     # bf16 weights where native: every method then runs in bf16 (about 2.5x faster with AMX);
     # log-probabilities stay float32.
     step(f"scoring in {resolve(plan.precision)}")
-    step(f"exported version {system['version_id']} to {system['router']}")
+    if system["router"]:
+        step(f"exported version {system['version_id']} to {system['router']}")
     began = time.monotonic()
     index = RetrievalIndex.from_files(Encoder(), planned.data, plan.retrieval_examples)
     seconds = {"retrieval_index": time.monotonic() - began}
     del base  # each scoring worker loads its own copy
-    results, diagnosed, took = score_in_workers(plan, Path(system["router"]), planned.multitask,
+    results, diagnosed, took = score_in_workers(plan, _router(system), planned.multitask,
                                                 index, methods, tests, plan.parallel,
                                                 progress=step, checkpoints=saved)
     seconds.update(took)
@@ -136,7 +137,7 @@ def more_seed(plan: Plan, args: argparse.Namespace, workdir: Path, fingerprint: 
     system, planned, saved = federation(plan, args, workdir / f"seed-{seed}", fingerprint,
                                         tests, methods)
     seconds[f"seed_{seed}_federation"] = time.monotonic() - began
-    results, _, took = score_in_workers(plan, Path(system["router"]), planned.multitask, index,
+    results, _, took = score_in_workers(plan, _router(system), planned.multitask, index,
                                         methods, tests, plan.parallel, progress=step,
                                         diagnose=False, checkpoints=saved)
     seconds.update({f"seed_{seed}_{k}": v for k, v in took.items()})
@@ -151,18 +152,28 @@ def federation(plan: Plan, args: argparse.Namespace, workdir: Path, fingerprint:
     """A round's federation: train, submit, assemble and export, unless an earlier run of this
     command scored every one of `jobs` for it (then nothing is trained, and the round's saved
     description stands in). Returns (described system, recipes, the round's checkpoints)."""
-    from bench.zeroshot.system import describe, recipes, run_federation
+    from bench.zeroshot.system import describe, describe_recipes, recipes, run_federation
 
     planned = recipes(plan, workdir, args.cache, fingerprint)
     saved = checkpoints(args, plan, planned, tests)
-    described = saved.system() if saved.complete(jobs) else None
-    if described is not None:
+    if saved.complete(jobs):
         step(f"seed {plan.train_seed}: every job was scored by an earlier run "
              f"({saved.folder}); nothing to train")
+        described = saved.system()
+        if described is None:  # scored by a run that did not yet save descriptions
+            described = describe_recipes(planned)
+            saved.save_system(described)
         return described, planned, saved
-    described = describe(run_federation(plan, workdir, args.cache, fingerprint, planned))
+    multitask = "multitask" in jobs and not saved.complete(["multitask"])
+    described = describe(run_federation(plan, workdir, args.cache, fingerprint, planned,
+                                        multitask))
     saved.save_system(described)
     return described, planned, saved
+
+
+def _router(system: dict) -> Path | None:
+    """The round's exported router; None for a recovered description (its jobs are all done)."""
+    return Path(system["router"]) if system["router"] else None
 
 
 def checkpoints(args: argparse.Namespace, plan: Plan, planned, tests: dict):

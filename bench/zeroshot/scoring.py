@@ -43,7 +43,7 @@ class Collection:
     """Everything the methods route with."""
 
     weights: RouterWeights  # the exported router version (held-in experts)
-    multitask: Bundle  # the privileged multitask LoRA
+    multitask: Bundle | None  # the privileged multitask LoRA, when a job scores it
     retrieval: RetrievalIndex  # the privileged example embeddings
     encoder: Encoder  # embeds retrieval queries
 
@@ -161,7 +161,7 @@ def _timestamped(message: str) -> None:
     print(f"[zeroshot {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _start_worker(plan: Plan, router: str, multitask: str, index: RetrievalIndex,
+def _start_worker(plan: Plan, router: str, multitask: str | None, index: RetrievalIndex,
                   tests: dict[str, list[Example]], threads: int) -> None:
     """Load the base model (bf16 where native), the router and the baselines' inputs once."""
     global _scorer, _tests
@@ -173,8 +173,8 @@ def _start_worker(plan: Plan, router: str, multitask: str, index: RetrievalIndex
     torch.set_num_threads(threads)
     base = load_base(plan.base)
     for_scoring(base.model, plan.precision)
-    collection = Collection(task_named(load_router(router)), load_bundle(multitask), index,
-                            Encoder())
+    collection = Collection(task_named(load_router(router)),
+                            load_bundle(multitask) if multitask else None, index, Encoder())
     _scorer = Scorer(base, collection, plan, progress=_timestamped)
     _tests = tests
 
@@ -256,7 +256,7 @@ class Checkpoints:
         return None if self.folder is None else self.folder / f"{job}.json"
 
 
-def score_in_workers(plan: Plan, router: Path, multitask: Path, index: RetrievalIndex,
+def score_in_workers(plan: Plan, router: Path | None, multitask: Path, index: RetrievalIndex,
                      methods: Sequence[str], tests: dict[str, list[Example]], workers: int,
                      progress: Progress = _timestamped, diagnose: bool = True,
                      checkpoints: Checkpoints | None = None) -> tuple[dict, dict, dict]:
@@ -291,12 +291,16 @@ def score_in_workers(plan: Plan, router: Path, multitask: Path, index: Retrieval
             finished(job, *saved)
     if not jobs:
         return {m: results[m] for m in methods}, diagnosed, seconds
+    if router is None:
+        raise ValueError(f"{', '.join(jobs)} still to score, but the round has no exported "
+                         "router: delete its _system.json to train it again")
     workers = max(1, min(workers, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker,
-                               initargs=(plan, str(router), str(multitask), index, tests,
-                                         threads))
+                               initargs=(plan, str(router),
+                                         str(multitask) if "multitask" in jobs else None,
+                                         index, tests, threads))
     progress(f"scoring {len(jobs)} jobs in {workers} worker processes, {threads} "
              f"thread(s) each")
     try:

@@ -50,7 +50,7 @@ class SystemRun:
     router: Path  # exported router folder of the newest version
     version: dict  # its entry from `gaggle-coordinator versions --json`
     contributions: list[Contribution]
-    multitask: Path  # bundle of the privileged multitask LoRA
+    multitask: Path | None  # bundle of the privileged multitask LoRA, None when not trained
     seconds: dict[str, float]  # wall time per phase
 
 
@@ -153,10 +153,10 @@ def _staging(path: Path) -> Path:
 
 
 def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str,
-                   planned: Recipes) -> SystemRun:
-    """Train every held-in expert and the multitask LoRA, submit the experts, export a version.
-
-    Every process started here is stopped, by PID, before returning.
+                   planned: Recipes, multitask: bool = True) -> SystemRun:
+    """Train every held-in expert (and the multitask LoRA when `multitask`: a round that does not
+    score it need not spend 8 experts' worth of steps on it), submit the experts, export a
+    version. Every process started here is stopped, by PID, before returning.
     """
     demo = Demo(DemoPlan(base=plan.base, contributors=(), held_out="", train_examples=0,
                          eval_examples=0, promotion_examples=0, train_flags=()),
@@ -168,7 +168,8 @@ def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str,
         flags = plan.train_flags()
         was_cached = [trainer.is_cached(file, flags) for file in planned.data.values()]
         # The longest job first, so the short ones fill the other slots around it.
-        multitask = trainer.submit("multitask", planned.union, multitask_flags(plan))
+        if multitask:
+            trainer.submit("multitask", planned.union, multitask_flags(plan))
         bundles = [trainer.submit(task, file, flags) for task, file in planned.data.items()]
         start_services(demo)  # while the first contributors train
         seconds["services_ready"] = time.monotonic() - began  # from the start
@@ -186,7 +187,8 @@ def run_federation(plan: Plan, workdir: Path, cache: Path, fingerprint: str,
             run([gaggle("coordinator"), "export", newest["version_id"], "--store",
                  str(demo.store), "--out", str(router)], demo.logs / "export.log")
         seconds["submit_assemble_export"] = time.monotonic() - began
-        return SystemRun(router, newest, contributions, multitask, seconds)
+        return SystemRun(router, newest, contributions, planned.multitask if multitask else None,
+                         seconds)
     finally:
         demo.group.stop_all()
 
@@ -227,9 +229,25 @@ def describe(run_: SystemRun) -> dict:
             "experts": [{"task": c.task, "bundle": c.bundle.name, "cached": c.cached,
                          "training": _training_summary(c.bundle)}
                         for c in run_.contributions],
-            "multitask": {"bundle": run_.multitask.name,
-                          "training": _training_summary(run_.multitask)},
+            "multitask": run_.multitask and {"bundle": run_.multitask.name,
+                                             "training": _training_summary(run_.multitask)},
             "seconds": {k: round(v, 1) for k, v in run_.seconds.items()}}
+
+
+RECOVERED = ("rebuilt from the round's recipes: its scores were kept but not its description "
+             "(a run before descriptions were saved); the bundle names are the content keys "
+             "the scores were computed with, the version, router and training summaries are "
+             "unknown")
+
+
+def describe_recipes(planned: Recipes) -> dict:
+    """The system part for a round that was scored but whose description was lost: what its
+    recipes determine, and null for what only its training could tell."""
+    return {"version_id": None, "n_experts": len(planned.bundles), "router": None,
+            "experts": [{"task": task, "bundle": bundle.name, "cached": None, "training": None}
+                        for task, bundle in planned.bundles.items()],
+            "multitask": {"bundle": planned.multitask.name, "training": None},
+            "seconds": {}, "recovered": RECOVERED}
 
 
 def _training_summary(bundle: Path) -> dict:

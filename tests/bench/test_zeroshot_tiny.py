@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -231,6 +232,18 @@ def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
     assert not cache.exists()  # nothing trained
     assert second["system"] == first["system"]
     assert second["accuracy"]["base"] == first["accuracy"]["base"]
+    # Nor when its description was lost: the scores stand, the description is rebuilt from the
+    # recipes (bundle names exact, what only training knew null) and says so.
+    rounds = {json.loads(path.read_text())["experts"][0]["bundle"]: path
+              for path in (tmp_path / "scores").glob("*/_system.json")}
+    rounds[first["system"]["experts"][0]["bundle"]].unlink()
+    assert main([*args, "--workdir", str(tmp_path / "recovered"), "--methods", "base"]) == 0
+    recovered = json.loads((out / "results.json").read_text())
+    assert not cache.exists() and "recovered" in recovered["system"]
+    assert recovered["system"]["version_id"] is None
+    assert ([e["bundle"] for e in recovered["system"]["experts"]]
+            == [e["bundle"] for e in first["system"]["experts"]])
+    assert recovered["accuracy"]["base"] == first["accuracy"]["base"]
     # Other test examples make a new round, which takes its bundles from the content cache.
     (tmp_path / "kept").rename(cache)
     assert main([*args, "--workdir", str(tmp_path / "third"), "--methods", "base",
@@ -238,6 +251,15 @@ def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
     third = json.loads((out / "results.json").read_text())
     assert all(e["cached"] for e in third["system"]["experts"])
     assert third["test_examples"]["boolq"] == 6
+    # A later seed's round retrained in a fresh clone trains its experts, not the multitask
+    # LoRA, which only the first round scores.
+    cache.rename(tmp_path / "kept-again")
+    shutil.rmtree(rounds[again["experts"][0]].parent)
+    assert main([*args, "--workdir", str(tmp_path / "fourth"), "--seeds", "2"]) == 0
+    fourth = json.loads((out / "results.json").read_text())
+    assert sorted(p.name for p in cache.iterdir()) == sorted(again["experts"])
+    assert fourth["seeds"][0]["experts"] == again["experts"]
+    assert set(fourth["seeds"][0]["accuracy"]) == set(again["accuracy"])
 
 
 def test_methods_default_to_the_plan_and_unknown_ones_are_refused(capsys):
