@@ -116,7 +116,7 @@ def benchmark(plan: Plan, args: argparse.Namespace, out: Path, workdir: Path) ->
                **({"earlier_invocations_seconds": clock.earlier} if clock.earlier else {}),
                "load_average": list(os.getloadavg()),
                "test_examples": {t: len(v) for t, v in tests.items()},
-               "system": system,
+               "system": system, "scored_on": saved.scored_on([*methods, DIAGNOSTICS]),
                "seconds": {k: round(v, 1) for k, v in seconds.items()},
                **summary, "diagnostics": diagnosed,
                **({"seeds": rounds} if rounds else {})}
@@ -144,6 +144,7 @@ def more_seed(plan: Plan, args: argparse.Namespace, workdir: Path, fingerprint: 
     summary = report.summarise(plan, results)
     return {"train_seed": seed, "version_id": system["version_id"],
             "experts": [expert["bundle"] for expert in system["experts"]],
+            "scored_on": saved.scored_on(methods),
             **{k: summary[k] for k in ("accuracy", "means", "correct", "predictions")}}
 
 

@@ -128,7 +128,18 @@ def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[
             cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
             cells.append("-" if method == reference else _leads(rounds, reference, method, tasks))
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    if any("scored_on" in r for r in rounds):
+        lines += ["", "Where each seed was scored (bf16 and fp32 scores differ in their last "
+                  "digits): " + "; ".join(f"seed {r.get('train_seed', 0)}: {_where(r)}"
+                                          for r in rounds) + "."]
     return lines
+
+
+def _where(round_: dict) -> str:
+    machines = {(m["precision"], m["cpu"], m["cores"]) if m else None
+                for m in round_.get("scored_on", {}).values()}
+    return ", ".join("not recorded" if m is None else f"{m[0]} on {m[1]} ({m[2]} cores)"
+                     for m in sorted(machines, key=str)) or "not recorded"
 
 
 def _leads(rounds: list[dict], reference: str, method: str, tasks: tuple[str, ...]) -> str:

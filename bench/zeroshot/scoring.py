@@ -202,6 +202,19 @@ def _run_job(job: str) -> tuple[str, object, float]:
     return job, out, time.monotonic() - began
 
 
+def machine(plan: Plan) -> dict:
+    """Where scores are computed: the precision the plan resolves to here, and the CPU model.
+    Scores from bf16 and fp32 runs differ in the last digits, so a round resumed on another
+    machine records which of its jobs ran where."""
+    from routing.precision import resolve
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(encoding="utf-8").splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines
+                  if line.startswith("model name")), "unknown")
+    return {"precision": resolve(plan.precision), "cpu": model, "cores": os.cpu_count()}
+
+
 class Checkpoints:
     """Finished scoring jobs on disk, so an interrupted run scores only what is missing.
 
@@ -223,7 +236,7 @@ class Checkpoints:
             out = {task: EvalResult(**result) for task, result in out.items()}
         return out, saved["seconds"]
 
-    def save(self, job: str, out: object, seconds: float) -> None:
+    def save(self, job: str, out: object, seconds: float, scored_on: dict | None = None) -> None:
         path = self._path(job)
         if path is None:
             return
@@ -232,8 +245,14 @@ class Checkpoints:
                           "seconds": r.seconds} for task, r in out.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({"out": out, "seconds": seconds}), encoding="utf-8")
+        partial.write_text(json.dumps({"out": out, "seconds": seconds, "scored_on": scored_on}),
+                           encoding="utf-8")
         partial.replace(path)
+
+    def scored_on(self, jobs: Sequence[str]) -> dict[str, dict | None]:
+        """Each finished job's precision and CPU (None: scored before they were recorded)."""
+        return {job: json.loads(path.read_text(encoding="utf-8")).get("scored_on")
+                for job in jobs if (path := self._path(job)) is not None and path.exists()}
 
     def complete(self, jobs: Sequence[str]) -> bool:
         """Whether every one of `jobs` has finished in an earlier run."""
@@ -309,7 +328,7 @@ def score_in_workers(plan: Plan, router: Path | None, multitask: Path, index: Re
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
                 job, out, took = future.result()  # re-raises a worker's error here
-                checkpoints.save(job, out, took)
+                checkpoints.save(job, out, took, machine(plan))
                 finished(job, out, took)
     except BaseException:
         # An error or an interrupt: stop the unfinished jobs instead of waiting for them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -153,6 +154,12 @@ def test_seed_table_gives_the_spread_and_the_seeds_where_phatgoose_leads():
     # PHATGOOSE 1.0 and 0.5: mean 0.75, sample sd 0.354; base 0.0 and 0.5
     assert "| PHATGOOSE | 0.750 ± 0.354 | - | 0.750 ± 0.354 | - |" in text
     assert "| base | 0.250 ± 0.354 | 1/2 / 1/2 | 0.250 ± 0.354 | 1/2 / 1/2 |" in text
+    assert "Where each seed was scored" not in text  # results that predate the record
+    here = {"precision": "fp32", "cpu": "AMD EPYC", "cores": 2}
+    text = "\n".join(seed_table(TINY, first | {"scored_on": {"phatgoose": None},
+                                               "seeds": [second | {"train_seed": 1,
+                                                                   "scored_on": {"base": here}}]}))
+    assert "seed 0: not recorded; seed 1: fp32 on AMD EPYC (2 cores)." in text
 
 
 def test_seeds_flag_refuses_fewer_than_one(capsys):
@@ -171,8 +178,11 @@ def test_checkpoints_give_back_what_a_finished_job_scored(tmp_path):
     checkpoints = Checkpoints(tmp_path / "scores")
     assert checkpoints.load("phatgoose") is None
     result = {"boolq": EvalResult([[-1.5, -0.25]], [1], [0], 3.5)}
-    checkpoints.save("phatgoose", result, 12.0)
+    here = {"precision": "fp32", "cpu": "some CPU", "cores": 2}
+    checkpoints.save("phatgoose", result, 12.0, here)
     checkpoints.save(DIAGNOSTICS, {"own_share": {"boolq": 0.5}}, 4.0)
+    assert checkpoints.scored_on(["phatgoose", DIAGNOSTICS, "smear"]) == {
+        "phatgoose": here, DIAGNOSTICS: None}  # smear: not scored yet
     loaded, seconds = checkpoints.load("phatgoose")
     assert seconds == 12.0 and loaded == result and loaded["boolq"].accuracy == 0.0
     assert checkpoints.load(DIAGNOSTICS) == ({"own_share": {"boolq": 0.5}}, 4.0)
@@ -210,3 +220,12 @@ def test_wall_clock_adds_the_time_of_killed_invocations(tmp_path):
     assert not record.exists()
     second.save()  # the daemon thread saving after the end writes nothing
     assert not record.exists()
+
+
+def test_the_machine_a_job_is_scored_on_names_precision_and_cpu():
+    from bench.zeroshot.scoring import machine
+    from routing.precision import native_bf16
+
+    scored_on = machine(TINY)
+    assert scored_on["precision"] == ("bf16" if native_bf16("cpu") else "fp32")
+    assert scored_on["cores"] == os.cpu_count() and scored_on["cpu"]
