@@ -205,6 +205,7 @@ def test_report_writes_table_chart_and_heatmap(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # five runs of the benchmark, about 15 min on a busy 2-core machine
 def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
     from bench.zeroshot.__main__ import main
 
