@@ -206,10 +206,11 @@ class WallClock:
         self.finished = threading.Event()
         self.lock = threading.Lock()
         record.parent.mkdir(parents=True, exist_ok=True)
+        self._write()  # before the thread starts, so nothing else writes the record this minute
         threading.Thread(target=self._keep, daemon=True).start()
 
     def _keep(self) -> None:
-        while not self.finished.wait(60 if self.record.exists() else 0):
+        while not self.finished.wait(60):
             self.save()
 
     def finish(self) -> None:
