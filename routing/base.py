@@ -89,6 +89,33 @@ def load_base(name: str, *, device: str = "cpu", dtype: str = "float32",
     return _stamped(BaseModel(name, model, tokenizer, identity))
 
 
+def random_base(folder: Path, *, device: str = "cpu", dtype: str = "float32",
+                seed: int = 0) -> BaseModel:
+    """A checkpoint's architecture and tokenizer with seeded random weights.
+
+    `folder` needs only config.json and the tokenizer files. For speed checks on a machine the
+    weights cannot reach (the GPU check's machine takes 64 MiB of files; SmolLM2's packaged
+    checkpoint is 98 MB): time does not depend on the weights' values. Its fingerprint is of
+    the random float32 weights, so no real expert fits it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from routing.device import resolve
+
+    placement = resolve(device, dtype)
+    config = AutoConfig.from_pretrained(folder)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model, tokenizer = _prepare(model, AutoTokenizer.from_pretrained(folder))
+    identity = fingerprint(model)
+    model.to(device=placement.device, dtype=placement.dtype)
+    return _stamped(BaseModel(f"random:{Path(folder).name}", model, tokenizer, identity))
+
+
 def _stamped(base: BaseModel) -> BaseModel:
     """Record the fingerprint on the model itself, so route(model) finds it however the model
     was loaded (its weights in bf16 no longer hash to the checkpoint's identity)."""

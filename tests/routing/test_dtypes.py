@@ -143,3 +143,17 @@ def test_a_base_in_the_local_hub_cache_loads_by_id_without_downloading(folders, 
     assert cached.fingerprint == load_base(str(folders["mistral"])).fingerprint
     with pytest.raises(InvalidArgument, match="already in the local cache"):
         load_base("someone/not-cached")
+
+
+def test_a_random_base_has_the_checkpoints_shape_and_a_seeded_identity(tmp_path):
+    from routing.base import linear_shapes, random_base
+
+    tiny = load_base("tiny-llama")
+    tiny.model.config.save_pretrained(tmp_path)  # what the GPU check carries: no weights
+    tiny.tokenizer.save_pretrained(tmp_path)
+    first = random_base(tmp_path, dtype="bfloat16")
+    assert first.model.dtype == torch.bfloat16 and first.name == f"random:{tmp_path.name}"
+    assert linear_shapes(first.model) == linear_shapes(tiny.model)
+    assert first.tokenizer("a b").input_ids == tiny.tokenizer("a b").input_ids
+    assert first.fingerprint == tiny.fingerprint  # tiny-llama is this config drawn with seed 0
+    assert random_base(tmp_path, seed=1).fingerprint != first.fingerprint
