@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -61,8 +62,15 @@ class Scorer:
                         max_length=self.plan.eval_max_length, progress=False, desc=desc,
                         **kwargs)
 
-    def run(self, method: str, tests: dict[str, list[Example]]) -> dict[str, EvalResult]:
-        """Accuracy of `method` on every task it applies to (oracle: held-in tasks only)."""
+    def run(self, method: str, tests: dict[str, list[Example]],
+            done: dict[str, EvalResult] | None = None,
+            on_task: Callable[[str, EvalResult], None] | None = None) -> dict[str, EvalResult]:
+        """Accuracy of `method` on every task it applies to (oracle: held-in tasks only).
+
+        done: tasks an interrupted run already scored (kept, not scored again); on_task is
+        called with each task as soon as it is scored.
+        """
+        done = done or {}
         results: dict[str, EvalResult] = {}
         weights = self.collection.weights
         if method in TOKEN_METHODS:
@@ -80,6 +88,10 @@ class Scorer:
                     continue  # held-out: no expert of its own exists
                 route(self.base, weights, method=f"single:{task}")
             desc = f"{method}/{task}"
+            if task in done:
+                results[task] = done[task]
+                self.progress(f"{desc}: scored by an earlier run")
+                continue
             if method == "retrieval":
                 results[task] = self._retrieval(examples, desc)
             elif method == "smear":
@@ -88,6 +100,8 @@ class Scorer:
                 results[task] = self._evaluate(examples, desc)
             self.progress(f"{desc}: {results[task].accuracy:.3f} ({len(examples)} examples, "
                           f"{results[task].seconds:.0f} s)")
+            if on_task is not None:
+                on_task(task, results[task])
         unroute(self.base.model)
         return results
 
@@ -155,6 +169,7 @@ SYSTEM_FILE = "_system.json"  # beside a round's jobs: its federation, described
 
 _scorer: Scorer | None = None  # one per worker process, built by _start_worker
 _tests: dict[str, list[Example]] = {}
+_saved: Checkpoints | None = None  # where the worker keeps each task as it is scored
 
 
 def _timestamped(message: str) -> None:
@@ -162,9 +177,9 @@ def _timestamped(message: str) -> None:
 
 
 def _start_worker(plan: Plan, router: str, multitask: str | None, index: RetrievalIndex,
-                  tests: dict[str, list[Example]], threads: int) -> None:
+                  tests: dict[str, list[Example]], threads: int, saved: Path | None) -> None:
     """Load the base model (bf16 where native), the router and the baselines' inputs once."""
-    global _scorer, _tests
+    global _scorer, _tests, _saved
     from protocol.bundle import load_bundle
     from routing.base import load_base
     from routing.precision import for_scoring
@@ -177,6 +192,7 @@ def _start_worker(plan: Plan, router: str, multitask: str | None, index: Retriev
                             load_bundle(multitask) if multitask else None, index, Encoder())
     _scorer = Scorer(base, collection, plan, progress=_timestamped)
     _tests = tests
+    _saved = Checkpoints(saved)
 
 
 def task_named(weights: RouterWeights) -> RouterWeights:
@@ -193,13 +209,17 @@ def task_named(weights: RouterWeights) -> RouterWeights:
 def _run_job(job: str) -> tuple[str, object, float]:
     from bench.zeroshot.diagnostics import routing_diagnostics
 
-    assert _scorer is not None, "worker not started"
+    assert _scorer is not None and _saved is not None, "worker not started"
     began = time.monotonic()
     if job == DIAGNOSTICS:
         out = routing_diagnostics(_scorer.base, _scorer.collection.weights, _scorer.plan)
-    else:
-        out = _scorer.run(job, _tests)
-    return job, out, time.monotonic() - began
+        return job, out, time.monotonic() - began
+    here = machine(_scorer.plan)
+    done = _saved.tasks(job, here)
+    out = _scorer.run(job, _tests, done,
+                      on_task=lambda task, result: _saved.save_task(job, task, result, here))
+    # the job's time: this run's, plus the earlier run's tasks (their evaluation time)
+    return job, out, time.monotonic() - began + sum(r.seconds for r in done.values())
 
 
 def machine(plan: Plan) -> dict:
@@ -219,8 +239,10 @@ class Checkpoints:
     """Finished scoring jobs on disk, so an interrupted run scores only what is missing.
 
     One JSON file per job in a folder whose name the caller derives from everything the
-    scores depend on (the bundles, the plan, the test examples). A file is written whole
-    (temporary name, then rename) or not at all.
+    scores depend on (the bundles, the plan, the test examples). While a job runs, each task
+    it has scored waits in `JOB.tasks/TASK.json`, so an interrupt loses at most the task under
+    way (a job takes 20-35 min on 2 cores, a task 1-6); the job's file replaces them. Every
+    file is written whole (temporary name, then rename) or not at all.
     """
 
     def __init__(self, folder: Path | None) -> None:
@@ -241,13 +263,26 @@ class Checkpoints:
         if path is None:
             return
         if job != DIAGNOSTICS:
-            out = {task: {"scores": r.scores, "predictions": r.predictions, "labels": r.labels,
-                          "seconds": r.seconds} for task, r in out.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({"out": out, "seconds": seconds, "scored_on": scored_on}),
-                           encoding="utf-8")
-        partial.replace(path)
+            out = {task: _plain(r) for task, r in out.items()}
+        _write(path, {"out": out, "seconds": seconds, "scored_on": scored_on})
+        shutil.rmtree(self.folder / f"{job}.tasks", ignore_errors=True)
+
+    def save_task(self, job: str, task: str, result: EvalResult, scored_on: dict) -> None:
+        """One task of an unfinished job."""
+        if self.folder is not None:
+            _write(self.folder / f"{job}.tasks" / f"{task}.json",
+                   {"out": _plain(result), "scored_on": scored_on})
+
+    def tasks(self, job: str, scored_on: dict) -> dict[str, EvalResult]:
+        """The tasks of an unfinished job that an interrupted run scored in the same precision
+        (a job's tasks are never mixed across bf16 and fp32)."""
+        folder = None if self.folder is None else self.folder / f"{job}.tasks"
+        if folder is None or not folder.is_dir():
+            return {}
+        saved = {path.stem: json.loads(path.read_text(encoding="utf-8"))
+                 for path in sorted(folder.glob("*.json"))}
+        return {task: EvalResult(**entry["out"]) for task, entry in saved.items()
+                if entry["scored_on"]["precision"] == scored_on["precision"]}
 
     def scored_on(self, jobs: Sequence[str]) -> dict[str, dict | None]:
         """Each finished job's precision and CPU (None: scored before they were recorded)."""
@@ -273,6 +308,18 @@ class Checkpoints:
 
     def _path(self, job: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{job}.json"
+
+
+def _plain(result: EvalResult) -> dict:
+    return {"scores": result.scores, "predictions": result.predictions,
+            "labels": result.labels, "seconds": result.seconds}
+
+
+def _write(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(content), encoding="utf-8")
+    partial.replace(path)
 
 
 def score_in_workers(plan: Plan, router: Path | None, multitask: Path, index: RetrievalIndex,
@@ -319,7 +366,7 @@ def score_in_workers(plan: Plan, router: Path | None, multitask: Path, index: Re
                                initializer=_start_worker,
                                initargs=(plan, str(router),
                                          str(multitask) if "multitask" in jobs else None,
-                                         index, tests, threads))
+                                         index, tests, threads, checkpoints.folder))
     progress(f"scoring {len(jobs)} jobs in {workers} worker processes, {threads} "
              f"thread(s) each")
     try:

@@ -191,6 +191,44 @@ def test_checkpoints_give_back_what_a_finished_job_scored(tmp_path):
     assert Checkpoints(None).load("phatgoose") is None
 
 
+def test_an_unfinished_job_keeps_its_scored_tasks_until_the_job_is_saved(tmp_path):
+    from bench.zeroshot.scoring import Checkpoints
+    from routing.evaluate import EvalResult
+
+    checkpoints = Checkpoints(tmp_path / "scores")
+    fp32 = {"precision": "fp32", "cpu": "some CPU", "cores": 2}
+    boolq = EvalResult([[-1.5, -0.25]], [1], [1], 3.5)
+    assert checkpoints.tasks("smear", fp32) == {}
+    checkpoints.save_task("smear", "boolq", boolq, fp32)
+    checkpoints.save_task("smear", "piqa", EvalResult([[-2.0, -1.0]], [1], [0], 2.0),
+                          {**fp32, "precision": "bf16"})
+    assert checkpoints.tasks("smear", fp32) == {"boolq": boolq}  # bf16's piqa is scored again
+    assert checkpoints.load("smear") is None and not checkpoints.complete(["smear"])
+    checkpoints.save("smear", {"boolq": boolq}, 9.0, fp32)
+    assert not (tmp_path / "scores" / "smear.tasks").exists()
+    assert checkpoints.tasks("smear", fp32) == {}
+
+
+def test_scorer_keeps_tasks_scored_before_and_reports_each_new_one(tiny_base, tiny_spec):
+    from bench.zeroshot.scoring import Collection, Scorer
+    from routing.evaluate import EvalResult
+    from routing.stack import stack_experts
+    from routing.synthetic import random_bundle
+    from tasks import Example
+
+    weights = stack_experts([random_bundle(tiny_spec, "alpha", seed=0, scale=0.5)])
+    scorer = Scorer(tiny_base, Collection(weights, None, None, None), TINY,
+                    progress=lambda _: None)
+    tests = {"kept": [Example("Q: is it wet?\nA:", ("yes", "no"), 0)],
+             "new": [Example("Q: is it dry?\nA:", ("yes", "no"), 1)]}
+    earlier = EvalResult([[-9.0, -1.0]], [1], [0], 60.0)  # not what this base would score
+    reported = []
+    out = scorer.run("phatgoose", tests, done={"kept": earlier},
+                     on_task=lambda task, result: reported.append((task, result)))
+    assert out["kept"] is earlier and [task for task, _ in reported] == ["new"]
+    assert reported[0][1] is out["new"] and len(out["new"].scores[0]) == 2
+
+
 def test_a_round_is_complete_only_with_every_job_and_gives_back_its_system(tmp_path):
     from bench.zeroshot.scoring import DIAGNOSTICS, Checkpoints
     from routing.evaluate import EvalResult

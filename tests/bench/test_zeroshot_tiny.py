@@ -205,7 +205,7 @@ def test_report_writes_table_chart_and_heatmap(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # five runs of the benchmark, about 15 min on a busy 2-core machine
+@pytest.mark.timeout(2400)  # six runs of the benchmark, about 17 min on a busy 2-core machine
 def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
     from bench.zeroshot.__main__ import main
 
@@ -261,6 +261,23 @@ def test_tiny_benchmark_runs_end_to_end_and_reuses_cached_experts(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == sorted(again["experts"])
     assert fourth["seeds"][0]["experts"] == again["experts"]
     assert set(fourth["seeds"][0]["accuracy"]) == set(again["accuracy"])
+    # A job interrupted after some of its tasks keeps them: here phatgoose had scored one task
+    # (made perfect, to tell it apart) when the run stopped; the rerun scores only the rest.
+    scores = rounds[again["experts"][0]].parent
+    saved = json.loads((scores / "phatgoose.json").read_text())
+    task = sorted(saved["out"])[0]
+    kept = {**saved["out"][task], "predictions": saved["out"][task]["labels"]}
+    assert kept["predictions"] != saved["out"][task]["predictions"]  # a real difference
+    (scores / "phatgoose.tasks").mkdir()
+    (scores / "phatgoose.tasks" / f"{task}.json").write_text(
+        json.dumps({"out": kept, "scored_on": saved["scored_on"]}))
+    (scores / "phatgoose.json").unlink()
+    assert main([*args, "--workdir", str(tmp_path / "fifth"), "--seeds", "2"]) == 0
+    fifth = json.loads((out / "results.json").read_text())["seeds"][0]["accuracy"]["phatgoose"]
+    assert fifth[task] == 1.0
+    assert {t: a for t, a in fifth.items() if t != task} == {
+        t: a for t, a in fourth["seeds"][0]["accuracy"]["phatgoose"].items() if t != task}
+    assert not (scores / "phatgoose.tasks").exists() and (scores / "phatgoose.json").exists()
 
 
 def test_methods_default_to_the_plan_and_unknown_ones_are_refused(capsys):
