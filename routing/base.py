@@ -98,19 +98,13 @@ def random_base(folder: Path, *, device: str = "cpu", dtype: str = "float32",
     checkpoint is 98 MB): time does not depend on the weights' values. Its fingerprint is of
     the random float32 weights, so no real expert fits it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from routing.device import resolve
 
     placement = resolve(device, dtype)
-    config = AutoConfig.from_pretrained(folder)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model, tokenizer = _prepare(model, AutoTokenizer.from_pretrained(folder))
+    model, tokenizer = _prepare(build_seeded(AutoConfig.from_pretrained(folder), seed),
+                                AutoTokenizer.from_pretrained(folder))
     identity = fingerprint(model)
     model.to(device=placement.device, dtype=placement.dtype)
     return _stamped(BaseModel(f"random:{Path(folder).name}", model, tokenizer, identity))
@@ -216,7 +210,7 @@ def byte_tokenizer():
 
 def _build_tiny():
     """A seeded random 2-layer Llama and a byte-level tokenizer: no files, no downloads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     tokenizer = byte_tokenizer()
     end = tokenizer.eos_token_id
@@ -225,13 +219,20 @@ def _build_tiny():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=end, eos_token_id=end, pad_token_id=end,
     )
+    return _prepare(build_seeded(config, seed=0), tokenizer)
+
+
+def build_seeded(config, seed: int) -> nn.Module:
+    """A float32 causal LM of `config` with weights drawn from `seed`; the global random
+    state is left as it was."""
+    from transformers import AutoModelForCausalLM
+
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(config).to(torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     finally:
         torch.random.set_rng_state(generator_state)
-    return _prepare(model, tokenizer)
 
 
 def _smollm2_folder() -> Path:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from routing.base import byte_tokenizer
+from routing.base import build_seeded, byte_tokenizer
 
 # Families whose projections are nn.Linear: every one must train, route and generate.
 FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gpt_neox")
@@ -31,16 +29,8 @@ def family_config(family: str, vocab: int, end: int):
 
 def save_family(family: str, folder: Path, seed: int = 0) -> Path:
     """Build a seeded random model of `family` and save it with its tokenizer to `folder`."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = byte_tokenizer()
-    config = family_config(family, len(tokenizer), tokenizer.eos_token_id)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    finally:
-        torch.random.set_rng_state(state)
+    model = build_seeded(family_config(family, len(tokenizer), tokenizer.eos_token_id), seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
