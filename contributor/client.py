@@ -222,7 +222,12 @@ class _Upload:
 
     def _chunks(self, upload_id: str, offset: int) -> Iterator[pb.WriteUploadRequest]:
         began, sent_here = time.monotonic(), 0
-        for data in self.archive.blocks(offset, self.chunk_bytes):
+        block = self.chunk_bytes
+        if self.limit_rate:
+            # A tenth of a second's worth per message, so the pace is even: in chunk-sized
+            # messages a bundle under one chunk would go in one burst, whatever the rate.
+            block = max(1, min(block, int(self.limit_rate / 10)))
+        for data in self.archive.blocks(offset, block):
             if self.limit_rate:
                 # Pace the stream: never ahead of limit_rate bytes per second.
                 ahead = sent_here / self.limit_rate - (time.monotonic() - began)

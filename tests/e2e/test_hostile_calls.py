@@ -195,7 +195,10 @@ def test_ctrl_c_during_submit_says_how_to_resume_or_cancel(server, tmp_path, tin
     submit = subprocess.Popen(
         [str(Path(sys.executable).parent / "gaggle-contributor"), "submit", str(bundle),
          "--coordinator", process.address, "--token", token, "--limit-rate", "2000",
-         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a test run started in the background (`make test &`) ignores SIGINT, and so would
+        # the child; a contributor at a terminal has it on
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: set(uploads.glob("*.part")) - before, 60, "no upload started")
         submit.send_signal(signal.SIGINT)
