@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -372,7 +372,9 @@ def score_in_workers(plan: Plan, router: Path | None, multitask: Path, index: Re
     try:
         pending = {pool.submit(_run_job, job) for job in jobs}
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            # FIRST_COMPLETED, so each job is saved as it ends (FIRST_EXCEPTION waits for all
+            # of them unless one fails: an interrupt then lost every finished job's scores)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 job, out, took = future.result()  # re-raises a worker's error here
                 checkpoints.save(job, out, took, machine(plan))
