@@ -301,10 +301,7 @@ class Checkpoints:
     def save_system(self, described: dict) -> None:
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.folder / f"{SYSTEM_FILE}.partial"
-        partial.write_text(json.dumps(described, indent=1), encoding="utf-8")
-        partial.replace(self.folder / SYSTEM_FILE)
+        _write(self.folder / SYSTEM_FILE, described, indent=1)
 
     def _path(self, job: str) -> Path | None:
         return None if self.folder is None else self.folder / f"{job}.json"
@@ -315,10 +312,11 @@ def _plain(result: EvalResult) -> dict:
             "labels": result.labels, "seconds": result.seconds}
 
 
-def _write(path: Path, content: dict) -> None:
+def _write(path: Path, content: dict, indent: int | None = None) -> None:
+    """Write `content` as JSON whole or not at all (a temporary name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(content), encoding="utf-8")
+    partial.write_text(json.dumps(content, indent=indent), encoding="utf-8")
     partial.replace(path)
 
 
