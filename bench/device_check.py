@@ -46,6 +46,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _tokens(base, shape: tuple[int, int]) -> torch.Tensor:
+    """Seeded random token ids of `shape` on the base's device."""
+    return torch.randint(0, base.model.config.vocab_size, shape,
+                         generator=torch.Generator().manual_seed(0)).to(base.device)
+
+
 def train_check(base, steps: int, gate_steps: int) -> list[tuple[str, str, str]]:
     """Train an expert and its gate on arithmetic records; rows of (check, figure, target)."""
     from contributor.data import Example, tokenize
@@ -78,8 +84,7 @@ def routing_check(base, counts: list[int], naive: int, rounds: int,
     """Routed / base forward time per expert count, and the naive loop / routed."""
     from bench.inference import measure, routed_layers, summarise, synthetic_router
 
-    tokens = torch.randint(0, base.model.config.vocab_size, shape,
-                           generator=torch.Generator().manual_seed(0)).to(base.device)
+    tokens = _tokens(base, shape)
     routed = {}
     for count in counts:
         weights = synthetic_router(base, count, rank=8)
@@ -198,8 +203,7 @@ def profile_check(base, experts: int = 8, shape: tuple[int, int] = (16, 128)) ->
 
     from bench.inference import install, routed_layers, synthetic_router, uninstall
 
-    tokens = torch.randint(0, base.model.config.vocab_size, shape,
-                           generator=torch.Generator().manual_seed(0)).to(base.device)
+    tokens = _tokens(base, shape)
     layers = routed_layers(base, synthetic_router(base, experts, rank=8), top_k=2)
     for label, routed in (("base", False), (f"routed_{experts}", True)):
         if routed:
@@ -226,8 +230,7 @@ def graph_check(base, counts: list[int], shape: tuple[int, int] = (16, 128),
     once the host's kernel launches are taken out (a probe for a consumer-side graph mode)."""
     from bench.inference import install, routed_layers, synthetic_router, uninstall
 
-    tokens = torch.randint(0, base.model.config.vocab_size, shape,
-                           generator=torch.Generator().manual_seed(0)).to(base.device)
+    tokens = _tokens(base, shape)
 
     def replay_ms() -> float:
         with torch.inference_mode():
