@@ -10,6 +10,7 @@ import numpy as np
 from bench.zeroshot.config import CONTROLS, METHODS, PRIVILEGED, Plan
 from bench.zeroshot.paired import (
     DRAWS,
+    PairedDifference,
     balanced_accuracy,
     majority_rate,
     paired_difference,
@@ -114,19 +115,28 @@ def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[
     rounds = [summary, *summary["seeds"]]
     methods = [m for m in METHODS if all(m in r["means"] for r in rounds)]
     lines = [f"Across {len(rounds)} training seeds (experts, gates, data order; the test "
-             "examples fixed): mean ± standard deviation of each group mean, and in how many "
-             f"seeds {LABELS[reference]} leads (higher mean) / leads surely (paired 95% "
-             "interval above 0). The base model, the privileged methods and the diagnostics "
-             "come from the first seed only.", "",
-             "| method | held-in mean ± sd | leads | held-out mean ± sd | leads |",
-             "|---|---:|---:|---:|---:|"]
+             "examples fixed): mean ± standard deviation of each group mean; "
+             f"{LABELS[reference]} minus the method averaged over the seeds, with its paired "
+             f"95% interval ({DRAWS} bootstrap draws of the test examples, the same draws for "
+             "every seed and method, so it holds the examples' noise and not the seeds'); and "
+             f"in how many seeds {LABELS[reference]} leads (higher mean) / leads surely "
+             "(paired 95% interval above 0). The base model, the privileged methods and the "
+             "diagnostics come from the first seed only.", "",
+             "| method | held-in mean ± sd | held-in diff [95% CI] | leads | held-out mean ± sd "
+             "| held-out diff [95% CI] | leads |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for method in methods:
         cells = []
         for key, tasks in (("held_in", plan.held_in), ("held_out", plan.held_out)):
             values = np.array([r["means"][method][key]["mean"] for r in rounds
                                if key in r["means"][method]])
             cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
-            cells.append("-" if method == reference else _leads(rounds, reference, method, tasks))
+            if method == reference:
+                cells += ["-", "-"]
+                continue
+            d = seed_mean_difference(rounds, reference, method, tasks)
+            cells.append(f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+            cells.append(_leads(rounds, reference, method, tasks))
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if any("scored_on" in r for r in rounds):
         lines += ["", "Where each seed was scored (bf16 and fp32 scores differ in their last "
@@ -140,6 +150,20 @@ def _where(round_: dict) -> str:
                 for m in round_.get("scored_on", {}).values()}
     return ", ".join("not recorded" if m is None else f"{m[0]} on {m[1]} ({m[2]} cores)"
                      for m in sorted(machines, key=str)) or "not recorded"
+
+
+def seed_mean_difference(rounds: list[dict], reference: str, method: str,
+                         tasks: tuple[str, ...]) -> PairedDifference:
+    """`reference` minus `method`, each example's correctness averaged over the seeds first.
+
+    Every seed scores the same test examples, so one bootstrap draw resamples them for all
+    seeds at once; the interval is conditional on the seeds that were trained."""
+    def seed_mean(method_: str) -> dict[str, np.ndarray]:
+        return {t: np.mean([r["correct"][method_][t] for r in rounds], axis=0) for t in tasks}
+
+    mine = seed_mean(reference)
+    return paired_difference(mine, seed_mean(method),
+                             task_draws({t: len(v) for t, v in mine.items()}))
 
 
 def _leads(rounds: list[dict], reference: str, method: str, tasks: tuple[str, ...]) -> str:
