@@ -114,6 +114,8 @@ def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[
     many of them (a lead: a higher mean; a sure lead: a paired 95% interval above zero)."""
     rounds = [summary, *summary["seeds"]]
     methods = [m for m in METHODS if all(m in r["means"] for r in rounds)]
+    if reference not in methods:
+        return []
     lines = [f"Across {len(rounds)} training seeds (experts, gates, data order; the test "
              "examples fixed): mean ± standard deviation of each group mean; "
              f"{LABELS[reference]} minus the method averaged over the seeds, with its paired "

@@ -160,6 +160,8 @@ def test_seed_table_gives_the_spread_and_the_seeds_where_phatgoose_leads():
     cell = f"{pooled.diff:+.3f} [{pooled.low:+.3f}, {pooled.high:+.3f}]"
     assert f"| base | 0.250 ± 0.354 | {cell} | 1/2 / 1/2 |" in text
     assert "Where each seed was scored" not in text  # results that predate the record
+    unfinished = second | {"means": {"base": second["means"]["base"]}}
+    assert seed_table(TINY, first | {"seeds": [unfinished]}) == []  # no PHATGOOSE in seed 1
     here = {"precision": "fp32", "cpu": "AMD EPYC", "cores": 2}
     text = "\n".join(seed_table(TINY, first | {"scored_on": {"phatgoose": None},
                                                "seeds": [second | {"train_seed": 1,
