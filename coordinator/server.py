@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.intake.uploads import UploadLimits, Uploads
 from coordinator.service.admin import AdminServicer
 from coordinator.service.auth import AuthInterceptor, FailureLimiter, TokenBook
+from coordinator.service.health import CoordinatorHealth
 from coordinator.service.servicer import CoordinatorServicer, OnAccepted
 from coordinator.store.experts import Store
 from coordinator.versions.scheduler import server_hook
@@ -125,7 +126,7 @@ class CoordinatorServer:
         self.uploads = Uploads(self.store, base, config.limits)
         self.uploads.expire()
         self.servicer = CoordinatorServicer(self.uploads, on_accepted)
-        self.health = health.HealthServicer()
+        self.health = CoordinatorHealth((SERVICE_NAME,))
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.max_workers),
             interceptors=[AuthInterceptor(TokenBook(self.store), limiter=FailureLimiter(
@@ -168,7 +169,7 @@ class CoordinatorServer:
 
     def start(self) -> None:
         self.server.start()
-        for service in ("", SERVICE_NAME):
+        for service in self.health.services:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper.start()
         scheme = "tls" if self.config.tls_cert else "insecure"

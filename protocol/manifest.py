@@ -60,9 +60,11 @@ MAX_NUMBER = 1e30  # |x| of any number: finite in float32 (max 3.4e38) with room
 MAX_COUNT = 2**53  # integers stay exact as float64
 MAX_CURVE_POINTS = 1000  # loss curves: one point per step, subsampled past this
 MAX_BASE_NAME = 256
+MAX_MODULE_NAME = 256  # _MODULE_RE's length bound
 
 _BASE_NAME_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")  # MAX_BASE_NAME printable
-_MODULE_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,31}$")
+# A dotted module path of at most MAX_MODULE_NAME characters (the lookahead bounds the length).
+_MODULE_RE = re.compile(r"^(?=.{1,256}$)[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,31}$")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")  # a sha256 digest (expert ids, files): fullmatch it
 
 # The training figures a manifest may carry, each with its kind: numbers only, so no text
@@ -130,7 +132,7 @@ class Manifest:
         """Check a decoded manifest against the schema; InvalidBundle naming the field."""
         raw = _object(raw, "manifest", ("base_model", "files", "format_version", "method",
                                         "modules", "name", "peft", "training"))
-        if raw["format_version"] != FORMAT_VERSION or isinstance(raw["format_version"], bool):
+        if type(raw["format_version"]) is not int or raw["format_version"] != FORMAT_VERSION:
             raise InvalidBundle(
                 f"manifest.format_version is {preview(raw['format_version'])}; this gaggle "
                 f"reads version {FORMAT_VERSION}: repackage the bundle with a matching "
@@ -214,24 +216,31 @@ def read_manifest(path: Path) -> Manifest:
     return parse_manifest(path.read_bytes())
 
 
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# One token per match: a JSON string (to its closing quote, or to the end of the text when it
+# never closes) or a bracket. Each character is matched once, so the scan stays linear even
+# for text built to make a string pattern retry from every quote.
+_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
 
 
 def json_depth(text: str) -> int:
     """The deepest nesting of objects and arrays in JSON text, without parsing it (so a
     nesting bomb costs one linear scan, not a recursion)."""
     depth = deepest = 0
-    for bracket in re.findall(r"[\[\]{}]", _STRINGS.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
+    for token in _TOKENS.findall(text):
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
     return deepest
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        duplicate = next(key for key in keys if keys.count(key) > 1)
-        raise ValueError(f"the key {preview(duplicate)} appears twice in one object")
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {preview(key)} appears twice in one object")
+        seen.add(key)
     return dict(pairs)
 
 
@@ -306,7 +315,8 @@ def _target_list(raw: object, where: str) -> None:
         raise InvalidBundle(f"manifest.{where} must be a list of at most {MAX_TARGETS} module "
                             "names", field=where)
     for index, value in enumerate(raw):
-        _string(value, _MODULE_RE, f"{where}[{index}]", "a dotted module name")
+        _string(value, _MODULE_RE, f"{where}[{index}]",
+                f"a dotted module name of at most {MAX_MODULE_NAME} characters")
 
 
 def _modules(raw: object, method: str) -> list[ModuleSpec]:

@@ -37,7 +37,7 @@ from protocol.errors import (
     Unavailable,
 )
 from protocol.manifest import SHA256_RE
-from protocol.names import check_name
+from protocol.names import check_name, preview
 
 log = logging.getLogger(__name__)
 _LOCK_WAIT_S = 10.0  # how long a second stream waits for the upload's current one to end
@@ -171,6 +171,11 @@ class Uploads:
                     f"the uploaded manifest's expert id is {bundle.expert_id[:12]}..., not the "
                     f"declared {state.expert_id[:12]}...: the bundle changed or was corrupted "
                     "on the way; leave its folder alone and resubmit", field="expert_id")
+            if bundle.manifest.name != state.name:
+                raise InvalidBundle(
+                    f"the upload was started for the expert {preview(state.name)} but its "
+                    f"manifest names {preview(bundle.manifest.name)}: start the upload with "
+                    "the manifest's name", field="name")
             # Store exactly the bytes the expert id covers, however the sender formatted them.
             (staged / MANIFEST).write_bytes(bundle.manifest.canonical_bytes())
             with self._commit:

@@ -31,6 +31,7 @@ from protocol.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from protocol.names import check_name, preview
 from protocol.status import abort
@@ -272,6 +273,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 return _current.set(self.authorize(token, admin_only, context.peer()))
             except GaggleError as err:
                 abort(context, err)
+            except Exception:  # the token store failed: a bounded answer, the cause in the log
+                log.exception("could not check the token of a call from %s", context.peer())
+                abort(context, Unavailable(
+                    "the coordinator could not check your token just now: try again shortly "
+                    "(its operator's log has the cause)", field="authorization"))
 
         if streaming:
             # A streaming response runs after the behaviour returns its generator, so the

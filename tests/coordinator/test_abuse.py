@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from contributor.client import Connection, CoordinatorClient
 from coordinator.cli import main as coordinator_cli
@@ -19,7 +21,7 @@ from coordinator.store.experts import Store
 from coordinator.store.versions import VERSION_FILE, VersionStore
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
-from tests.harness.bundles import archive_id, archive_of, make_bundle, store_snapshot
+from tests.harness.bundles import archive_id, archive_name, archive_of, make_bundle, store_snapshot
 from tests.harness.servers import add_token, seed_base_spec, start_coordinator
 
 
@@ -83,6 +85,44 @@ def _commit_fake_version(root, version_id: str) -> None:
                                                        "created_at": "2026-01-01T00:00:00Z",
                                                        "experts": []}))
     VersionStore(root).commit(version_id, write)
+
+
+def test_health_watch_answers_only_for_served_names_and_keeps_no_entry_for_others(in_process):
+    server, _ = in_process
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        for i in range(20):  # no token needed, and each name is new
+            with pytest.raises(grpc.RpcError) as err:
+                next(stub.Watch(health_pb2.HealthCheckRequest(service=f"made-up-{i}" * 500),
+                                timeout=10))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert f"has no service 'made-up-{i}" in err.value.details()
+            assert len(err.value.details()) < 300
+    # grpc's servicer keeps a callback table keyed by watched name: only served names are in it
+    assert set(server.health._send_response_callbacks) <= server.health.services
+
+
+def test_a_failing_token_store_gives_a_bounded_unavailable_and_logs_the_cause(
+        in_process, monkeypatch, caplog):
+    server, tokens = in_process
+    caplog.set_level(logging.ERROR, logger="coordinator.service.auth")
+
+    def locked(self, token):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(TokenBook, "verify", locked)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetFederation(pb.GetFederationRequest(), metadata=_meta(tokens["alice"]),
+                               timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "could not check your token just now" in err.value.details()
+    assert "database is locked" not in err.value.details()  # the cause stays in the log
+    assert "database is locked" in caplog.text
 
 
 def test_admin_calls_need_an_admin_token(in_process):
@@ -151,7 +191,7 @@ def strict_server(tmp_path_factory, tiny_spec):
 
 def _start(stub, token: str, archive: bytes) -> pb.StartUploadResponse:
     return stub.StartUpload(pb.StartUploadRequest(
-        size_bytes=len(archive), expert_id=archive_id(archive), name="abuse"),
+        size_bytes=len(archive), expert_id=archive_id(archive), name=archive_name(archive)),
         metadata=_meta(token), timeout=10)
 
 

@@ -53,7 +53,7 @@ def test_experts_command_lists_stored_experts(tmp_path, tiny_spec, capsys):
     store = Store(tmp_path / "store")
     uploads = Uploads(store, tiny_spec, ServerConfig(store=tmp_path, base="x").limits)
     archive = archive_of(make_bundle(tmp_path / "b", tiny_spec, "listed-one"))
-    state = uploads.start("alice", len(archive), archive_id(archive), "x")
+    state = uploads.start("alice", len(archive), archive_id(archive), "listed-one")
     with uploads.writer(state.upload_id, "alice") as writer:
         writer.append(0, archive)
     record = uploads.finish(state.upload_id, "alice").expert

@@ -80,6 +80,20 @@ def test_a_file_that_differs_from_its_manifest_hash_is_refused_and_leaves_no_tra
     assert not list(uploads.store.staging_dir.iterdir())
 
 
+def test_an_upload_declared_under_another_name_than_its_manifest_is_refused(uploads, archive):
+    # The declared name is what the coordinator logs while the bytes stream in; the stored
+    # expert carries the manifest's. They must be one name.
+    before = store_snapshot(uploads.store.root)
+    state = uploads.start("alice", len(archive), archive_id(archive), "someone-else")
+    write(uploads, state, archive, 0)
+    with pytest.raises(InvalidBundle, match="started for the expert 'someone-else' but its "
+                                            "manifest names 'unit'") as err:
+        uploads.finish(state.upload_id, "alice")
+    assert err.value.field == "name"
+    assert store_snapshot(uploads.store.root) == before
+    assert not list(uploads.store.uploads_dir.iterdir())
+
+
 def test_chunk_at_another_offset_is_out_of_range_and_names_the_committed_one(uploads,
                                                                             archive):
     state = begin(uploads, archive)

@@ -75,7 +75,7 @@ def raw_upload(channel: grpc.Channel, token: str, archive: bytes, *,
     try:
         start = stub.StartUpload(pb.StartUploadRequest(
             size_bytes=len(archive) if declared_size is None else declared_size,
-            expert_id=declared_id or archive_id(archive), name="raw"),
+            expert_id=declared_id or archive_id(archive), name=archive_name(archive)),
             metadata=metadata, timeout=30)
         if start.HasField("existing"):
             return RawOutcome(grpc.StatusCode.OK, "existing", start.existing.expert_id)
@@ -95,16 +95,29 @@ def archive_of(bundle_dir: Path) -> bytes:
     return pack_bundle_bytes(bundle_dir)
 
 
+def archive_manifest(archive: bytes) -> Manifest | None:
+    """The manifest inside `archive`, or None when it has no readable one."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
+            member = tar.extractfile(MANIFEST)
+            return Manifest.from_json(json.load(member))
+    except Exception:  # any hostile or truncated archive
+        return None
+
+
 def archive_id(archive: bytes) -> str:
     """The expert id an honest client declares for `archive`: its manifest's. An archive
     without a readable manifest gets a stand-in (its sha256), which the coordinator refuses
     at finish all the same."""
-    try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
-            member = tar.extractfile(MANIFEST)
-            return Manifest.from_json(json.load(member)).expert_id
-    except Exception:  # any hostile or truncated archive
-        return hashlib.sha256(archive).hexdigest()
+    manifest = archive_manifest(archive)
+    return hashlib.sha256(archive).hexdigest() if manifest is None else manifest.expert_id
+
+
+def archive_name(archive: bytes) -> str:
+    """The expert name an honest client declares for `archive`: its manifest's (a stand-in
+    when it has none)."""
+    manifest = archive_manifest(archive)
+    return "raw" if manifest is None else manifest.name
 
 
 def store_snapshot(store: Path) -> tuple[list, list]:

@@ -29,7 +29,7 @@ from coordinator.store.experts import ExpertRecord
 from protocol.bundle import ADAPTER, GATES, MANIFEST, BaseSpec, load_bundle, save_bundle
 from protocol.errors import GaggleError
 from routing.synthetic import random_bundle
-from tests.harness.bundles import archive_id
+from tests.harness.bundles import archive_id, archive_name
 
 # What a hostile upload may be answered with: the client's fault, never the server's.
 CLIENT_ERRORS = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE",
@@ -103,7 +103,7 @@ def corrupt_safetensors(draw, blob: bytes) -> tuple[str, bytes]:
     what = draw(st.sampled_from((
         "header_length", "offsets_out_of_range", "offsets_reversed", "offsets_overlap",
         "dtype", "dtype_same_bytes", "shape", "tensor_name", "drop_field", "metadata",
-        "truncate", "append", "nan", "header_garbage")))
+        "truncate", "append", "nan", "header_garbage", "late_duplicate")))
     if what == "header_length":
         return what, join_safetensors(header, data, draw(st.sampled_from(
             (2**63 - 1, 2**40, len(json.dumps(header)) + 4096, 0, 1, 7))))
@@ -139,6 +139,10 @@ def corrupt_safetensors(draw, blob: bytes) -> tuple[str, bytes]:
         pattern = draw(st.sampled_from((b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f",
                                         b"\x00\x00\x80\xff")))
         data = data[:position] + pattern + data[position + 4:]
+    elif what == "late_duplicate":  # many metadata keys, the first one again at the end
+        text = json.dumps(header | {"__metadata__": {f"k{i}": "" for i in range(150_000)}})
+        text = text[:-2] + ', "k0": "x"}}'
+        return what, struct.pack("<Q", len(text)) + text.encode() + data
     elif what == "header_garbage":
         text = json.dumps(header).encode()
         noise = draw(st.binary(min_size=len(text), max_size=len(text)))
@@ -194,7 +198,7 @@ def corrupt_manifest(draw, blob: bytes) -> tuple[str, bytes]:
             st.sampled_from(HOSTILE_NAMES), st.sampled_from(HUGE), st.just(True)))
     else:
         raw = draw(st.sampled_from(("deep", "utf8", "truncated", "bom", "huge", "root",
-                                    "empty", "huge_int")))
+                                    "empty", "huge_int", "escaped_quotes", "late_duplicate")))
         return f"raw_{raw}", _raw_manifest(raw, blob, draw)
     try:
         return what, json.dumps(manifest, indent=1).encode()
@@ -286,6 +290,11 @@ def _raw_manifest(kind: str, blob: bytes, draw) -> bytes:
         return blob[:-2] + b" " * (4 * 1024 * 1024) + blob[-2:]
     if kind == "huge_int":
         return blob.replace(b'"format_version": 1', b'"format_version": ' + b"9" * 5000)
+    if kind == "escaped_quotes":  # a string that never closes: a backtracking scan is quadratic
+        return b'{"name": "' + b'\\"' * (1900 * 1024)
+    if kind == "late_duplicate":  # 150k keys, the first one again at the end
+        keys = b", ".join(b'"k%d": 1' % i for i in range(150_000))
+        return blob[:-1] + b", " + keys + b', "k0": 2}'
     if kind == "root":
         return draw(st.sampled_from((b"[]", b"null", b"1", b'"x"', b"{}")))
     return b""
@@ -387,11 +396,12 @@ def stream_case(draw, layer: str, what: str, archive: bytes,
     """Send `archive`, honestly or with a broken stream or declaration."""
     chunks = chunked(archive, draw(st.sampled_from((512, 4096, 1 << 20))))
     digest = archive_id(archive)
-    size, name = len(archive), "fuzz"
+    size, name = len(archive), archive_name(archive)
     if not honest:
         layer, what = "stream", draw(st.sampled_from((
             "truncated", "reordered", "wrong_offset", "duplicate", "size_larger",
-            "size_smaller", "wrong_id", "bad_id", "bad_name", "oversized", "zero_size")))
+            "size_smaller", "wrong_id", "bad_id", "bad_name", "wrong_name", "oversized",
+            "zero_size")))
         if what == "truncated":
             chunks = chunked(archive[:draw(st.integers(0, len(archive) - 1))], 4096)
         elif what == "reordered" and len(chunks) > 1:
@@ -414,6 +424,8 @@ def stream_case(draw, layer: str, what: str, archive: bytes,
                                            digest + "0")))
         elif what == "bad_name":
             name = draw(st.sampled_from(("x\x00y", "line\nbreak", "a" * 100, "\x1b[2J")))
+        elif what == "wrong_name":  # well formed, but not the manifest's
+            name = draw(st.sampled_from(("fuzz", name + "-2")))
         elif what == "oversized":
             size = 2**40
         elif what == "zero_size":

@@ -50,6 +50,8 @@ REFUSALS = {
     "scaling_not_finite_in_float32": (_set("peft.scaling", 1e39), "peft.scaling"),
     "alpha_huge_int": (_set("peft.alpha", 2**200), "peft.alpha"),
     "target_module_text": (_set("peft.target_modules", ["q_proj", "a b"]), "target_modules"),
+    "target_module_too_long": (_set("peft.target_modules", ["q" * 10_000]), "at most 256"),
+    "format_version_float": (_set("format_version", 1.0), "format_version is 1.0"),
     "training_text_key": (_set("training.alice_has_diabetes", 1), "carries no text"),
     "training_string_value": (_set("training.expert_steps", "100"), "training.expert_steps"),
     "training_negative_count": (_set("training.examples", -1), "training.examples"),
@@ -82,6 +84,10 @@ def test_a_valid_manifest_with_every_training_figure_parses(manifest_json):
 
 def test_duplicate_keys_nesting_and_nan_are_refused_before_parsing():
     assert json_depth('{"a": "[[[[", "b": [[1]]}') == 3  # brackets inside strings do not count
+    assert json_depth('["a\\\\", [["x\\"]"]]]') == 3  # an escaped backslash, an escaped quote
+    assert json_depth('[{"k": [1, {"z": []}]}]') == 5
+    assert json_depth('[["never closed ]]]') == 2  # a string that never closes runs to the end
+    assert json_depth('"' + '\\"' * 50_000) == 0  # one token, not a rescan from every quote
     with pytest.raises(ValueError, match="twice"):
         strict_json('{"a": 1, "a": 2}', max_depth=3)
     with pytest.raises(ValueError, match="levels deep"):
