@@ -65,6 +65,7 @@ class ServerConfig:
     eval_config: Path | None = None  # evaluation config file: evaluate each new version
     auth_max_failures: int = 10  # failed authentications per host and window, then refused
     auth_window_s: float = 60.0  # how long a failed authentication counts against its host
+    max_calls_per_contributor: int = 4  # one contributor's calls in flight (each holds a thread)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -75,6 +76,9 @@ class ServerConfig:
         check_names(self.device, self.dtype)
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} is out of range 0-65535", field="port")
+        if self.max_calls_per_contributor < 1:
+            raise InvalidArgument("max_calls_per_contributor must be at least 1",
+                                  field="max_calls_per_contributor")
         if self.auth_max_failures < 1 or self.auth_window_s <= 0:
             raise InvalidArgument("auth_max_failures must be at least 1 and auth_window_s "
                                   "positive", field="auth_max_failures")
@@ -129,8 +133,9 @@ class CoordinatorServer:
         self.health = CoordinatorHealth((SERVICE_NAME,))
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=config.max_workers),
-            interceptors=[AuthInterceptor(TokenBook(self.store), limiter=FailureLimiter(
-                config.auth_max_failures, config.auth_window_s))],
+            interceptors=[AuthInterceptor(
+                TokenBook(self.store), max_calls=config.max_calls_per_contributor,
+                limiter=FailureLimiter(config.auth_max_failures, config.auth_window_s))],
             # One server per port: without this, a second server would silently share it.
             options=[("grpc.so_reuseport", 0)],
         )

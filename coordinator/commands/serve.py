@@ -8,8 +8,28 @@ import logging
 from coordinator.commands.options import ray_options, tracking_option
 
 
+# Settings with no flag, for the --config file: (name, default, meaning). The defaults are
+# ServerConfig's (tests/coordinator/test_cli.py holds them equal); written out here so that
+# --help does not import the server.
+FILE_ONLY = (
+    ("max_bundle_bytes", "536870912", "largest upload archive accepted"),
+    ("max_concurrent_uploads", "4", "unfinished uploads per contributor"),
+    ("upload_idle_timeout_s", "3600.0", "an upload with no bytes for this long expires"),
+    ("stream_idle_timeout_s", "60.0", "a stream that sends nothing this long is cancelled"),
+    ("store_quota_bytes", "none", "stored plus in-flight archive bytes, all contributors"),
+    ("max_workers", "16", "calls handled at once (one thread each)"),
+    ("max_calls_per_contributor", "4", "one contributor's calls in flight"),
+    ("grace_s", "10.0", "how long SIGTERM waits for calls in flight"),
+    ("auth_max_failures", "10", "failed authentications per host and window"),
+    ("auth_window_s", "60.0", "how long a failed authentication counts against its host"),
+)
+
+
 def add_parser(sub) -> None:
-    serve_ = sub.add_parser("serve", help="run the gRPC coordinator service")
+    epilog = "settings only in the --config file (TOML), with their defaults:\n" + "\n".join(
+        f"  {name} = {default}".ljust(40) + meaning for name, default, meaning in FILE_ONLY)
+    serve_ = sub.add_parser("serve", help="run the gRPC coordinator service", epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     serve_.add_argument("--config", help="TOML file holding any of these settings")
     serve_.add_argument("--store", help="the coordinator's store folder (created if missing)")
     serve_.add_argument("--base", help="the federation's base model name or folder")

@@ -81,6 +81,8 @@ class Uploads:
         self._commit = threading.Lock()  # one rename-and-index at a time
         # Streams being written now: id -> (writer, how to cancel its RPC).
         self._streams: dict[str, tuple[UploadWriter, Callable[[], object]]] = {}
+        # Streams whose first message has not come yet: key -> (opened at, how to cancel).
+        self._opening: dict[object, tuple[float, Callable[[], object]]] = {}
 
     def part_path(self, upload_id: str) -> Path:
         return self.store.uploads_dir / f"{upload_id}.part"
@@ -222,12 +224,28 @@ class Uploads:
             self._discard(upload_id)
         log.info("upload %s cancelled by %s", upload_id, contributor)
 
+    @contextmanager
+    def opening(self, cancel: Callable[[], object]) -> Iterator[None]:
+        """Watch a stream until its first message names the upload: a stream that sends
+        nothing is cancelled by `cancel_stalled` like one that stops half-way."""
+        key = object()
+        with self._guard:
+            self._opening[key] = (time.monotonic(), cancel)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._opening.pop(key, None)
+
     def cancel_stalled(self, now: float | None = None) -> list[str]:
-        """Cancel streams that sent no chunk for `stream_idle_timeout_s` (monotonic time)."""
+        """Cancel streams that sent no chunk for `stream_idle_timeout_s` (monotonic time);
+        the ids of their uploads ("that named no upload" for a stream that sent nothing)."""
         cutoff = (time.monotonic() if now is None else now) - self.limits.stream_idle_timeout_s
         with self._guard:
             stalled = [(upload_id, cancel) for upload_id, (writer, cancel)
                        in self._streams.items() if writer.last_chunk_at < cutoff]
+            stalled += [("that named no upload", cancel)
+                        for opened, cancel in self._opening.values() if opened < cutoff]
         for upload_id, cancel in stalled:
             log.warning("cancelling upload stream %s: no data for %.0f s", upload_id,
                         self.limits.stream_idle_timeout_s)

@@ -15,7 +15,7 @@ import re
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -216,17 +216,22 @@ def peer_host(peer: str) -> str:
 class AuthInterceptor(grpc.ServerInterceptor):
     """Check the bearer token of every RPC but health; expose the caller to handlers.
 
-    Admin services need a token of role "admin". A valid token always passes; a failed call
-    from a host with too many failures in the limiter's window is answered RESOURCE_EXHAUSTED.
+    Admin services need a token of role "admin". A failed call from a host with too many
+    failures in the limiter's window is answered RESOURCE_EXHAUSTED, and so is a contributor's
+    call beyond `max_calls` of its own in flight: every call holds one of the server's worker
+    threads, so no one contributor may hold them all. Admin calls are not counted.
     """
 
     def __init__(self, book: TokenBook,
                  on_failure: Callable[[str, str], None] | None = None,
-                 limiter: FailureLimiter | None = None) -> None:
+                 limiter: FailureLimiter | None = None, max_calls: int = 4) -> None:
         self.book = book
         # Called with (peer, reason) after each refused call: logging, rate limiting.
         self.on_failure = on_failure
         self.limiter = limiter or FailureLimiter()
+        self.max_calls = max_calls
+        self._in_flight: Counter[str] = Counter()  # contributor -> calls being handled
+        self._lock = threading.Lock()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -266,11 +271,31 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 "token (`gaggle-coordinator token add NAME --admin`)", field="authorization")
         return identity
 
+    def admit(self, identity: Identity) -> None:
+        """Count a contributor's call in, or refuse it when `max_calls` are in flight."""
+        if identity.role == "admin":
+            return
+        with self._lock:
+            if self._in_flight[identity.contributor] >= self.max_calls:
+                raise ResourceExhausted(
+                    f"{identity.contributor} has {self.max_calls} calls in flight already, "
+                    "the most one contributor may hold: wait for one to end", field="calls")
+            self._in_flight[identity.contributor] += 1
+
+    def leave(self, identity: Identity) -> None:
+        if identity.role == "admin":
+            return
+        with self._lock:
+            self._in_flight[identity.contributor] -= 1
+            if not self._in_flight[identity.contributor]:
+                del self._in_flight[identity.contributor]
+
     def _guard(self, behavior: Callable, streaming: bool, token: str | None,
                admin_only: bool) -> Callable:
         def enter(context: grpc.ServicerContext) -> contextvars.Token:
             try:
-                return _current.set(self.authorize(token, admin_only, context.peer()))
+                identity = self.authorize(token, admin_only, context.peer())
+                self.admit(identity)
             except GaggleError as err:
                 abort(context, err)
             except Exception:  # the token store failed: a bounded answer, the cause in the log
@@ -278,6 +303,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 abort(context, Unavailable(
                     "the coordinator could not check your token just now: try again shortly "
                     "(its operator's log has the cause)", field="authorization"))
+            return _current.set(identity)
+
+        def leave(reset: contextvars.Token) -> None:
+            identity = _current.get()
+            _current.reset(reset)
+            self.leave(identity)
 
         if streaming:
             # A streaming response runs after the behaviour returns its generator, so the
@@ -287,7 +318,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 try:
                     yield from behavior(request, context)
                 finally:
-                    _current.reset(reset)
+                    leave(reset)
             return stream
 
         def call(request, context):
@@ -295,7 +326,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             try:
                 return behavior(request, context)
             finally:
-                _current.reset(reset)
+                leave(reset)
         return call
 
 

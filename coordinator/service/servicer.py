@@ -96,7 +96,8 @@ class CoordinatorServicer(gaggle_pb2_grpc.CoordinatorServicer):
 
     @handles_errors
     def WriteUpload(self, request_iterator: Iterator[pb.WriteUploadRequest], context):
-        first = next(request_iterator, None)
+        with self.uploads.opening(context.cancel):  # a silent stream must not hold a thread
+            first = next(request_iterator, None)
         if first is None or not first.upload_id:
             raise InvalidArgument("the first WriteUpload message must carry the upload_id "
                                   "from StartUpload", field="upload_id")

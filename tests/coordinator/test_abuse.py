@@ -161,6 +161,54 @@ def test_admin_calls_need_an_admin_token(in_process):
         assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_silent_streams_are_cancelled_and_one_contributor_holds_few_calls(tmp_path, tiny_spec):
+    # Two streams that never send their first message hold two of alice's calls; her third
+    # is refused at the cap while bob is served, and the stall timer frees her slots.
+    store = Store(tmp_path / "store")
+    store.cache_base_spec(tiny_spec)
+    book = TokenBook(store)
+    alice, bob = book.add("alice"), book.add("bob")
+    store.close()
+    server = CoordinatorServer(ServerConfig(
+        store=tmp_path / "store", base="tiny-llama", port=0, assembly=False,
+        stream_idle_timeout_s=1.0, max_calls_per_contributor=2))
+    server.start()
+    hold, outcomes = threading.Event(), []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = gaggle_pb2_grpc.CoordinatorStub(channel)
+
+            def silent():
+                def nothing():
+                    hold.wait(30)
+                    yield from ()
+                try:
+                    stub.WriteUpload(nothing(), metadata=_meta(alice), timeout=30)
+                except grpc.RpcError as err:
+                    outcomes.append(err.code())
+
+            threads = [threading.Thread(target=silent) for _ in range(2)]
+            began = time.monotonic()
+            for thread in threads:
+                thread.start()
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as capped:
+                stub.GetFederation(pb.GetFederationRequest(), metadata=_meta(alice), timeout=10)
+            assert capped.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "alice has 2 calls in flight already" in capped.value.details()
+            assert stub.GetFederation(pb.GetFederationRequest(), metadata=_meta(bob),
+                                      timeout=10).contributor == "bob"
+            for thread in threads:
+                thread.join(15)
+            assert outcomes == [grpc.StatusCode.CANCELLED] * 2
+            assert time.monotonic() - began < 10  # the 1 s stall timer, not the 30 s hold
+            assert stub.GetFederation(pb.GetFederationRequest(), metadata=_meta(alice),
+                                      timeout=10).contributor == "alice"
+    finally:
+        hold.set()
+        server.stop()
+
+
 def test_token_add_admin_issues_an_admin_token(tmp_path, capsys):
     assert coordinator_cli(["token", "add", "ops", "--admin", "--store", str(tmp_path)]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]

@@ -59,3 +59,25 @@ def test_token_add_starts_a_store_that_the_other_commands_then_open(tmp_path, ca
     assert capsys.readouterr().out == f"no experts in {store}\n"
     assert main(["token", "list", "--store", str(store)]) == 0
     assert capsys.readouterr().out.startswith("alice")
+
+
+def test_serve_help_names_every_setting_with_its_true_default():
+    # Every ServerConfig field is a flag or listed, with ServerConfig's default, in the
+    # --help text of settings only the --config file holds.
+    from dataclasses import MISSING, fields
+
+    from coordinator.cli import build_parser
+    from coordinator.commands.serve import FILE_ONLY
+    from coordinator.server import ServerConfig
+
+    parser = build_parser()
+    serve = next(a for a in parser._subparsers._actions if a.choices).choices["serve"]
+    flags = {action.dest for action in serve._actions}
+    listed = {name: default for name, default, _ in FILE_ONLY}
+    for field in fields(ServerConfig):
+        assert (field.name in flags) != (field.name in listed), field.name
+        if field.name in listed:
+            default = "none" if field.default is None else str(field.default)
+            assert field.default is not MISSING and listed[field.name] == default, field.name
+    text = serve.format_help()
+    assert all(f"{name} = {default}" in text for name, default in listed.items())
