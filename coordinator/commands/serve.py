@@ -7,7 +7,6 @@ import logging
 
 from coordinator.commands.options import ray_options, tracking_option
 
-
 # Settings with no flag, for the --config file: (name, default, meaning). The defaults are
 # ServerConfig's (tests/coordinator/test_cli.py holds them equal); written out here so that
 # --help does not import the server.
