@@ -60,11 +60,11 @@ MAX_NUMBER = 1e30  # |x| of any number: finite in float32 (max 3.4e38) with room
 MAX_COUNT = 2**53  # integers stay exact as float64
 MAX_CURVE_POINTS = 1000  # loss curves: one point per step, subsampled past this
 MAX_BASE_NAME = 256
-MAX_MODULE_NAME = 256  # _MODULE_RE's length bound
+MAX_MODULE_NAME = 256  # a module path's characters (peft targets, adapted modules)
 
 _BASE_NAME_RE = re.compile(r"^[\x21-\x7e][\x20-\x7e]{0,255}$")  # MAX_BASE_NAME printable
-# A dotted module path of at most MAX_MODULE_NAME characters (the lookahead bounds the length).
-_MODULE_RE = re.compile(r"^(?=.{1,256}$)[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){0,31}$")
+# A dotted module path; the lookahead bounds its length.
+_MODULE_RE = re.compile(rf"^(?=.{{1,{MAX_MODULE_NAME}}}$)[A-Za-z0-9_]+(\.[A-Za-z0-9_]+){{0,31}}$")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")  # a sha256 digest (expert ids, files): fullmatch it
 
 # The training figures a manifest may carry, each with its kind: numbers only, so no text
@@ -328,10 +328,11 @@ def _modules(raw: object, method: str) -> list[ModuleSpec]:
         where = f"modules[{index}]"
         entry = _object(entry, where, ("d_in", "d_out", "kind", "name"))
         name = _string(entry["name"], _MODULE_RE, f"{where}.name",
-                       "a dotted module path (letters, digits, '_' and '.')")
-        if len(name) > 256 or name in seen:
-            raise InvalidBundle(f"manifest.{where}.name {preview(name)} is too long or listed "
-                                "twice", field="modules")
+                       f"a dotted module path (letters, digits, '_' and '.') of at most "
+                       f"{MAX_MODULE_NAME} characters")
+        if name in seen:
+            raise InvalidBundle(f"manifest.{where}.name {preview(name)} is listed twice",
+                                field="modules")
         seen.add(name)
         if entry["kind"] not in MODULE_KINDS[method]:
             raise InvalidBundle(

@@ -271,7 +271,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 "token (`gaggle-coordinator token add NAME --admin`)", field="authorization")
         return identity
 
-    def admit(self, identity: Identity) -> None:
+    def count_in(self, identity: Identity) -> None:
         """Count a contributor's call in, or refuse it when `max_calls` are in flight."""
         if identity.role == "admin":
             return
@@ -282,7 +282,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     "the most one contributor may hold: wait for one to end", field="calls")
             self._in_flight[identity.contributor] += 1
 
-    def leave(self, identity: Identity) -> None:
+    def count_out(self, identity: Identity) -> None:
         if identity.role == "admin":
             return
         with self._lock:
@@ -295,7 +295,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         def enter(context: grpc.ServicerContext) -> contextvars.Token:
             try:
                 identity = self.authorize(token, admin_only, context.peer())
-                self.admit(identity)
+                self.count_in(identity)
             except GaggleError as err:
                 abort(context, err)
             except Exception:  # the token store failed: a bounded answer, the cause in the log
@@ -308,7 +308,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         def leave(reset: contextvars.Token) -> None:
             identity = _current.get()
             _current.reset(reset)
-            self.leave(identity)
+            self.count_out(identity)
 
         if streaming:
             # A streaming response runs after the behaviour returns its generator, so the
