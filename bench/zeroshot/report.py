@@ -110,8 +110,9 @@ def paired_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> lis
 
 
 def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[str]:
-    """Each post-hoc method's group means across training seeds, and PHATGOOSE's lead in how
-    many of them (a lead: a higher mean; a sure lead: a paired 95% interval above zero)."""
+    """Each post-hoc method's group means across training seeds, PHATGOOSE's lead in each seed,
+    and in how many of them it leads (a higher mean) or leads surely (a paired 95% interval
+    above zero)."""
     rounds = [summary, *summary["seeds"]]
     methods = [m for m in METHODS if all(m in r["means"] for r in rounds)]
     if reference not in methods:
@@ -120,13 +121,14 @@ def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[
              "examples fixed): mean ± standard deviation of each group mean; "
              f"{LABELS[reference]} minus the method averaged over the seeds, with its paired "
              f"95% interval ({DRAWS} bootstrap draws of the test examples, the same draws for "
-             "every seed and method, so it holds the examples' noise and not the seeds'); and "
-             f"in how many seeds {LABELS[reference]} leads (higher mean) / leads surely "
-             "(paired 95% interval above 0). The base model, the privileged methods and the "
-             "diagnostics come from the first seed only.", "",
-             "| method | held-in mean ± sd | held-in diff [95% CI] | leads | held-out mean ± sd "
-             "| held-out diff [95% CI] | leads |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "every seed and method, so it holds the examples' noise and not the seeds'); the "
+             "difference in each seed, in seed order, which shows the seeds' noise; and in how "
+             f"many seeds {LABELS[reference]} leads (higher mean) / leads surely (paired 95% "
+             "interval above 0). The base model, the privileged methods and the diagnostics "
+             "come from the first seed only.", "",
+             "| method | held-in mean ± sd | held-in diff [95% CI] | per seed | leads "
+             "| held-out mean ± sd | held-out diff [95% CI] | per seed | leads |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method in methods:
         cells = []
         for key, tasks in (("held_in", plan.held_in), ("held_out", plan.held_out)):
@@ -134,11 +136,14 @@ def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[
                                if key in r["means"][method]])
             cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}")
             if method == reference:
-                cells += ["-", "-"]
+                cells += ["-", "-", "-"]
                 continue
             d = seed_mean_difference(rounds, reference, method, tasks)
             cells.append(f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
-            cells.append(_leads(rounds, reference, method, tasks))
+            each = [seed_difference(r, reference, method, tasks) for r in rounds]
+            cells.append(", ".join(f"{e.diff:+.3f}" for e in each))
+            n = len(rounds)
+            cells.append(f"{sum(e.diff > 0 for e in each)}/{n} / {sum(e.low > 0 for e in each)}/{n}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if any("scored_on" in r for r in rounds):
         lines += ["", "Where each seed was scored (bf16 and fp32 scores differ in their last "
@@ -168,15 +173,12 @@ def seed_mean_difference(rounds: list[dict], reference: str, method: str,
                              task_draws({t: len(v) for t, v in mine.items()}))
 
 
-def _leads(rounds: list[dict], reference: str, method: str, tasks: tuple[str, ...]) -> str:
-    higher = sure = 0
-    for r in rounds:
-        mine = {t: r["correct"][reference][t] for t in tasks}
-        theirs = {t: r["correct"][method][t] for t in tasks}
-        d = paired_difference(mine, theirs, task_draws({t: len(v) for t, v in mine.items()}))
-        higher += d.diff > 0
-        sure += d.low > 0
-    return f"{higher}/{len(rounds)} / {sure}/{len(rounds)}"
+def seed_difference(round_: dict, reference: str, method: str,
+                    tasks: tuple[str, ...]) -> PairedDifference:
+    """`reference` minus `method` in one seed, with its paired interval."""
+    mine = {t: round_["correct"][reference][t] for t in tasks}
+    theirs = {t: round_["correct"][method][t] for t in tasks}
+    return paired_difference(mine, theirs, task_draws({t: len(v) for t, v in mine.items()}))
 
 
 # Families whose choices are one fixed label set, so that a class is a label, not a position.

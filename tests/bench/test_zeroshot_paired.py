@@ -152,13 +152,14 @@ def test_seed_table_gives_the_spread_and_the_seeds_where_phatgoose_leads():
     text = "\n".join(seed_table(TINY, first | {"seeds": [second]}))
     assert "Across 2 training seeds" in text
     # PHATGOOSE 1.0 and 0.5: mean 0.75, sample sd 0.354; base 0.0 and 0.5
-    assert "| PHATGOOSE | 0.750 ± 0.354 | - | - | 0.750 ± 0.354 | - | - |" in text
+    assert "| PHATGOOSE | 0.750 ± 0.354 | - | - | - | 0.750 ± 0.354 | - | - | - |" in text
     # averaged over the seeds, PHATGOOSE's examples are 1 (first ten) and 0.5; base's 0 and 0.5
     pooled = seed_mean_difference([first, second], "phatgoose", "base", TINY.held_in)
     assert pooled.diff == pytest.approx(0.5)
     assert 0.0 < pooled.low < 0.5 < pooled.high <= 1.0
     cell = f"{pooled.diff:+.3f} [{pooled.low:+.3f}, {pooled.high:+.3f}]"
-    assert f"| base | 0.250 ± 0.354 | {cell} | 1/2 / 1/2 |" in text
+    # each seed: a lead of 1.0 whose interval is above 0, then a tie
+    assert f"| base | 0.250 ± 0.354 | {cell} | +1.000, +0.000 | 1/2 / 1/2 |" in text
     assert "Where each seed was scored" not in text  # results that predate the record
     unfinished = second | {"means": {"base": second["means"]["base"]}}
     assert seed_table(TINY, first | {"seeds": [unfinished]}) == []  # no PHATGOOSE in seed 1
