@@ -78,7 +78,7 @@ def markdown(plan: Plan, summary: dict, diagnostics: dict, header: list[str]) ->
                   "random gate keys of the trained keys' per-module norms (random gates)."]
     lines += ["", *paired_table(plan, summary), "", *balance_table(plan, summary), ""]
     if summary.get("seeds"):
-        lines += [*seed_table(plan, summary), ""]
+        lines += [*seed_table(plan, summary), "", *seed_task_table(plan, summary), ""]
     lines += own_share_table(plan, diagnostics.get("own_share", {}))
     return "\n".join(lines) + "\n"
 
@@ -149,6 +149,30 @@ def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[
         lines += ["", "Where each seed was scored (bf16 and fp32 scores differ in their last "
                   "digits): " + "; ".join(f"seed {r.get('train_seed', 0)}: {_where(r)}"
                                           for r in rounds) + "."]
+    return lines
+
+
+def seed_task_table(plan: Plan, summary: dict) -> list[str]:
+    """Each post-hoc method's accuracy per task in every seed: where the seeds disagree."""
+    rounds = [summary, *summary["seeds"]]
+    methods = [m for m in METHODS if all(m in r["accuracy"] for r in rounds)]
+    if not methods:
+        return []
+    lines = [f"Accuracy per task in each of the {len(rounds)} seeds, in seed order, and the "
+             "largest minus the smallest (range):", "",
+             "| task | " + " | ".join(LABELS[m] for m in methods) + " |",
+             "|---|" + "---:|" * len(methods)]
+    for group, tasks in (("held-in", plan.held_in), ("held-out", plan.held_out)):
+        for task in tasks:
+            cells = []
+            for method in methods:
+                values = [r["accuracy"][method].get(task) for r in rounds]
+                if None in values:
+                    cells.append("-")
+                    continue
+                cells.append(" / ".join(f"{v:.3f}" for v in values)
+                             + f" ({max(values) - min(values):.3f})")
+            lines.append(f"| {task} ({group}) | " + " | ".join(cells) + " |")
     return lines
 
 

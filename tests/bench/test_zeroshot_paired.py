@@ -170,6 +170,22 @@ def test_seed_table_gives_the_spread_and_the_seeds_where_phatgoose_leads():
     assert "seed 0: not recorded; seed 1: fp32 on AMD EPYC (2 cores)." in text
 
 
+def test_seed_task_table_gives_each_seed_per_task_and_the_range():
+    from bench.zeroshot.report import seed_task_table
+
+    first = _summary({"base": {"boolq": [0, 0], "imdb-sentiment": [0, 1]},
+                      "phatgoose": {"boolq": [1, 1], "imdb-sentiment": [1, 1]}}, None, None)
+    second = _summary({"base": {"boolq": [0, 1]},
+                       "phatgoose": {"boolq": [1, 0], "imdb-sentiment": [0, 0]}}, None, None)
+    lines = seed_task_table(TINY, first | {"seeds": [second]})
+    assert "| task | base | PHATGOOSE |" in lines
+    assert "| boolq (held-in) | 0.000 / 0.500 (0.500) | 1.000 / 0.500 (0.500) |" in lines
+    # a task a seed did not score is a dash, not a range over the seeds that did
+    assert "| imdb-sentiment (held-out) | - | 1.000 / 0.000 (1.000) |" in lines
+    assert "| tweet-sentiment (held-in) | - | - |" in lines
+    assert seed_task_table(TINY, first | {"seeds": [{"accuracy": {}}]}) == []
+
+
 def test_seeds_flag_refuses_fewer_than_one(capsys):
     from bench.zeroshot.__main__ import parse_args
 
