@@ -142,8 +142,8 @@ def seed_table(plan: Plan, summary: dict, reference: str = "phatgoose") -> list[
             cells.append(f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
             each = [seed_difference(r, reference, method, tasks) for r in rounds]
             cells.append(", ".join(f"{e.diff:+.3f}" for e in each))
-            n = len(rounds)
-            cells.append(f"{sum(e.diff > 0 for e in each)}/{n} / {sum(e.low > 0 for e in each)}/{n}")
+            higher, sure, n = sum(e.diff > 0 for e in each), sum(e.low > 0 for e in each), len(each)
+            cells.append(f"{higher}/{n} / {sure}/{n}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     if any("scored_on" in r for r in rounds):
         lines += ["", "Where each seed was scored (bf16 and fp32 scores differ in their last "
