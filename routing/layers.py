@@ -42,6 +42,7 @@ from torch import nn
 
 from protocol.errors import InvalidArgument
 from routing.methods import SCORED_METHODS
+from routing.paging import AdapterPool, ModulePages
 from routing.stack import ModuleRouter
 
 # Dense dispatch up to this many LoRA columns (E*r). Measured on SmolLM2 at 8 x 64 tokens,
@@ -54,6 +55,17 @@ DENSE_MAX_COLUMNS = 128
 # (bf16 base 0.38-0.61 s): 8 experts dense 1.53x vs grouped 7.01x; 32: 1.63 vs 4.81;
 # 64: 2.27 vs 4.35; 128: 2.60 vs 2.58.
 DENSE_MAX_COLUMNS_REDUCED = 1024
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Expert factors as the mixture reads them, indexed by expert row (local position, or a
+    page slot): A (E, r, d_in), B as (E, r, d_out) row-major, (IA)^3 l - 1 (E, d)."""
+
+    lora_A: torch.Tensor | None = None
+    lora_B_t: torch.Tensor | None = None
+    ia3_out: torch.Tensor | None = None
+    ia3_in: torch.Tensor | None = None
 
 
 @dataclass
@@ -113,11 +125,14 @@ class RoutedLinear(nn.Module):
     (under "<module>.base."), and `unroute` restores the original module tree. Memory: the
     experts' tensors (shared with the RouterWeights, but for the dense (E + E*r, d_in) copy
     of keys and A) plus, per call, the activations the module docstring lists per dispatch.
+    Paged (the router's module holds keys only and `pool` the factors, routing.paging): the
+    keys plus this module's slots in the pool; a call whose tokens pick more experts than
+    there are slots runs in chunks of experts.
     """
 
     def __init__(self, base: nn.Linear, router: ModuleRouter, *, method: str, top_k: int,
                  state: RoutingState, collection_index: list[int], single: int = -1,
-                 dispatch: str = "auto") -> None:
+                 dispatch: str = "auto", pool: AdapterPool | None = None) -> None:
         super().__init__()
         self.base = base
         self.name = router.name
@@ -128,14 +143,23 @@ class RoutedLinear(nn.Module):
         self._merge_weights: torch.Tensor | None = None  # smear: the last call's, per row
         count = len(router.experts)
         self.rank = router.rank
+        self.pages: ModulePages | None = None
+        if router.paged and pool is None:
+            raise InvalidArgument(f"module {router.name} holds keys only: route it with the "
+                                  "RouterWeights' adapter pool", field="adapters")
         # grouped_mm wants 16-byte aligned strides: feature sizes that are multiples of 4
         groupable = base.in_features % 4 == 0 and base.out_features % 4 == 0
         reduced = base.weight.dtype in (torch.bfloat16, torch.float16)
         dense_max = DENSE_MAX_COLUMNS_REDUCED if reduced else DENSE_MAX_COLUMNS
+        rows = min(count, pool.slots) if router.paged else count  # expert rows a call reads
         self.dense = dispatch == "dense" or not groupable or (
-            dispatch == "auto" and count * self.rank <= dense_max)
+            dispatch == "auto" and rows * self.rank <= dense_max)
         self._buffer("collection", torch.tensor(collection_index, dtype=torch.long))
         self._buffer("scaling", router.scaling)
+        if router.paged:
+            rank = self.rank if self.dense else -(-self.rank // 4) * 4
+            self.pages = pool.module(router, collection_index, rank=rank,
+                                     device=base.weight.device, dtype=base.weight.dtype)
         lora_A, lora_B = router.lora_A, router.lora_B
         if lora_A is not None and not self.dense and self.rank % 4:
             pad = 4 - self.rank % 4  # zero rank columns add nothing; copies only odd ranks
@@ -158,7 +182,7 @@ class RoutedLinear(nn.Module):
         self._buffer("route_bias", _centring_bias(router, keys)
                      if method == "phatgoose_centred" else None, score=True)
         fused = None
-        if self.dense and lora_A is not None and method in SCORED_METHODS and not reduced:
+        if self.dense and self.lora_A is not None and method in SCORED_METHODS and not reduced:
             # one (E + E*r, d_in) matrix so that one GEMM gives the scores and x A_e^T of
             # every expert: a GEMM only E columns wide runs at a third of the speed.
             # route_keys and lora_A become views of it (a device move copies each apart).
@@ -201,7 +225,10 @@ class RoutedLinear(nn.Module):
         if self.state.trace is not None:
             kept = torch.where(weight > 0, self.collection[index], -1)
             self.state.trace.setdefault(self.name, []).append(kept.cpu())
-        self.add_mixture(out.view(-1, out.shape[-1]), flat, index, weight, hidden)
+        if self.pages is not None:
+            self._add_paged(out.view(-1, out.shape[-1]), flat, index, weight)
+        else:
+            self.add_mixture(out.view(-1, out.shape[-1]), flat, index, weight, hidden)
         return out
 
     def _select(self, x: torch.Tensor, flat: torch.Tensor,
@@ -256,46 +283,74 @@ class RoutedLinear(nn.Module):
         lora_hidden: flat A_e^T of every expert (N, E*r) when the dense caller has it
         (it is overwritten).
         """
+        lora_weight = weight * self.scaling[index] if self.lora_A is not None else None
+        self._mix(out, out, flat, index, weight, lora_weight, self._factors(), lora_hidden)
+
+    def _add_paged(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
+                   weight: torch.Tensor) -> None:
+        """add_mixture with the factors in page slots: the experts the tokens picked are made
+        resident (in chunks of the module's slot count when they are more), then mixed with
+        the token's weights mapped from expert positions to slots."""
+        pages = self.pages
+        needed = torch.unique(index)  # sorted local positions
+        lora_weight = weight * self.scaling[index] if pages.has("lora_A") else None
+        # (IA)^3 scales the base output; a chunk must not see the earlier chunks' deltas
+        base_out = out.clone() if pages.has("ia3_out") and needed.numel() > pages.capacity \
+            else out
+        for positions, slot_of in pages.chunks(needed):
+            slots = slot_of[index]
+            chunk_weight, chunk_lora = weight, lora_weight
+            if positions.numel() < needed.numel():  # leave the other chunks' picks out
+                chosen = torch.zeros(len(pages.kinds), dtype=torch.bool, device=index.device)
+                chosen[positions.to(index.device)] = True
+                member = chosen[index]
+                slots = torch.where(member, slots, 0)
+                chunk_weight = weight * member
+                chunk_lora = None if lora_weight is None else lora_weight * member
+            self._mix(out, base_out, flat, slots, chunk_weight, chunk_lora, Factors(
+                pages.tensor("lora_A"), pages.tensor("lora_B_t"), pages.tensor("ia3_out"),
+                pages.tensor("ia3_in")))
+
+    def _factors(self) -> Factors:
+        return Factors(self.lora_A, self.lora_B_t, self.ia3_out, self.ia3_in)
+
+    def _mix(self, out: torch.Tensor, base_out: torch.Tensor, flat: torch.Tensor,
+             index: torch.Tensor, weight: torch.Tensor, lora_weight: torch.Tensor | None,
+             factors: Factors, lora_hidden: torch.Tensor | None = None) -> None:
+        """out += the mixture of `factors` rows `index` (N, k) with `weight` (N, k) ((IA)^3)
+        and `lora_weight` (N, k) (LoRA, the expert's scaling included); base_out: the base
+        output that output-scaled (IA)^3 scales (it may be `out` itself, read first)."""
         scaled_base = None
-        if self.ia3_out is not None:  # computed first: it reads the untouched base output
+        if factors.ia3_out is not None:  # computed first: it reads the untouched base output
             # peft scales the whole base output (bias included; Llama has none)
-            scaled_base = torch.einsum("nk,nkd->nd", weight, self.ia3_out[index]) * out
-        if self.lora_A is not None:
-            lora_weight = weight * self.scaling[index]  # each expert with its own scaling
+            scaled_base = torch.einsum("nk,nkd->nd", weight, factors.ia3_out[index]) * base_out
+        if factors.lora_A is not None:
             if self.dense:
-                self._add_lora_dense(out, flat, index, lora_weight, lora_hidden)
+                _add_lora_dense(out, flat, index, lora_weight, factors, lora_hidden)
             else:
-                self._add_lora_grouped(out, flat, index, lora_weight)
-        if self.ia3_in is not None:
-            coeff = torch.einsum("nk,nkd->nd", weight, self.ia3_in[index])
+                _add_lora_grouped(out, flat, index, lora_weight, factors)
+        if factors.ia3_in is not None:
+            coeff = torch.einsum("nk,nkd->nd", weight, factors.ia3_in[index])
             out += F.linear(coeff * flat, self.base.weight)
         if scaled_base is not None:
             out += scaled_base
 
-    def _add_lora_dense(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
-                        weight: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        count, experts = flat.shape[0], self.lora_A.shape[0]
-        if hidden is None:
-            hidden = flat @ self.lora_A.reshape(-1, flat.shape[1]).T  # (N, E*r)
-        full = torch.zeros(count, experts, dtype=flat.dtype, device=flat.device)
-        full.scatter_(1, index, weight)  # (N, E), zero outside the top-k
-        hidden.view(count, experts, -1).mul_(full.unsqueeze(-1))
-        # row e*r + j of lora_B_t.view(E*r, d_out) is column j of B_e, as in lora_A's view
-        out.addmm_(hidden, self.lora_B_t.view(-1, out.shape[1]))
-
-    def _add_lora_grouped(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
-                          weight: torch.Tensor) -> None:
-        kept = index.shape[1]
-        experts = index.reshape(-1)
-        order = torch.argsort(experts, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(experts, minlength=self.lora_A.shape[0])
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        tokens = order // kept
-        gathered = flat.index_select(0, tokens)  # (N*k, d_in)
-        hidden = F.grouped_mm(gathered, self.lora_A.transpose(1, 2), offs=offsets)  # (N*k, r)
-        hidden *= weight.reshape(-1)[order].unsqueeze(1)
-        delta = F.grouped_mm(hidden, self.lora_B_t, offs=offsets)  # (N*k, d_out)
-        out.index_add_(0, tokens, delta)
+    def _factor_chunks(self) -> list[tuple[torch.Tensor, Factors]]:
+        """Every expert's factors, as (local positions, their factors) chunks: one chunk of
+        the held tensors, or the page slots' chunk by chunk (for the methods that read every
+        expert: smear and uniform_merge)."""
+        if self.pages is None:
+            return [(torch.arange(len(self.collection), device=self.collection.device),
+                     self._factors())]
+        out = []
+        everyone = torch.arange(len(self.collection))
+        for positions, slot_of in self.pages.chunks(everyone):
+            slots = slot_of[positions.to(slot_of.device)]
+            pick = {name: self.pages.tensor(name) for name in
+                    ("lora_A", "lora_B_t", "ia3_out", "ia3_in")}
+            out.append((positions.to(self.collection.device), Factors(**{
+                name: None if slab is None else slab[slots] for name, slab in pick.items()})))
+        return out
 
     # ---- per-example baselines ---------------------------------------------------------------
     def _smear_delta(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -326,15 +381,27 @@ class RoutedLinear(nn.Module):
             top = self.collection[probs.argmax(-1)].repeat_interleave(seq_x.shape[1])
             self.state.trace.setdefault(self.name, []).append(top.unsqueeze(1).cpu())
         delta = torch.zeros_like(base_out).reshape(seq_x.shape[0], seq_x.shape[1], -1)
-        if self.lora_A is not None:
-            merged_A = torch.einsum("be,erd->brd", probs, self.lora_A)
-            merged_B = torch.einsum("be,ero->bor", probs * self.scaling, self.lora_B_t)
-            delta += torch.bmm(torch.bmm(seq_x, merged_A.transpose(1, 2)),
-                               merged_B.transpose(1, 2))
-        if self.ia3_out is not None:
-            delta += (probs @ self.ia3_out).unsqueeze(1) * base_out.reshape_as(delta)
-        if self.ia3_in is not None:
-            delta += F.linear((probs @ self.ia3_in).unsqueeze(1) * seq_x, self.base.weight)
+        merged: dict[str, torch.Tensor] = {}
+        for positions, factors in self._factor_chunks():  # the merge is a sum over experts
+            share = probs[:, positions]  # (batch, E_chunk)
+            parts = {}
+            if factors.lora_A is not None:
+                parts["A"] = torch.einsum("be,erd->brd", share, factors.lora_A)
+                parts["B"] = torch.einsum("be,ero->bor", share * self.scaling[positions],
+                                          factors.lora_B_t)
+            if factors.ia3_out is not None:
+                parts["out"] = share @ factors.ia3_out
+            if factors.ia3_in is not None:
+                parts["in"] = share @ factors.ia3_in
+            for key, value in parts.items():
+                merged[key] = merged[key] + value if key in merged else value
+        if "A" in merged:
+            delta += torch.bmm(torch.bmm(seq_x, merged["A"].transpose(1, 2)),
+                               merged["B"].transpose(1, 2))
+        if "out" in merged:
+            delta += merged["out"].unsqueeze(1) * base_out.reshape_as(delta)
+        if "in" in merged:
+            delta += F.linear(merged["in"].unsqueeze(1) * seq_x, self.base.weight)
         return delta.reshape_as(base_out)
 
     def _merged_weight(self) -> torch.Tensor:
@@ -342,19 +409,52 @@ class RoutedLinear(nn.Module):
         weight = self.base.weight.detach()
         count = len(self.collection)
         total = torch.zeros_like(weight)
-        if self.lora_A is not None:
-            scaled_B = self.lora_B_t * self.scaling.view(-1, 1, 1)  # (E, r, d_out)
-            total += scaled_B.reshape(-1, weight.shape[0]).T @ \
-                self.lora_A.reshape(-1, weight.shape[1])
-        if self.ia3_out is not None:
-            total += self.ia3_out.sum(0).unsqueeze(1) * weight
-        if self.ia3_in is not None:
-            total += weight * self.ia3_in.sum(0).unsqueeze(0)
+        for positions, factors in self._factor_chunks():
+            if factors.lora_A is not None:
+                scaled_B = factors.lora_B_t * self.scaling[positions].view(-1, 1, 1)
+                total += scaled_B.reshape(-1, weight.shape[0]).T @ \
+                    factors.lora_A.reshape(-1, weight.shape[1])  # (E_chunk, r, d_out)
+            if factors.ia3_out is not None:
+                total += factors.ia3_out.sum(0).unsqueeze(1) * weight
+            if factors.ia3_in is not None:
+                total += weight * factors.ia3_in.sum(0).unsqueeze(0)
         return weight + total / count
 
     def extra_repr(self) -> str:
+        paged = "" if self.pages is None else f", paged slots={self.pages.capacity}"
         return (f"{self.name}, method={self.method}, experts={len(self.collection)}, "
-                f"top_k={self.top_k}, rank={self.rank}, dense={self.dense}")
+                f"top_k={self.top_k}, rank={self.rank}, dense={self.dense}{paged}")
+
+
+def _add_lora_dense(out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
+                    weight: torch.Tensor, factors: Factors,
+                    hidden: torch.Tensor | None) -> None:
+    """Every row's x A^T in one GEMM, weights zero outside the picks, one GEMM with B."""
+    count, experts = flat.shape[0], factors.lora_A.shape[0]
+    if hidden is None:
+        hidden = flat @ factors.lora_A.reshape(-1, flat.shape[1]).T  # (N, E*r)
+    full = torch.zeros(count, experts, dtype=flat.dtype, device=flat.device)
+    # add, not set: a chunked paged call maps the picks of other chunks to row 0 at weight 0
+    full.scatter_add_(1, index, weight.to(flat.dtype))  # (N, E), zero outside the top-k
+    hidden.view(count, experts, -1).mul_(full.unsqueeze(-1))
+    # row e*r + j of lora_B_t.view(E*r, d_out) is column j of B_e, as in lora_A's view
+    out.addmm_(hidden, factors.lora_B_t.reshape(-1, out.shape[1]))
+
+
+def _add_lora_grouped(out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
+                      weight: torch.Tensor, factors: Factors) -> None:
+    """Assignments sorted by expert row, two grouped GEMMs over the rows' own tokens."""
+    kept = index.shape[1]
+    experts = index.reshape(-1)
+    order = torch.argsort(experts, stable=True)  # assignments grouped by expert
+    counts = torch.bincount(experts, minlength=factors.lora_A.shape[0])
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    tokens = order // kept
+    gathered = flat.index_select(0, tokens)  # (N*k, d_in)
+    hidden = F.grouped_mm(gathered, factors.lora_A.transpose(1, 2), offs=offsets)  # (N*k, r)
+    hidden *= weight.reshape(-1)[order].unsqueeze(1).to(hidden.dtype)
+    delta = F.grouped_mm(hidden, factors.lora_B_t, offs=offsets)  # (N*k, d_out)
+    out.index_add_(0, tokens, delta)
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,3 +20,7 @@ SHIPPED_KEY = {"phatgoose": "gate", "phatgoose_centred": "gate", "smear": "gate"
 # The plain top-k method over each kind of shipped key (gates, mean activations): the pair
 # compared when asking whether the keys tell the experts apart.
 KEY_METHODS = ("phatgoose", "average_activation")
+# The key shard fields (routing.keys) each method scores with; the rest need none.
+KEY_FIELDS_OF = {"phatgoose": ("keys",), "phatgoose_centred": ("keys", "activations"),
+                 "arrow": ("prototypes",), "average_activation": ("activations",),
+                 "smear": ("keys",)}

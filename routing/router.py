@@ -29,7 +29,7 @@ from protocol.errors import FailedPrecondition, FingerprintMismatch, InvalidArgu
 from routing.base import BaseModel
 from routing.base import fingerprint as model_fingerprint
 from routing.layers import RoutedLinear, RoutingState
-from routing.methods import METHODS, SHIPPED_KEY
+from routing.methods import KEY_FIELDS_OF, METHODS, SHIPPED_KEY
 from routing.stack import ModuleRouter, RouterWeights, stack_experts, with_ia3_prototypes
 
 _STATE_ATTR = "gaggle_routing"
@@ -42,7 +42,8 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
 
     model: a transformers model or a BaseModel (whose fingerprint is then used). A model
     routed before is unrouted first, so one base model serves every method in turn.
-    experts: loaded bundles, or RouterWeights from `stack_experts` / `load_router`.
+    experts: loaded bundles, or RouterWeights from `stack_experts` / `load_router` (which may
+    hold keys only and page the adapters in, routing.paging).
     fingerprint: the base model's, when known; otherwise the one load_base recorded on the
     model, else computed from the weights.
     The routed layers keep the base's device and dtype; router scores are float32.
@@ -55,6 +56,8 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
     unroute(model)
     weights = experts if isinstance(experts, RouterWeights) else stack_experts(list(experts))
     mode, single = _parse_method(method, weights)
+    if weights.load_fields is not None:  # a router opened with some key fields only
+        weights.load_fields(KEY_FIELDS_OF.get(mode, ()))
     if top_k < 1:
         raise InvalidArgument(f"top_k must be at least 1, got {top_k}", field="top_k")
     if dispatch not in ("auto", "dense", "grouped"):
@@ -75,12 +78,14 @@ def route(model: nn.Module | BaseModel, experts: Iterable[Bundle] | RouterWeight
             if single not in module_router.experts:
                 continue  # this expert does not adapt the module: the base layer stays
             local_single = module_router.experts.index(single)
+        collection = [position[e] for e in module_router.experts]
         if mode == "arrow":
-            module_router = with_ia3_prototypes(module_router, linear.weight)
+            module_router = with_ia3_prototypes(module_router, linear.weight,
+                                                weights.adapters, collection)
         layers[name] = RoutedLinear(
             linear, module_router, method=mode, top_k=top_k, state=state,
-            collection_index=[position[e] for e in module_router.experts],
-            single=local_single, dispatch=dispatch)
+            collection_index=collection, single=local_single, dispatch=dispatch,
+            pool=weights.adapters)
     for name, layer in layers.items():
         model.set_submodule(name, layer)
     setattr(model, _STATE_ATTR, state)

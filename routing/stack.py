@@ -9,12 +9,14 @@ spread the work over Ray tasks and assemble the result with `RouterWeights(...)`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from protocol.bundle import Bundle, lora_rank, lora_scaling
 from protocol.errors import FingerprintMismatch, InvalidArgument
+from routing.paging import AdapterPool
 
 KINDS = ("lora", "ia3_out", "ia3_in")
 
@@ -47,18 +49,25 @@ class ModuleRouter:
     d_out: int
     experts: list[str]  # (E,) expert names
     kinds: list[str]  # (E,) kind of each expert here
-    keys: torch.Tensor  # (E, d_in) gate vectors
-    prototypes: torch.Tensor  # (E, d_in) Arrow prototypes; (IA)^3 rows zero (need W, see route)
+    keys: torch.Tensor | None  # (E, d_in) gate vectors (None: not loaded, see routing.keys)
+    prototypes: torch.Tensor | None  # (E, d_in) Arrow prototypes; (IA)^3 rows zero (need W)
     scaling: torch.Tensor  # (E,) LoRA scaling s_e (1.0 for (IA)^3 experts)
     activations: torch.Tensor | None = None  # (E, d_in) when every expert shipped them
     lora_A: torch.Tensor | None = None  # (E, r_max, d_in), zero-padded
     lora_B: torch.Tensor | None = None  # (E, d_out, r_max), zero-padded
     ia3_out: torch.Tensor | None = None  # (E, d_out): l - 1 for ia3_out experts, else 0
     ia3_in: torch.Tensor | None = None  # (E, d_in): l - 1 for ia3_in experts, else 0
+    # r_max when the factors are paged (RouterWeights.adapters) instead of held here
+    paged_rank: int = 0
 
     @property
     def rank(self) -> int:
-        return 0 if self.lora_A is None else self.lora_A.shape[1]
+        return self.paged_rank if self.lora_A is None else self.lora_A.shape[1]
+
+    @property
+    def paged(self) -> bool:
+        """Whether the experts' adapters live in a page pool rather than in this object."""
+        return self.lora_A is None and self.ia3_out is None and self.ia3_in is None
 
 
 @dataclass
@@ -69,6 +78,11 @@ class RouterWeights:
     fingerprint: str  # that base model's weight fingerprint
     experts: list[str]  # every expert of the collection, in collection order
     modules: dict[str, ModuleRouter] = field(default_factory=dict)
+    # Where paged modules read their experts' factors (routing.paging); None when every
+    # module holds its tensors
+    adapters: AdapterPool | None = None
+    # Loads key fields (routing.keys.KEY_FIELDS) opened without, when a method needs them
+    load_fields: Callable[[Sequence[str]], None] | None = field(default=None, repr=False)
 
     def expert_index(self, name: str) -> int:
         """Position of an expert in the collection; InvalidArgument naming the choices."""
@@ -290,14 +304,20 @@ def ia3_prototype(vector: torch.Tensor, weight: torch.Tensor, kind: str) -> torc
     return _fix_sign(vh[0]).float()
 
 
-def with_ia3_prototypes(router: ModuleRouter, weight: torch.Tensor) -> ModuleRouter:
-    """A copy whose (IA)^3 prototype rows are filled in: they depend on the base weight."""
+def with_ia3_prototypes(router: ModuleRouter, weight: torch.Tensor,
+                        adapters: AdapterPool | None = None,
+                        collection: list[int] | None = None) -> ModuleRouter:
+    """A copy whose (IA)^3 prototype rows are filled in: they depend on the base weight.
+    A paged router's vectors are read from `adapters` (collection: each row's position)."""
     rows = [i for i, kind in enumerate(router.kinds) if kind != "lora"]
     if not rows:
         return router
     prototypes = router.prototypes.clone()
     for i in rows:  # once per (IA)^3 expert at build time, not on the inference path
         kind = router.kinds[i]
-        vector = (router.ia3_out if kind == "ia3_out" else router.ia3_in)[i]
+        if router.paged:
+            vector = adapters.files.read(collection[i], f"{router.name}.ia3").float() - 1.0
+        else:
+            vector = (router.ia3_out if kind == "ia3_out" else router.ia3_in)[i]
         prototypes[i] = ia3_prototype(vector, weight.detach(), kind)
     return ModuleRouter(**{**router.__dict__, "prototypes": prototypes})

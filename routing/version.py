@@ -1,6 +1,17 @@
-"""An exported router version: stacked RouterWeights as safetensors plus a JSON manifest.
+"""Router versions on disk, in two formats.
 
-Layout of a router folder (what a consumer loads without the coordinator)::
+A version by reference (what the coordinator writes and exports; format 2)::
+
+    version.json                      the VersionManifest: experts by id, base, parent, diff
+    keys/<expert_id>/keys.safetensors each expert's key shard (routing.keys), held in full
+    experts/<expert_id>/              each expert's bundle (protocol.bundle), paged in on
+                                      demand (routing.paging)
+
+`open_router` reads one from wherever its key shards and bundles live (a folder like the above,
+the coordinator's store, MLflow's artifact store); nothing of an expert is copied per version.
+
+A stacked router (format 1, what versions held before; still read, for old stores and for
+models logged to MLflow before versions went by reference)::
 
     router.json          format version, base model + fingerprint, experts, per-module
                          experts/kinds/shapes, the sha256 of router.safetensors, metadata
@@ -12,21 +23,31 @@ Only JSON and safetensors are parsed; nothing is unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from protocol.bundle import sha256_file
+from protocol.bundle import Bundle, save_bundle, sha256_file
 from protocol.errors import InvalidArgument
+from routing.keys import expert_keys, read_key_shard, router_from_keys, write_key_shard
+from routing.paging import DEFAULT_MAX_BYTES, AdapterFiles, AdapterPool
 from routing.stack import ModuleRouter, RouterWeights
 
 ROUTER_FORMAT = 1
+VERSION_FORMAT = 2  # by reference; a format-1 version.json sits beside a stacked router/
+VERSION_FILE = "version.json"
+KEYS_DIR, KEY_FILE = "keys", "keys.safetensors"
+EXPERTS_DIR = "experts"
+STACKED_DIR = "router"  # a format-1 version's stacked router folder
 ROUTER_MANIFEST = "router.json"
 ROUTER_TENSORS = "router.safetensors"
 REQUIRED_FIELDS = ("keys", "prototypes", "scaling")
@@ -88,8 +109,9 @@ def read_router_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_router(folder: str | os.PathLike) -> RouterWeights:
-    """Read a router folder written by `save_router`, checking its hash and every shape."""
+def load_stacked(folder: str | os.PathLike) -> RouterWeights:
+    """Read a stacked router folder written by `save_router`, checking its hash and every
+    shape: every expert's tensors in memory."""
     root = Path(folder)
     manifest = read_router_manifest(root)
     path = root / ROUTER_TENSORS
@@ -143,3 +165,197 @@ def _module_from(entry: dict, tensors: dict[str, torch.Tensor]) -> ModuleRouter:
                         kinds=list(entry["kinds"]), **fields)
 
 
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    """One expert of a version, by reference."""
+
+    expert_id: str  # content id of its bundle (and of its key shard)
+    name: str  # the key the router knows it by (the coordinator's contributor/name)
+    contributor: str = ""
+    method: str = ""  # "lora" or "ia3"
+
+    def to_json(self) -> dict:
+        return {"expert_id": self.expert_id, "name": self.name, "contributor": self.contributor,
+                "method": self.method}
+
+
+@dataclass(frozen=True)
+class VersionManifest:
+    """A router version's version.json: the one place it is written and read."""
+
+    version_id: str
+    base_model: str  # the coordinator's name for the base, which consumers load
+    fingerprint: str  # the base's weight fingerprint
+    experts: tuple[ExpertRef, ...]
+    created_at: str = ""  # ISO 8601, UTC
+    created_at_unix: float = 0.0
+    parent: str | None = None  # the version current when this one was assembled
+    diff: str = ""  # one line: +added ~changed -removed expert names
+    modules: int = 0  # adapted modules routed
+    format: int = VERSION_FORMAT  # 1: the version holds a stacked router/ folder
+    extra: dict = dataclasses.field(default_factory=dict)  # unknown keys, kept as they are
+
+    @property
+    def expert_ids(self) -> list[str]:
+        return [e.expert_id for e in self.experts]
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def to_json(self) -> dict:
+        return {**self.extra, "format": self.format, "version_id": self.version_id,
+                "created_at": self.created_at, "created_at_unix": self.created_at_unix,
+                "parent": self.parent, "diff": self.diff, "modules": self.modules,
+                "base": {"name": self.base_model, "fingerprint": self.fingerprint},
+                "experts": [e.to_json() for e in self.experts]}
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "version.json") -> VersionManifest:
+        """Read format 1 or 2; InvalidArgument naming `source` for anything else."""
+        try:
+            if data.get("format", 1) not in (1, VERSION_FORMAT):
+                raise ValueError(f"format {data.get('format')!r}")
+            known = {"format", "version_id", "created_at", "created_at_unix", "parent", "diff",
+                     "modules", "base", "experts"}
+            return cls(
+                version_id=str(data["version_id"]), base_model=str(data["base"]["name"]),
+                fingerprint=str(data["base"]["fingerprint"]),
+                experts=tuple(ExpertRef(str(e["expert_id"]), str(e["name"]),
+                                        str(e.get("contributor", "")), str(e.get("method", "")))
+                              for e in data["experts"]),
+                created_at=str(data.get("created_at", "")),
+                created_at_unix=float(data.get("created_at_unix", 0.0)),
+                parent=data.get("parent"), diff=str(data.get("diff", "")),
+                modules=int(data.get("modules", 0)), format=int(data.get("format", 1)),
+                extra={k: v for k, v in data.items() if k not in known})
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidArgument(f"{source} is not a router version manifest (format 1 or "
+                                  f"{VERSION_FORMAT}): {err}", field="version") from None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> VersionManifest:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidArgument(f"{path} does not exist: not a router version",
+                                  field="version") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InvalidArgument(f"{path} is not valid JSON: {err}", field="version") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"{path} is not a JSON object", field="version")
+        return cls.from_json(data, str(path))
+
+
+def key_file(root: str | os.PathLike, expert_id: str) -> Path:
+    """Where a folder laid out by reference holds an expert's key shard."""
+    return Path(root) / KEYS_DIR / expert_id / KEY_FILE
+
+
+def bundle_folder(root: str | os.PathLike, expert_id: str) -> Path:
+    """Where a folder laid out by reference holds an expert's bundle."""
+    return Path(root) / EXPERTS_DIR / expert_id
+
+
+def open_router(manifest: VersionManifest, *,
+                key_shard: Callable[[str], str | os.PathLike],
+                bundle: Callable[[str], str | os.PathLike],
+                fields: Sequence[str] = ("keys",),
+                max_adapter_bytes: int = DEFAULT_MAX_BYTES) -> RouterWeights:
+    """The router of a version by reference: every expert's keys (the `fields` of its key
+    shard, routing.keys) in memory, its adapter paged in from its bundle within
+    `max_adapter_bytes` (routing.paging).
+
+    key_shard / bundle: expert id -> the local path of its key shard file / bundle folder
+    (a callable may fetch it first). route() loads further key fields when a method needs
+    them (RouterWeights.load_fields).
+    """
+    ids = manifest.expert_ids
+    shards = [read_key_shard(key_shard(i), fields) for i in ids]
+    for ref, shard in zip(manifest.experts, shards, strict=True):
+        if shard.expert_id != ref.expert_id:
+            raise InvalidArgument(f"the key shard given for expert {ref.name!r} belongs to "
+                                  f"expert {shard.expert_id[:12]}...", field="keys")
+    pool = AdapterPool(AdapterFiles(lambda position: bundle(ids[position])), max_adapter_bytes)
+    weights = router_from_keys(manifest.names, shards, base_model=manifest.base_model,
+                               fingerprint=manifest.fingerprint, adapters=pool)
+    weights.load_fields = lambda wanted: _load_fields(weights, manifest, key_shard, wanted)
+    return weights
+
+
+def _load_fields(weights: RouterWeights, manifest: VersionManifest,
+                 key_shard: Callable[[str], str | os.PathLike], wanted: Sequence[str]) -> None:
+    """Fill key fields the router was opened without (each module's rows, in its order)."""
+    missing = [f for f in wanted if any(getattr(m, f) is None for m in weights.modules.values())]
+    if not missing:
+        return
+    shards = {ref.name: read_key_shard(key_shard(ref.expert_id), missing)
+              for ref in manifest.experts}
+    for module in weights.modules.values():
+        for name in missing:
+            parts = [shards[e].get(module.name, name) for e in module.experts]
+            if all(p is not None for p in parts):
+                setattr(module, name, torch.stack(parts))
+
+
+def load_router(folder: str | os.PathLike, *, fields: Sequence[str] = ("keys",),
+                max_adapter_bytes: int = DEFAULT_MAX_BYTES) -> RouterWeights:
+    """Read a router folder: a version by reference (version.json, keys/, experts/), a
+    format-1 version folder (version.json beside router/), or a stacked router folder."""
+    root = Path(folder)
+    if (root / ROUTER_MANIFEST).is_file():
+        return load_stacked(root)
+    if not (root / VERSION_FILE).is_file():
+        raise InvalidArgument(f"{folder} is not a router folder: it holds neither "
+                              f"{VERSION_FILE} nor {ROUTER_MANIFEST}", field="router")
+    manifest = VersionManifest.read(root / VERSION_FILE)
+    if manifest.format == 1:
+        return load_stacked(root / STACKED_DIR)
+    return open_router(manifest, key_shard=lambda i: key_file(root, i),
+                       bundle=lambda i: bundle_folder(root, i), fields=fields,
+                       max_adapter_bytes=max_adapter_bytes)
+
+
+def save_version(bundles: Sequence[Bundle], folder: str | os.PathLike, *,
+                 names: Sequence[str] | None = None, base_model: str | None = None,
+                 version_id: str = "local") -> Path:
+    """Write loaded bundles as a router folder by reference (no coordinator needed): their
+    bundles, key shards and a version.json; `load_router` reads it back, paging adapters.
+    names: what the router calls each expert (default: the bundles' names)."""
+    target = Path(folder)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists: choose another folder")
+    if not bundles:
+        raise InvalidArgument("no experts given: a version holds at least one", field="experts")
+    names = list(names) if names is not None else [b.name for b in bundles]
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=_parent(target)))
+    try:
+        for index, bundle in enumerate(bundles):
+            # the expert id hashes the file hashes that save_bundle fills in: name it after
+            written = save_bundle(bundle, staging / EXPERTS_DIR / f".{index}")
+            written.rename(_parent(bundle_folder(staging, bundle.expert_id)) / bundle.expert_id) \
+                if not bundle_folder(staging, bundle.expert_id).exists() else None
+            write_key_shard(expert_keys(bundle), key_file(staging, bundle.expert_id))
+        first = bundles[0].manifest
+        manifest = VersionManifest(
+            version_id=version_id, base_model=base_model or first.base_model,
+            fingerprint=first.base_fingerprint,
+            experts=tuple(ExpertRef(b.expert_id, n, method=b.manifest.method)
+                          for b, n in zip(bundles, names, strict=True)),
+            modules=len({m.name for b in bundles for m in b.manifest.modules}))
+        (staging / VERSION_FILE).write_bytes(manifest.to_bytes())
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _parent(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.parent
