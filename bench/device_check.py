@@ -189,7 +189,9 @@ def coordinator_check(experts: int) -> list[tuple[str, str, str]]:
             server.stop()
         ensure_ray()
         started = time.perf_counter()
-        result = assemble_store(root / "store")
+        store = Store(root / "store")
+        result = assemble_store(store)
+        store.close()
         assemble_s = time.perf_counter() - started
     return [(f"submit {experts} tiny bundles (gRPC)", f"{submit_s:.2f} s", ""),
             (f"assemble {experts} experts (Ray)", f"{assemble_s:.2f} s",

@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -108,3 +108,69 @@ def scratch_dir(size: int) -> str | None:
     except OSError:
         pass
     return None
+
+
+@dataclass(frozen=True)
+class ShippedVersion:
+    """A router version as it travels to a Ray worker that cannot see the store: its manifest
+    and, per expert, object refs to its key shard and bundle files. Refs inside a dataclass
+    are not resolved when the task starts: the worker fetches a bundle only when a token
+    first picks that expert (`open_shipped`). A format-1 version ships its stacked router."""
+
+    manifest: dict
+    keys: dict[str, object] = field(default_factory=dict)  # expert id -> ref of its files
+    bundles: dict[str, object] = field(default_factory=dict)
+    stacked: object | None = None  # ref of a format-1 version's router/ files
+
+
+class Shipper:
+    """Puts each expert's files into Ray's object store once, for every version after it
+    (refs of experts no longer in a version are dropped, freeing them)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[tuple[str, str], object] = {}
+
+    def ship(self, versions, version_id: str) -> ShippedVersion:
+        """versions: the store's coordinator.store.versions.VersionStore."""
+        from routing.version import EXPERTS_DIR, KEYS_DIR, STACKED_DIR
+
+        manifest = versions.manifest(version_id)
+        if manifest.format == 1:
+            files = folder_files(versions.folder(version_id) / STACKED_DIR, "router folder")
+            return ShippedVersion(manifest.to_json(), stacked=ray.put(files))
+        wanted = {(kind, i) for i in manifest.expert_ids for kind in (KEYS_DIR, EXPERTS_DIR)}
+        self._refs = {key: ref for key, ref in self._refs.items() if key in wanted}
+        for kind, expert_id in sorted(wanted - set(self._refs)):
+            self._refs[(kind, expert_id)] = ray.put(versions.objects.get(kind, expert_id))
+        return ShippedVersion(
+            manifest.to_json(),
+            keys={i: self._refs[(KEYS_DIR, i)] for i in manifest.expert_ids},
+            bundles={i: self._refs[(EXPERTS_DIR, i)] for i in manifest.expert_ids})
+
+
+def open_shipped(shipped: ShippedVersion, scratch: Path, max_adapter_bytes: int):
+    """On a worker: the RouterWeights of a shipped version, its files written under
+    `scratch` as they are fetched (keys at once, each bundle on first use)."""
+    from routing.version import KEY_FILE, VersionManifest, load_stacked, open_router
+
+    def written(refs: dict, kind: str, expert_id: str) -> Path:
+        folder = scratch / kind / expert_id
+        if not folder.is_dir():
+            staging = scratch / f".{kind}-{expert_id}"
+            staging.mkdir(parents=True, exist_ok=True)
+            for name, data in ray.get(refs[expert_id]).items():
+                (staging / name).write_bytes(data)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(folder)
+        return folder
+
+    if shipped.stacked is not None:
+        folder = scratch / "router"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in ray.get(shipped.stacked).items():
+            (folder / name).write_bytes(data)
+        return load_stacked(folder)
+    manifest = VersionManifest.from_json(shipped.manifest)
+    return open_router(manifest, max_adapter_bytes=max_adapter_bytes,
+                       key_shard=lambda i: written(shipped.keys, "keys", i) / KEY_FILE,
+                       bundle=lambda i: written(shipped.bundles, "experts", i))

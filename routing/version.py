@@ -294,11 +294,12 @@ def _load_fields(weights: RouterWeights, manifest: VersionManifest,
     missing = [f for f in wanted if any(getattr(m, f) is None for m in weights.modules.values())]
     if not missing:
         return
-    shards = {ref.name: read_key_shard(key_shard(ref.expert_id), missing)
-              for ref in manifest.experts}
+    # by collection position, not name: a caller may have renamed the experts
+    shards = [read_key_shard(key_shard(i), missing) for i in manifest.expert_ids]
+    position = {name: i for i, name in enumerate(weights.experts)}
     for module in weights.modules.values():
         for name in missing:
-            parts = [shards[e].get(module.name, name) for e in module.experts]
+            parts = [shards[position[e]].get(module.name, name) for e in module.experts]
             if all(p is not None for p in parts):
                 setattr(module, name, torch.stack(parts))
 

@@ -1,8 +1,9 @@
 """Evaluating router versions inside the coordinator: public tasks scored on Ray actors that
 keep the base model loaded; the metrics go to the version's local record and to MLflow.
 
-The actors never open the store: each version's router files go into Ray's object store once
-and every actor reads them from there. The base model is loaded by name on the actor's node
+The actors never open the store: each expert's key shard and bundle go into Ray's object store
+once (coordinator.ray_cluster.Shipper) and every actor reads them from there, a bundle only
+when a token first picks its expert. The base model is loaded by name on the actor's node
 (installed there, as in the image).
 
 The evaluation set is a list of tasks from the public `tasks` registry (held-out tasks by
@@ -27,21 +28,16 @@ from pathlib import Path
 
 import ray
 
-from coordinator.ray_cluster import (
-    RayConfig,
-    ensure_ray,
-    folder_files,
-    scratch_dir,
-)
+from coordinator.ray_cluster import RayConfig, ShippedVersion, Shipper, ensure_ray, open_shipped
 from coordinator.store.layout import Layout, atomic_write
-from coordinator.store.versions import ROUTER_DIR, VersionStore
+from coordinator.store.versions import VersionStore
 from protocol.errors import DeadlineExceeded, GaggleError, InvalidArgument, Unavailable
 from routing.base import load_base
 from routing.device import serving_placement
 from routing.evaluate import evaluate
 from routing.methods import TOKEN_METHODS
+from routing.paging import DEFAULT_MAX_BYTES
 from routing.router import route, unroute
-from routing.version import load_router
 from tasks.registry import HELD_OUT, TASKS, split
 
 CONFIG_FILE = "config.json"
@@ -172,16 +168,20 @@ class EvalWorker:
     def fingerprint(self) -> str:
         return self.base.fingerprint
 
-    def evaluate(self, router_files: dict[str, bytes], tasks: list[str],
+    def evaluate(self, shipped: ShippedVersion, tasks: list[str],
                  config: dict) -> dict[str, dict]:
-        """Route the base model with a version (its router folder's files, as bytes) and
-        rank-classify each task's test examples.
+        """Route the base model with a version (as coordinator.ray_cluster ships it: keys
+        now, each expert's bundle when first picked) and rank-classify each task's test
+        examples.
 
         Returns {task: {"accuracy", "n", "seconds"}}; the base model is unrouted after.
         """
+        with tempfile.TemporaryDirectory(prefix="gaggle-router-") as scratch:
+            weights = open_shipped(shipped, Path(scratch), DEFAULT_MAX_BYTES)
+            return self._evaluate(weights, tasks, config)
 
-        model = route(self.base, _load_router_files(router_files), method=config["method"],
-                      top_k=config["top_k"])
+    def _evaluate(self, weights, tasks: list[str], config: dict) -> dict[str, dict]:
+        model = route(self.base, weights, method=config["method"], top_k=config["top_k"])
         out = {}
         try:
             for task in tasks:
@@ -201,16 +201,6 @@ class EvalWorker:
         return self._examples[(task, seed, n)]
 
 
-def _load_router_files(files: dict[str, bytes]):
-    """RouterWeights from a router folder's files: written to a scratch folder and read back
-    by `routing.version.load_router`, which checks the hash and every shape."""
-    size = sum(len(data) for data in files.values())
-    with tempfile.TemporaryDirectory(prefix="gaggle-router-", dir=scratch_dir(size)) as scratch:
-        for name, data in files.items():
-            (Path(scratch) / name).write_bytes(data)
-        return load_router(scratch)
-
-
 class EvalPool:
     """The evaluation actors of one coordinator, started on first use and kept across versions.
 
@@ -224,16 +214,18 @@ class EvalPool:
         self.ray_config = ray_config or RayConfig()
         self._actors: list = []
         self._base: str | None = None
+        self._shipper = Shipper()
 
-    def run(self, router_folder: Path, base: str) -> dict[str, dict]:
-        """Per-task results of one router folder, the tasks spread over the actors.
+    def run(self, versions: VersionStore, version_id: str, base: str) -> dict[str, dict]:
+        """Per-task results of one version, the tasks spread over the actors.
 
-        The folder's files go into the object store once; every actor gets the reference.
+        Each expert's files go into the object store once (kept for later versions); every
+        actor gets the references.
         """
         actors = self.start(base)
         shares = [list(self.config.tasks[i::len(actors)]) for i in range(len(actors))]
         settings = self.config.to_json()
-        router = ray.put(folder_files(router_folder, "router folder"))
+        router = self._shipper.ship(versions, version_id)
         refs = [actor.evaluate.remote(router, share, settings)
                 for actor, share in zip(actors, shares, strict=True) if share]
         try:
@@ -288,7 +280,7 @@ def evaluate_version(store_root: str | os.PathLike, version_id: str, pool: EvalP
     versions = VersionStore(store_root)
     manifest = versions.manifest(version_id)
     started = time.perf_counter()
-    results = pool.run(versions.folder(version_id) / ROUTER_DIR, base or manifest["base"]["name"])
+    results = pool.run(versions, version_id, base or manifest.base_model)
     metrics = {task: float(results[task]["accuracy"]) for task in config.tasks}
     metrics[MEAN] = sum(metrics[t] for t in config.tasks) / len(config.tasks)
     record = {

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from coordinator.checks.usage_charts import write_usage_charts
 from coordinator.store.layout import atomic_write
-from coordinator.store.versions import ROUTER_DIR
+from coordinator.store.versions import VersionStore
 from routing.base import load_base
 from routing.device import serving_placement
 from routing.router import route, unroute
 from routing.trace import capture_routing
-from routing.version import load_router
 from tasks.registry import HELD_OUT, split
 
 log = logging.getLogger(__name__)
@@ -50,6 +47,8 @@ class PoisonConfig:
     top_k: int = 2  # the router's k (only the top-1 slot is counted)
     ratio: float = 2.0  # flag at this multiple of the uniform share 1/E...
     min_share: float = 0.5  # ...and at least this share of the tokens
+    # experts' adapter bytes paged in at once while measuring (routing.paging)
+    max_adapter_bytes: int = 512 << 20
 
 
 def evaluation_prompts(config: PoisonConfig = PoisonConfig()) -> list[str]:
@@ -141,14 +140,16 @@ def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
     return usage_report(shares, experts, members, tokens, len(prompts), config)
 
 
-def version_usage(folder: str | os.PathLike, config: PoisonConfig = PoisonConfig()) -> dict:
-    """The usage report of a version folder: read from its usage.json, else measured once and
-    written there. Never raises: a failure is reported as {"error": ...} and not cached."""
-    path = Path(folder) / USAGE_FILE
+def version_usage(versions: VersionStore, version_id: str,
+                  config: PoisonConfig = PoisonConfig()) -> dict:
+    """The usage report of a version: read from its folder's usage.json, else measured once
+    and written there. Never raises: a failure is reported as {"error": ...} and not cached."""
+    folder = versions.folder(version_id)
+    path = folder / USAGE_FILE
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     try:
-        weights = load_router(Path(folder) / ROUTER_DIR)
+        weights = versions.router(version_id, max_adapter_bytes=config.max_adapter_bytes)
         with _LOCK:  # one measurement at a time: the base model is shared
             report = measure_router(weights, _base(weights.base_model), config)
     except Exception as err:  # the check must never stop a version from being tracked
@@ -156,8 +157,8 @@ def version_usage(folder: str | os.PathLike, config: PoisonConfig = PoisonConfig
         return {"error": f"{type(err).__name__}: {err}"[:300]}
     if report["flagged"]:
         log.warning("version %s: experts %s take more than their share of the tokens "
-                    "(possible poisoning)", Path(folder).name, report["flagged"])
-    write_usage_charts(report, Path(folder))  # before usage.json: it marks the check done
+                    "(possible poisoning)", version_id, report["flagged"])
+    write_usage_charts(report, folder)  # before usage.json: it marks the check done
     atomic_write(path, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
     return report
 

@@ -26,15 +26,16 @@ def run(args: argparse.Namespace) -> int:
 
     config = AssemblyConfig(ray_address=args.ray_address,
                             resources=parse_resources(args.ray_resources))
-    result = assemble_store(args.store, config)
-    manifest = result.manifest
-    state = "new" if result.created else "unchanged, already"
-    print(f"version {result.version_id} ({state}): {len(manifest['experts'])} experts, "
-          f"{manifest.get('diff', '')}; {result.seconds:.1f} s")
-    tracker = Tracker(args.store, args.tracking_uri)
     store = Store(args.store)
     try:
-        queue_untracked(store.list_experts(), VersionStore(store.layout), tracker)
+        result = assemble_store(store, config)
+        manifest = result.manifest
+        state = "new" if result.created else "unchanged, already"
+        print(f"version {result.version_id} ({state}): {len(manifest.experts)} experts, "
+              f"{manifest.diff}; {result.seconds:.1f} s")
+        tracker = Tracker(args.store, args.tracking_uri)
+        queue_untracked(store.list_experts(), VersionStore(store.layout, store.objects),
+                        tracker)
     finally:
         store.close()
     print(replay_line(tracker))

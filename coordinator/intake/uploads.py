@@ -85,7 +85,7 @@ class Uploads:
         self._opening: dict[object, tuple[float, Callable[[], object]]] = {}
 
     def part_path(self, upload_id: str) -> Path:
-        return self.store.uploads_dir / f"{upload_id}.part"
+        return self.store.layout.uploads / f"{upload_id}.part"
 
     def start(self, contributor: str, size_bytes: int, expert_id: str,
               name: str) -> UploadState | ExpertRecord:
@@ -164,7 +164,7 @@ class Uploads:
         if existing is not None:  # stored meanwhile, by another upload of the same bundle
             self._discard(state.upload_id)
             return FinishResult(existing, True)
-        staged = self.store.staging_dir / state.upload_id
+        staged = self.store.layout.staging / state.upload_id
         shutil.rmtree(staged, ignore_errors=True)
         try:
             bundle = self._stage(self._digest(state), state.upload_id, staged)
@@ -364,7 +364,7 @@ class Uploads:
         with self.store.transaction() as conn:
             conn.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
         self.part_path(upload_id).unlink(missing_ok=True)
-        shutil.rmtree(self.store.staging_dir / upload_id, ignore_errors=True)
+        shutil.rmtree(self.store.layout.staging / upload_id, ignore_errors=True)
         self._forget(upload_id)
 
     def _forget(self, upload_id: str) -> None:

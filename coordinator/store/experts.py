@@ -1,9 +1,10 @@
-"""The coordinator's durable store: expert bundle folders addressed by expert id, a SQLite index.
+"""The coordinator's durable store: expert bundles as content-addressed objects
+(coordinator.store.objects), a SQLite index of who sent which.
 
-Where each file lives is `coordinator.store.layout.Layout`'s to say. An expert folder appears
-by one atomic rename, and its index row in one transaction right after; `recover()` (run when
-the server starts) finishes or undoes whatever a crash interrupted, so the store holds either
-nothing or a complete expert, and never loses an acknowledged one.
+Where each file lives is `coordinator.store.layout.Layout`'s to say. An expert's bundle
+appears whole (one atomic rename on disk), and its index row in one transaction right after;
+`recover()` (run when the server starts) finishes or undoes whatever a crash interrupted, so
+the store holds either nothing or a complete expert, and never loses an acknowledged one.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.store.layout import Layout, atomic_write
-from protocol.bundle import BaseSpec, Bundle, fsync_path, load_bundle
+from coordinator.store.objects import DiskObjects, Objects
+from protocol.bundle import BaseSpec, Bundle, load_bundle
 from protocol.errors import FailedPrecondition, GaggleError, NotFound
 
 log = logging.getLogger(__name__)
+EXPERTS = "experts"  # the object kind of bundles (coordinator.store.objects)
 
 
 SCHEMA = """
@@ -72,7 +75,6 @@ class ExpertRecord:
     method: str  # "lora" or "ia3"
     size_bytes: int  # archive size
     created_at: float  # unix time of acceptance
-    path: Path  # the bundle folder: load it with protocol.bundle.load_bundle
     num_modules: int = 0
 
     @property
@@ -98,10 +100,8 @@ class Store:
         """
         self.layout = Layout.of(path)
         self.root = self.layout.root
-        self.experts_dir = self.layout.experts
-        self.uploads_dir = self.layout.uploads
-        self.staging_dir = self.layout.staging
-        for folder in (self.experts_dir, self.uploads_dir, self.staging_dir):
+        self.objects: Objects = DiskObjects(self.root)
+        for folder in (self.layout.experts, self.layout.uploads, self.layout.staging):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(self.layout.index, timeout=30,
@@ -160,6 +160,14 @@ class Store:
         rows = self.query("SELECT * FROM experts WHERE expert_id = ?", (expert_id,))
         return self._record(rows[0]) if rows else None
 
+    def bundle_folder(self, expert_id: str) -> Path:
+        """A local folder holding the expert's bundle (load it with protocol.bundle)."""
+        return self.objects.local_folder(EXPERTS, expert_id)
+
+    def bundle_files(self, expert_id: str) -> dict[str, bytes]:
+        """The expert's bundle files, as bytes (what travels to Ray)."""
+        return self.objects.get(EXPERTS, expert_id)
+
     def stored_bytes(self) -> int:
         """Archive bytes of every stored expert plus the declared size of live uploads."""
         rows = self.query("SELECT (SELECT COALESCE(SUM(size_bytes), 0) FROM experts) + "
@@ -170,7 +178,7 @@ class Store:
         return ExpertRecord(
             expert_id=row["expert_id"], name=row["name"], contributor=row["contributor"],
             method=row["method"], size_bytes=row["size_bytes"], created_at=row["created_at"],
-            path=self.experts_dir / row["expert_id"], num_modules=row["num_modules"],
+            num_modules=row["num_modules"],
         )
 
     def commit_expert(self, bundle: Bundle, staged: Path, *, contributor: str,
@@ -181,18 +189,14 @@ class Store:
         commit can be finished by `recover()` with the right contributor.
         """
         expert_id = bundle.expert_id
-        target = self.experts_dir / expert_id
         with self.transaction() as conn:
             conn.execute("UPDATE uploads SET committing_expert_id = ? WHERE upload_id = ?",
                          (expert_id, upload_id))
-        for child in staged.iterdir():
-            fsync_path(child)
-        os.rename(staged, target)
-        fsync_path(self.experts_dir)
+        self.objects.put_folder(EXPERTS, expert_id, staged)
         record = ExpertRecord(
             expert_id=expert_id, name=bundle.name, contributor=contributor,
             method=bundle.manifest.method, size_bytes=size_bytes, created_at=time.time(),
-            path=target, num_modules=len(bundle.manifest.modules),
+            num_modules=len(bundle.manifest.modules),
         )
         with self.transaction() as conn:
             _insert_expert(conn, record)
@@ -246,17 +250,18 @@ class Store:
         """
         base = base or self.cached_base_spec()
         with self._lock:
-            shutil.rmtree(self.staging_dir, ignore_errors=True)
-            self.staging_dir.mkdir(exist_ok=True)
+            shutil.rmtree(self.layout.staging, ignore_errors=True)
+            self.layout.staging.mkdir(exist_ok=True)
+            self.objects.clean_staging()
             indexed = {r["expert_id"] for r in self.query("SELECT expert_id FROM experts")}
-            for folder in self.experts_dir.iterdir():
-                if folder.name not in indexed:
-                    self._reconcile_expert_folder(folder, base)
+            for expert_id in self.objects.list(EXPERTS):
+                if expert_id not in indexed:
+                    self._reconcile_expert_folder(self.bundle_folder(expert_id), base)
             with self.transaction() as conn:
                 # Commits that crashed before their rename: the upload can be finished again.
                 conn.execute("UPDATE uploads SET committing_expert_id = NULL")
             live = {r["upload_id"] for r in self.query("SELECT upload_id FROM uploads")}
-            for part in self.uploads_dir.iterdir():
+            for part in self.layout.uploads.iterdir():
                 if part.name.removesuffix(".part") not in live:
                     part.unlink(missing_ok=True)
 
@@ -277,8 +282,7 @@ class Store:
                         expert_id=folder.name, name=bundle.name,
                         contributor=upload["contributor"], method=bundle.manifest.method,
                         size_bytes=upload["size_bytes"],
-                        created_at=time.time(), path=folder,
-                        num_modules=len(bundle.manifest.modules))
+                        created_at=time.time(), num_modules=len(bundle.manifest.modules))
                     with self.transaction() as conn:
                         _insert_expert(conn, record)
                         conn.execute("DELETE FROM uploads WHERE upload_id = ?",
@@ -287,7 +291,7 @@ class Store:
                     return
         log.warning("removing expert folder %s: no index row and no upload committing it",
                     folder.name)
-        shutil.rmtree(folder, ignore_errors=True)
+        self.objects.delete(EXPERTS, folder.name)
 
 
 def _statements() -> list[str]:

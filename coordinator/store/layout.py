@@ -4,12 +4,13 @@ A store folder holds::
 
     index.sqlite              contributors, tokens, experts, uploads (coordinator.store.experts)
     base.json                 the federation's BaseSpec, cached so the server starts fast
-    experts/<expert_id>/      one validated bundle folder per expert (protocol.bundle layout)
+    experts/<expert_id>/      one validated bundle per expert (protocol.bundle layout), and
+    keys/<expert_id>/         its key shard (routing.keys): the store's content-addressed
+                              objects (coordinator.store.objects), each stored once
     uploads/<upload_id>.part  bytes of an upload in progress (coordinator.intake.uploads)
     staging/<upload_id>/      an upload being unpacked and validated
     versions/<version_id>/    one immutable router version (coordinator.store.versions):
-        version.json          its manifest: experts, parent, base, diff
-        router/               the stacked router, as routing.version.save_router writes it
+        version.json          its manifest: experts by id, parent, base, diff
         usage.json, *.png     its usage check and pictures (coordinator.checks.usage)
     versions/CURRENT, CHAMPION, promotions.jsonl   the pointers and the promotion log
     evaluations/              evaluation config and records (coordinator.checks.evaluation)
@@ -22,6 +23,7 @@ Every module asks the layout for its folder instead of joining names onto a path
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +114,13 @@ def atomic_write(path: Path, data: bytes) -> None:
         Path(staging).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` with the bytes of the immutable file `source`: a hard link (no second copy of
+    the bytes) where both are on one file system, else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -1,5 +1,6 @@
-"""Router versions on disk: immutable folders under `<store>/versions/`, the CURRENT and
-CHAMPION pointers, and the expert-level comparison of two version manifests."""
+"""Router versions on disk: immutable folders under `<store>/versions/` that refer to their
+experts by id, the CURRENT and CHAMPION pointers, and the expert-level comparison of two
+version manifests."""
 
 from __future__ import annotations
 
@@ -8,18 +9,28 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.store.layout import Layout, atomic_write
+from coordinator.store.layout import Layout, atomic_write, link_or_copy
+from coordinator.store.objects import DiskObjects, Objects
 from protocol.bundle import fsync_path
 from protocol.errors import AlreadyExists, InvalidArgument, NotFound
 from protocol.names import preview
+from routing.paging import DEFAULT_MAX_BYTES
 from routing.stack import RouterWeights
-from routing.version import load_router
+from routing.version import (
+    EXPERTS_DIR,
+    KEY_FILE,
+    KEYS_DIR,
+    STACKED_DIR,
+    VERSION_FILE,
+    VersionManifest,
+    load_router,
+    load_stacked,
+    open_router,
+)
 
-VERSION_FILE = "version.json"
-ROUTER_DIR = "router"
 CURRENT = "CURRENT"
 CHAMPION = "CHAMPION"
 PROMOTIONS = "promotions.jsonl"
@@ -39,11 +50,20 @@ def check_version_ref(value: object) -> str:
 
 
 class VersionStore:
-    """The version folders of one coordinator store."""
+    """The version folders of one coordinator store.
 
-    def __init__(self, store: Layout | str | os.PathLike) -> None:
-        self.root = Layout.of(store).versions
+    A version folder holds its version.json (routing.version.VersionManifest) and the reports
+    of its checks; its experts' bundles and key shards are the store's objects
+    (coordinator.store.objects), referred to by id. Folders of format 1 also hold a stacked
+    copy of every expert (router/), which `router` still reads.
+    """
+
+    def __init__(self, store: Layout | str | os.PathLike,
+                 objects: Objects | None = None) -> None:
+        layout = Layout.of(store)
+        self.root = layout.versions
         self.root.mkdir(parents=True, exist_ok=True)
+        self.objects = objects or DiskObjects(layout.root)
 
     def folder(self, version_id: str) -> Path:
         return self.root / version_id
@@ -51,19 +71,17 @@ class VersionStore:
     def exists(self, version_id: str) -> bool:
         return (self.folder(version_id) / VERSION_FILE).is_file()
 
-    def manifest(self, version_id: str) -> dict:
+    def manifest(self, version_id: str) -> VersionManifest:
         path = self.folder(version_id) / VERSION_FILE
         if not path.is_file():
             raise NotFound(f"no router version {preview(version_id)}: list them with "
                            "`gaggle-coordinator versions`", field="version")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return VersionManifest.read(path)
 
-    def all(self) -> list[dict]:
+    def all(self) -> list[VersionManifest]:
         """Every version manifest, oldest first."""
-        found = [json.loads(p.read_text(encoding="utf-8"))
-                 for p in self.root.glob(f"*/{VERSION_FILE}")]
-        return sorted(found, key=lambda m: (m.get("created_at_unix", 0.0), m["created_at"],
-                                            m["version_id"]))
+        found = [VersionManifest.read(p) for p in self.root.glob(f"*/{VERSION_FILE}")]
+        return sorted(found, key=lambda m: (m.created_at_unix, m.created_at, m.version_id))
 
     def resolve(self, prefix: str) -> str:
         """A full version id from a unique prefix (like a short git hash)."""
@@ -80,12 +98,15 @@ class VersionStore:
         raise InvalidArgument(f"version prefix {prefix!r} is ambiguous: {sorted(matches)}",
                               field="version")
 
-    def commit(self, version_id: str, write: Callable[[Path], None]) -> Path:
-        """Create a version folder atomically: `write` fills a staging folder, then a rename."""
+    def commit(self, manifest: VersionManifest) -> Path:
+        """Create a version folder atomically: version.json in a staging folder, a rename.
+        Its experts' objects must be stored already (the caller checks)."""
+        version_id = manifest.version_id
         target = self.folder(version_id)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{version_id}.", dir=self.root))
         try:
-            write(staging)
+            (staging / VERSION_FILE).write_bytes(manifest.to_bytes())
+            fsync_path(staging / VERSION_FILE)
             os.rename(staging, target)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
@@ -97,6 +118,18 @@ class VersionStore:
             raise
         fsync_path(self.root)
         return target
+
+    def router(self, version_id: str, *, fields: Sequence[str] = ("keys",),
+               max_adapter_bytes: int = DEFAULT_MAX_BYTES) -> RouterWeights:
+        """The version's router: its experts' keys in memory, their adapters paged in from
+        the store's bundles (routing.version.open_router); a format-1 version's stacked copy."""
+        manifest = self.manifest(version_id)
+        if manifest.format == 1:
+            return load_stacked(self.folder(version_id) / STACKED_DIR)
+        return open_router(
+            manifest, fields=fields, max_adapter_bytes=max_adapter_bytes,
+            key_shard=lambda i: self.objects.local_folder(KEYS_DIR, i) / KEY_FILE,
+            bundle=lambda i: self.objects.local_folder(EXPERTS_DIR, i))
 
     def clean_staging(self) -> None:
         """Remove staging folders an interrupted assembly left behind."""
@@ -126,17 +159,28 @@ class VersionStore:
         return sequence
 
     def export(self, version: str, out: str | os.PathLike) -> tuple[str, RouterWeights]:
-        """Copy version `version` (an id or a unique prefix) to a new folder `out` that
-        `routing.version.load_router` reads alone; returns (version id, its router). The
-        folder appears whole or not at all: it is read back before it gets its name."""
+        """Write version `version` (an id or a unique prefix) to a new folder `out` that
+        `routing.version.load_router` reads alone: its version.json, and its experts' key
+        shards and bundles (hard links where the file system allows, else copies). Returns
+        (version id, its router). The folder appears whole or not at all: it is read back
+        before it gets its name."""
         version_id = self.resolve(version)
         out = Path(out)
         if out.exists():
             raise AlreadyExists(f"--out {out} already exists: choose a new folder", field="out")
         staging = out.with_name(f".{out.name}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(self.folder(version_id) / ROUTER_DIR, staging)
-        shutil.copy2(self.folder(version_id) / VERSION_FILE, staging / VERSION_FILE)
+        manifest = self.manifest(version_id)
+        if manifest.format == 1:
+            shutil.copytree(self.folder(version_id) / STACKED_DIR, staging)
+        else:
+            for expert_id in manifest.expert_ids:
+                for kind in (KEYS_DIR, EXPERTS_DIR):
+                    source = self.objects.local_folder(kind, expert_id)
+                    for child in source.iterdir():
+                        link_or_copy(child, staging / kind / expert_id / child.name)
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / VERSION_FILE).write_bytes(manifest.to_bytes())
         weights = load_router(staging)
         staging.rename(out)
         return version_id, weights
@@ -152,23 +196,24 @@ class VersionStore:
         atomic_write(self.root / name, (version_id + "\n").encode())
 
 
-def expert_changes(old: dict | None, new: dict) -> dict[str, list]:
+def expert_changes(old: VersionManifest | None,
+                   new: VersionManifest) -> dict[str, list]:
     """Experts added, removed and changed (same name, new content) between two manifests.
 
     Returns {"added": [name], "removed": [name], "changed": [(name, old_id, new_id)]}.
     """
-    before = {e["name"]: e for e in (old or {}).get("experts", [])}
-    after = {e["name"]: e for e in new["experts"]}
+    before = {e.name: e.expert_id for e in (old.experts if old else ())}
+    after = {e.name: e.expert_id for e in new.experts}
     return {
         "added": sorted(set(after) - set(before)),
         "removed": sorted(set(before) - set(after)),
-        "changed": [(name, before[name]["expert_id"], after[name]["expert_id"])
+        "changed": [(name, before[name], after[name])
                     for name in sorted(set(before) & set(after))
-                    if before[name]["expert_id"] != after[name]["expert_id"]],
+                    if before[name] != after[name]],
     }
 
 
-def one_line_diff(old: dict | None, new: dict) -> str:
+def one_line_diff(old: VersionManifest | None, new: VersionManifest) -> str:
     """`+added ~changed -removed` in one line, for a model version tag."""
     changes = expert_changes(old, new)
     words = ([f"+{n}" for n in changes["added"]] + [f"~{n}" for n, _, _ in changes["changed"]]

@@ -1,25 +1,37 @@
 """The MLflow pyfunc model of a router version: the base model routed among the version's
 experts, generating text for a list of prompts.
 
-Logged "from code" (this file is the model's code; the router folder is its artifact), so
+Logged "from code" (this file is the model's code; the version folder is its artifact), so
 loading it unpickles nothing. `mlflow.pyfunc.load_model("models:/gaggle-router@champion")`
 and `mlflow models serve` both need `routing` importable (the gaggle package installed).
+
+A version by reference carries no expert's tensors: `sources.json` names the MLflow run that
+holds each expert's key shard and bundle. Loading fetches every key shard (the router scores
+every expert) and each bundle only when a token first picks that expert, then pages its
+adapter in within `max_adapter_bytes` (routing.paging). It works wherever the tracking
+server is reachable. A local artifact store is read in place, with no copy.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-ARTIFACT = "version"  # the artifact key holding the version folder (version.json, router/)
-ROUTER_DIR = "router"  # the router folder inside it (coordinator.store.versions.ROUTER_DIR)
+ARTIFACT = "version"  # the artifact key holding the version folder (version.json, ...)
+SOURCES = "sources"  # ... and the one naming each expert's run (sources.json)
+STACKED_DIR = "router"  # a format-1 version folder's stacked router (routing.version)
 DEFAULTS = {"max_new_tokens": 32, "method": "phatgoose", "top_k": 2}
-# Where the base runs, from the model config given at load time:
-# mlflow.pyfunc.load_model(uri, model_config={"device": "cuda:1", "dtype": "bfloat16"}).
-# "auto" is a GPU in bf16 where there is one, the CPU in float32 elsewhere (routing.device).
-PLACEMENT_DEFAULTS = {"device": "auto", "dtype": "auto"}
+# Where the base runs and how much adapter memory it pages, from the model config given at
+# load time: mlflow.pyfunc.load_model(uri, model_config={"device": "cuda:1",
+# "max_adapter_bytes": 4e9}). "auto" is a GPU in bf16 where there is one, the CPU in float32
+# elsewhere (routing.device); the paging default is routing.paging.DEFAULT_MAX_BYTES.
+PLACEMENT_DEFAULTS = {"device": "auto", "dtype": "auto", "max_adapter_bytes": 0}
+_DOWNLOADS = 8  # key shards fetched at once
 
 
 class RouterModel(PythonModel):
@@ -29,15 +41,11 @@ class RouterModel(PythonModel):
         """Load the base on the model config's device and dtype, and route it."""
         from routing.base import load_base
         from routing.router import route
-        from routing.version import load_router, read_router_manifest
 
-        folder = Path(context.artifacts[ARTIFACT]) / ROUTER_DIR
-        manifest = read_router_manifest(folder)
-        self.version = manifest.get("metadata", {}).get("gaggle_version", {})
         placement = PLACEMENT_DEFAULTS | dict(getattr(context, "model_config", None) or {})
-        self.base = load_base(manifest["base_model"], device=str(placement["device"]),
+        self.weights = _router(context, int(float(placement["max_adapter_bytes"])))
+        self.base = load_base(self.weights.base_model, device=str(placement["device"]),
                               dtype=str(placement["dtype"]))
-        self.weights = load_router(folder)
         self.routed = ("phatgoose", 2)
         route(self.base, self.weights, method="phatgoose", top_k=2)
 
@@ -67,6 +75,54 @@ class RouterModel(PythonModel):
             new_tokens = generated[0, encoded["input_ids"].shape[1]:]
             outputs.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
         return outputs
+
+
+def _router(context, max_adapter_bytes: int):
+    """The version's RouterWeights: a stacked router folder (format 1) read whole, or keys
+    fetched from the experts' runs and adapters paged in from their bundles on demand."""
+    from routing.paging import DEFAULT_MAX_BYTES
+    from routing.version import (
+        KEY_FILE,
+        VERSION_FILE,
+        VersionManifest,
+        load_stacked,
+        open_router,
+    )
+
+    folder = Path(context.artifacts[ARTIFACT])
+    if (folder / STACKED_DIR).is_dir():  # a version that holds its experts' tensors
+        return load_stacked(folder / STACKED_DIR)
+    manifest = VersionManifest.read(folder / VERSION_FILE)
+    runs = json.loads(Path(context.artifacts[SOURCES]).read_text(encoding="utf-8"))
+    fetch = _RunFiles(runs)
+    with ThreadPoolExecutor(_DOWNLOADS) as pool:  # every key shard is needed: fetch them now
+        shards = dict(zip(manifest.expert_ids, pool.map(
+            lambda i: fetch.folder(i, "keys") / KEY_FILE, manifest.expert_ids), strict=True))
+    return open_router(manifest, key_shard=shards.__getitem__,
+                       bundle=lambda i: fetch.folder(i, "bundle"),
+                       max_adapter_bytes=max_adapter_bytes or DEFAULT_MAX_BYTES)
+
+
+class _RunFiles:
+    """An expert's artifact folder (`bundle`, `keys`) from its run: read in place from a local
+    artifact store, else downloaded once into a scratch folder kept while the model lives."""
+
+    def __init__(self, runs: dict[str, str]) -> None:
+        self.runs = runs
+        self._scratch = tempfile.TemporaryDirectory(prefix="gaggle-experts-")
+
+    def folder(self, expert_id: str, artifact: str) -> Path:
+        from urllib.parse import unquote, urlparse
+
+        run = mlflow.get_run(self.runs[expert_id])
+        parsed = urlparse(run.info.artifact_uri)
+        if parsed.scheme == "file" and Path(unquote(parsed.path), artifact).is_dir():
+            return Path(unquote(parsed.path), artifact)
+        target = Path(self._scratch.name) / expert_id
+        if not (target / artifact).is_dir():
+            mlflow.artifacts.download_artifacts(run_id=self.runs[expert_id],
+                                                artifact_path=artifact, dst_path=str(target))
+        return target / artifact
 
 
 def _prompts(model_input) -> list[str]:

@@ -29,6 +29,13 @@ CREATE TABLE IF NOT EXISTS ops (
     state TEXT NOT NULL DEFAULT 'pending',  -- pending | done | failed
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS expert_runs (
+    uri TEXT NOT NULL,           -- the tracking URI the run lives at
+    expert_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    artifacts TEXT NOT NULL DEFAULT '',  -- artifact folders logged so far, comma-separated
+    PRIMARY KEY (uri, expert_id)
 )
 """
 
@@ -52,7 +59,8 @@ class OpQueue:
         self.path = self.folder / QUEUE_FILE
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
+            for statement in _SCHEMA.split(";"):
+                db.execute(statement)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -107,6 +115,21 @@ class OpQueue:
         with self._connect() as db:
             db.execute("UPDATE ops SET state = ?, attempts = attempts + 1, last_error = ? "
                        "WHERE seq = ?", (state, error and error[:2000], op.seq))
+
+    def expert_run(self, uri: str, expert_id: str) -> tuple[str, set[str]] | None:
+        """(run id, artifact folders logged) of an expert's run at `uri`, as last noted."""
+        with self._connect() as db:
+            row = db.execute("SELECT run_id, artifacts FROM expert_runs WHERE uri = ? AND "
+                             "expert_id = ?", (uri, expert_id)).fetchone()
+        return None if row is None else (row[0], set(filter(None, row[1].split(","))))
+
+    def note_expert_run(self, uri: str, expert_id: str, run_id: str,
+                        artifacts: set[str]) -> None:
+        """Remember an expert's run and its logged artifact folders, so a version's replay
+        finds them without searching MLflow once per expert."""
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO expert_runs (uri, expert_id, run_id, artifacts) "
+                       "VALUES (?,?,?,?)", (uri, expert_id, run_id, ",".join(sorted(artifacts))))
 
     @contextmanager
     def replay_lock(self) -> Iterator[bool]:

@@ -2,16 +2,30 @@
 
 Each function first looks in MLflow for what an earlier attempt of the same call created
 (tagged with the call's id) and only does the part that is missing.
+
+Versions go by reference in MLflow as in the store: an expert's run holds its bundle
+(artifact folder `bundle/`) and key shard (`keys/`), each logged once; a version's logged
+model holds its version.json and `sources.json`, which names the run of each expert, and the
+model's code (coordinator.tracking.pyfunc) fetches what it routes with from those runs. Where
+MLflow's artifact store is a local folder on the store's file system (the embedded setup),
+the files are hard-linked into it, so the bytes are on disk once.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from coordinator.store.experts import expert_key
+from coordinator.store.layout import link_or_copy
+from coordinator.store.objects import Objects
 from coordinator.tracking.model_card import version_card, with_evaluation, with_promotion
 from coordinator.tracking.names import (
     CHAMPION,
@@ -23,18 +37,86 @@ from coordinator.tracking.names import (
     TAG_OP,
     TAG_VERSION,
 )
-from coordinator.tracking.queue import Op
+from coordinator.tracking.queue import Op, OpQueue
+from routing.version import EXPERTS_DIR, KEYS_DIR, VERSION_FILE, VersionManifest
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")  # logged as an MLflow model from code
 # The model config keys a consumer may override at load time (MLflow drops any key the logged
 # model lacks): coordinator.tracking.pyfunc.PLACEMENT_DEFAULTS, the base's device and dtype.
-PYFUNC_MODEL_CONFIG = {"device": "auto", "dtype": "auto"}
+PYFUNC_MODEL_CONFIG = {"device": "auto", "dtype": "auto", "max_adapter_bytes": 0}
 _REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "mlflow")
 _MAX_METRICS_PER_BATCH = 1000
+SOURCES = "sources"  # the logged model's artifact naming each expert's run (sources.json)
+BUNDLE_ARTIFACT = "bundle"  # an expert run's artifact folder holding its bundle
+KEYS_ARTIFACT = "keys"  # ... and its key shard (logged when a version first needs it)
+_ARTIFACT_OF = {EXPERTS_DIR: BUNDLE_ARTIFACT, KEYS_DIR: KEYS_ARTIFACT}
 
 
-def replay_expert_run(client, experiment_id: str, op: Op) -> None:
-    """One finished run per expert: params, loss curves as metrics, id and contributor as tags."""
+@dataclass(frozen=True)
+class ExpertArtifacts:
+    """Where the experts' files are (the store's objects) and which run holds each (noted
+    in the tracking queue, per tracking URI)."""
+
+    objects: Objects
+    queue: OpQueue
+    uri: str
+
+    def ensure(self, client, run_id: str, expert_id: str, kinds: tuple[str, ...]) -> None:
+        """Log the expert's objects of `kinds` into its run, each once."""
+        noted = self.queue.expert_run(self.uri, expert_id)
+        logged = noted[1] if noted and noted[0] == run_id else set()
+        for kind in kinds:
+            if kind in logged:
+                continue
+            _log_folder(client, run_id, self.objects.local_folder(kind, expert_id),
+                        _ARTIFACT_OF[kind])
+            logged.add(kind)
+            self.queue.note_expert_run(self.uri, expert_id, run_id, logged)
+
+    def run_of(self, client, experiment_id: str, expert_id: str) -> str:
+        """The run id of an expert's run (noted, else searched by its op tag)."""
+        from mlflow.exceptions import MlflowException
+
+        noted = self.queue.expert_run(self.uri, expert_id)
+        if noted:
+            return noted[0]
+        found = client.search_runs([experiment_id],
+                                   filter_string=f"tags.`{TAG_OP}` = 'expert:{expert_id}'",
+                                   max_results=1)
+        if not found:
+            raise MlflowException(f"expert {expert_id} has no run in MLflow: its expert call "
+                                  "was never replayed", error_code="RESOURCE_DOES_NOT_EXIST")
+        self.queue.note_expert_run(self.uri, expert_id, found[0].info.run_id, set())
+        return found[0].info.run_id
+
+
+def _log_folder(client, run_id: str, folder: Path, artifact_path: str) -> None:
+    """Log a folder's files under `artifact_path` of a run: hard links into a local artifact
+    store on the same file system (one copy of the bytes on disk), else an upload."""
+    local = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if local is None:
+        client.log_artifacts(run_id, str(folder), artifact_path)
+        return
+    for child in sorted(folder.iterdir()):
+        target = local / artifact_path / child.name
+        if not target.exists():
+            link_or_copy(child, target)
+
+
+def local_artifact_dir(uri: str) -> Path | None:
+    """The local folder of a `file:` (or plain path) artifact URI; None for anything remote."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and uri.startswith("/"):
+        return Path(uri)
+    return None
+
+
+def replay_expert_run(client, experiment_id: str, op: Op,
+                      artifacts: ExpertArtifacts | None = None) -> None:
+    """One finished run per expert: params, loss curves as metrics, id and contributor as
+    tags, and its bundle as artifacts."""
     from mlflow.entities import Metric, Param
 
     payload = op.payload
@@ -60,6 +142,11 @@ def replay_expert_run(client, experiment_id: str, op: Op) -> None:
                    for step, value in enumerate(values)]
         for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS_PER_BATCH])
+    if artifacts is not None and artifacts.objects.exists(EXPERTS_DIR, payload["expert_id"]):
+        noted = artifacts.queue.expert_run(artifacts.uri, payload["expert_id"])
+        if noted is None or noted[0] != run_id:
+            artifacts.queue.note_expert_run(artifacts.uri, payload["expert_id"], run_id, set())
+        artifacts.ensure(client, run_id, payload["expert_id"], (EXPERTS_DIR,))
     client.set_terminated(run_id, "FINISHED", end_time=end)
 
 
@@ -70,8 +157,12 @@ def find_model_version(client, version_id: str):
     return found[0] if found else None
 
 
-def replay_router_version(client, experiment_id: str, op: Op) -> None:
-    """Log the version folder as a pyfunc model and register it as a `gaggle-router` version."""
+def replay_router_version(client, experiment_id: str, op: Op,
+                          artifacts: ExpertArtifacts | None = None) -> None:
+    """Log the version folder as a pyfunc model and register it as a `gaggle-router` version.
+
+    A version by reference logs no expert's tensors: each expert's bundle and key shard are
+    made sure of in its own run, and `sources.json` names those runs."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -82,6 +173,7 @@ def replay_router_version(client, experiment_id: str, op: Op) -> None:
     if not folder.is_dir():
         raise MlflowException(f"router version folder {folder} is gone; cannot log it",
                               error_code="RESOURCE_DOES_NOT_EXIST")
+    sources = _expert_sources(client, experiment_id, folder, artifacts)
     try:
         client.create_registered_model(REGISTERED_MODEL, description=(
             "PHATGOOSE routers assembled by the gaggle coordinator; alias 'champion' marks the "
@@ -96,12 +188,16 @@ def replay_router_version(client, experiment_id: str, op: Op) -> None:
         signature = mlflow.models.infer_signature(
             ["a prompt"], ["a completion"], params={"max_new_tokens": 32,
                                                     "method": "phatgoose", "top_k": 2})
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
             # No input example: it would load the whole routed model while logging.
             warnings.filterwarnings("ignore", category=UserWarning)
+            logged = {"version": str(folder)}
+            if sources is not None:
+                logged[SOURCES] = os.path.join(scratch, f"{SOURCES}.json")
+                Path(logged[SOURCES]).write_text(json.dumps(sources, indent=1))
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(PYFUNC_CODE),
-                artifacts={"version": str(folder)}, pip_requirements=_requirements(),
+                artifacts=logged, pip_requirements=_requirements(),
                 tags={TAG_OP: op.op_id}, signature=signature,
                 model_config=PYFUNC_MODEL_CONFIG,
             )
@@ -110,6 +206,21 @@ def replay_router_version(client, experiment_id: str, op: Op) -> None:
         model_id, source = model.model_id, f"models:/{model.model_id}"
     client.create_model_version(REGISTERED_MODEL, source=source, tags=version_tags(payload),
                                 model_id=model_id, description=version_card(payload))
+
+
+def _expert_sources(client, experiment_id: str, folder: Path,
+                    artifacts: ExpertArtifacts | None) -> dict[str, str] | None:
+    """expert id -> run id for a version by reference (its bundle and key shard logged
+    there); None for a version folder that holds its tensors (format 1)."""
+    manifest = VersionManifest.read(folder / VERSION_FILE)
+    if manifest.format == 1 or artifacts is None:
+        return None
+    sources = {}
+    for expert_id in manifest.expert_ids:
+        run_id = artifacts.run_of(client, experiment_id, expert_id)
+        artifacts.ensure(client, run_id, expert_id, (EXPERTS_DIR, KEYS_DIR))
+        sources[expert_id] = run_id
+    return sources
 
 
 def _logged_model(client, experiment_id: str, op: Op):

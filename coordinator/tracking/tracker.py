@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.store.layout import Layout
+from coordinator.store.objects import DiskObjects
 from coordinator.tracking import replay
 from coordinator.tracking.names import (
     EXPERIMENT,
@@ -35,6 +36,7 @@ from coordinator.tracking.names import (
 from coordinator.tracking.queue import Op, OpQueue
 from protocol.errors import Unavailable
 from protocol.manifest import MANIFEST, read_manifest
+from routing.version import EXPERTS_DIR, VersionManifest
 
 # MLflow errors that mean "try again later" rather than "this call is wrong".
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
@@ -174,6 +176,11 @@ class Tracker:
         return client.create_experiment(EXPERIMENT, artifact_location=location,
                                         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
+    def artifacts(self) -> replay.ExpertArtifacts:
+        """Where the replay finds the experts' files and their runs (for versions by
+        reference: every expert's bundle and key shard is logged once, with its run)."""
+        return replay.ExpertArtifacts(DiskObjects(self.layout.root), self.queue, self.uri)
+
     # ----- background thread -----
 
     def start(self, retry_s: float = 5.0) -> None:
@@ -242,14 +249,15 @@ class Tracker:
         return out
 
 
-def expert_payload(record) -> dict:
-    """The run of an accepted expert (a store ExpertRecord): params, metrics and tags.
+def expert_payload(record, objects) -> dict:
+    """The run of an accepted expert (a store ExpertRecord, its bundle in `objects`): params,
+    metrics and tags; its bundle is logged with it when replayed.
 
     Step counts and the LoRA rank become params; every other training figure a metric (a
     list of numbers, such as a loss curve, a metric series by step). The run spans the
     contributor's training (run_window).
     """
-    manifest = read_manifest(Path(record.path) / MANIFEST)
+    manifest = read_manifest(objects.local_folder(EXPERTS_DIR, record.expert_id) / MANIFEST)
     params: dict[str, object] = {"contributor": record.contributor, "name": record.name,
                                  "method": record.method}
     if manifest.method == "lora":
@@ -285,17 +293,16 @@ def run_window(training: dict, accepted_at: float) -> tuple[int, int]:
     return int(start * 1000), int(end * 1000)
 
 
-def version_payload(manifest: dict, folder: Path, usage: dict | None) -> dict:
-    """The model version of a router version, from its version.json and folder, and the
-    report of its usage check (coordinator.checks.usage; None when it did not run)."""
-    experts = manifest["experts"]
-    return {"version_id": manifest["version_id"], "folder": str(Path(folder).resolve()),
+def version_payload(manifest: VersionManifest, folder: Path, usage: dict | None) -> dict:
+    """The model version of a router version, from its manifest and folder, and the report
+    of its usage check (coordinator.checks.usage; None when it did not run)."""
+    experts = [e.to_json() for e in manifest.experts]
+    return {"version_id": manifest.version_id, "folder": str(Path(folder).resolve()),
             "n_experts": len(experts), "experts": experts,
-            "expert_ids": [e["expert_id"] for e in experts],
-            "expert_names": [e["name"] for e in experts],
-            "contributors": [e["contributor"] for e in experts],
-            "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
-            "base": manifest["base"]["name"], "usage": usage}
+            "expert_ids": manifest.expert_ids, "expert_names": manifest.names,
+            "contributors": [e.contributor for e in manifest.experts],
+            "parent": manifest.parent, "diff": manifest.diff,
+            "base": manifest.base_model, "usage": usage}
 
 
 def _aliases(client) -> dict[str, list[str]]:
@@ -332,11 +339,12 @@ def _fail_fast_on_unreachable_server() -> None:
 
 
 def _replay_expert_run(tracker: Tracker, client, op: Op) -> None:
-    replay.replay_expert_run(client, tracker.experiment_id(client), op)
+    replay.replay_expert_run(client, tracker.experiment_id(client), op, tracker.artifacts())
 
 
 def _replay_router_version(tracker: Tracker, client, op: Op) -> None:
-    replay.replay_router_version(client, tracker.experiment_id(client), op)
+    replay.replay_router_version(client, tracker.experiment_id(client), op,
+                                 tracker.artifacts())
 
 
 def _replay_evaluation(tracker: Tracker, client, op: Op) -> None:

@@ -1,21 +1,19 @@
-"""Assembling a router version on Ray: re-verify and load every bundle in parallel, stack the
-experts module by module, and commit an immutable, content-addressed version folder.
+"""Assembling a router version by reference: verify each new expert on Ray and derive its key
+shard once, then commit a small, content-addressed version manifest that names its experts.
 
-Store layout (beside the expert store's own files)::
+A version holds no expert's tensors: its version.json lists the experts by id, and their
+bundles and key shards are the store's objects (coordinator.store.objects), written once per
+expert and shared by every version that holds it. After one arrival, assembly reads and
+verifies that one bundle, writes its key shard and a manifest of a few hundred bytes per
+expert; nothing else. The driver never holds more than a window of new bundles at once.
 
-    versions/<version_id>/version.json   the version manifest (experts, parent, base, diff)
-    versions/<version_id>/router/        the stacked router, as routing.version.save_router
-                                         writes it (a self-contained, exportable folder)
-    versions/CURRENT                     id of the current version (replaced atomically)
-
-Ray tasks never open the store: the driver reads each chunk's bundle files and puts them in
-Ray's object store once, so a worker on another machine, without the store's volume, loads and
-re-verifies the very bytes the coordinator holds.
+Ray tasks never open the store: the driver reads each new bundle's files and puts them in
+Ray's object store, so a worker on another machine, without the store's volume, re-verifies
+the very bytes the coordinator holds and sends back the key shard's bytes.
 
 The version id hashes the base fingerprint and the ordered expert ids, so assembling the same
-expert set again finds the existing version instead of making a new one. A version is written
-into a staging folder and renamed into place; CURRENT moves only after that, so a failed
-assembly leaves the previous version current.
+expert set again finds the existing version instead of making a new one. CURRENT moves only
+after the version is committed, so a failed assembly leaves the previous version current.
 """
 
 from __future__ import annotations
@@ -23,56 +21,38 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
-from coordinator.ray_cluster import RayConfig, ensure_ray, folder_files, scratch_dir
-from coordinator.store.experts import Store
-from coordinator.store.versions import (
-    ROUTER_DIR,
-    VERSION_FILE,
-    VersionStore,
-    one_line_diff,
-)
+from coordinator.ray_cluster import RayConfig, ensure_ray, scratch_dir
+from coordinator.store.experts import EXPERTS, Store
+from coordinator.store.versions import VersionStore, one_line_diff
 from protocol.bundle import load_bundle
 from protocol.errors import FailedPrecondition, GaggleError, InvalidBundle
 from protocol.manifest import MANIFEST, read_manifest
-from routing.stack import RouterWeights, concat_routers, stack_experts
-from routing.version import save_router
+from routing.keys import expert_keys, key_shard_bytes
+from routing.version import KEY_FILE, KEYS_DIR, ExpertRef, VersionManifest
 
-FORMAT = 1
+FORMAT = 1  # of the version id's hashed text: unchanged, so an expert set keeps its id
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AssemblyConfig(RayConfig):
-    """How assembly runs: where Ray runs (RayConfig) and how bundles are batched into tasks."""
+    """How assembly runs: where Ray runs (RayConfig) and how new experts are batched."""
 
-    chunk_size: int = 256  # bundles loaded and stacked per Ray task: amortises task overhead
-
-
-@dataclass(frozen=True)
-class ExpertEntry:
-    """One expert of a version, as the version manifest records it."""
-
-    expert_id: str  # the store's id of the expert
-    name: str  # the key the router knows it by: contributor/name (ExpertRecord.key)
-    contributor: str
-    method: str
-    path: str  # the expert's bundle folder in the store (read by the driver only)
-
-    def to_json(self) -> dict:
-        return {"expert_id": self.expert_id, "name": self.name, "contributor": self.contributor,
-                "method": self.method}
+    chunk_size: int = 4  # new bundles verified per Ray task: amortises task overhead
+    # Ray tasks in flight at once: bounds the bundles the driver and Ray hold at a time
+    # (chunk_size x in_flight x one bundle, ~21 MB for a rank-16 SmolLM2 expert)
+    in_flight: int = 4
 
 
-def select_experts(records: list) -> list[ExpertEntry]:
+def select_experts(records: list) -> list[ExpertRef]:
     """The expert set of a new version: the newest expert per (contributor, name).
 
     A contributor re-submitting a name replaces that expert. Inside the router, in usage
@@ -82,15 +62,12 @@ def select_experts(records: list) -> list[ExpertEntry]:
     newest: dict[tuple[str, str], object] = {}
     for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
         newest[(record.contributor, record.name)] = record
-    entries = [
-        ExpertEntry(expert_id=r.expert_id, name=r.key,
-                    contributor=r.contributor, method=r.method, path=str(r.path))
-        for r in newest.values()
-    ]
+    entries = [ExpertRef(expert_id=r.expert_id, name=r.key, contributor=r.contributor,
+                         method=r.method) for r in newest.values()]
     return sorted(entries, key=lambda e: (e.name, e.expert_id))
 
 
-def version_id_for(fingerprint: str, entries: list[ExpertEntry]) -> str:
+def version_id_for(fingerprint: str, entries: list[ExpertRef]) -> str:
     """Content address of a version: its base and its ordered experts (16 hex digits)."""
     text = json.dumps({"format": FORMAT, "base": fingerprint,
                        "experts": [[e.name, e.expert_id] for e in entries]}, sort_keys=True)
@@ -112,72 +89,78 @@ def load_bundle_files(files: Mapping[str, bytes]):
         return load_bundle(folder)
 
 
-def _stack_chunk(chunk: list[tuple[ExpertEntry, dict[str, bytes]]],
-                 fingerprint: str | None) -> RouterWeights:
-    """Ray task: re-verify and load a contiguous chunk of bundles from their bytes and stack
-    them (routing.stack.stack_experts), named by their keys, in chunk order.
-
-    Stacking here, not in the driver, keeps the work parallel and sends a few stacked tensors
-    per module back instead of every expert's small ones.
-    """
-    bundles = []
+def _key_shards(chunk: list[tuple[ExpertRef, dict[str, bytes]]],
+                fingerprint: str) -> list[bytes]:
+    """Ray task: re-verify a chunk of bundles from their bytes and derive each one's key
+    shard (routing.keys), returned as bytes in chunk order."""
+    shards = []
     for entry, files in chunk:
         bundle = load_bundle_files(files)
         _check_entry(bundle, entry, fingerprint)
-        fingerprint = bundle.manifest.base_fingerprint  # the rest of the chunk must match it
-        bundles.append(bundle)
-    return stack_experts(bundles, names=[entry.name for entry, _ in chunk])
+        shards.append(key_shard_bytes(expert_keys(bundle)))
+    return shards
 
 
-def _check_entry(bundle, entry: ExpertEntry, fingerprint: str | None) -> None:
+def _check_entry(bundle, entry: ExpertRef, fingerprint: str) -> None:
     """The bundle is the expert the version names, on the version's base."""
     if bundle.expert_id != entry.expert_id:
         raise InvalidBundle(
-            f"expert folder {entry.path} holds content {bundle.expert_id[:12]}..., not "
-            f"expert {entry.expert_id[:12]}...: the store was changed on disk",
-            field="expert_id")
+            f"the stored bundle of expert {entry.name} holds content "
+            f"{bundle.expert_id[:12]}..., not expert {entry.expert_id[:12]}...: the store was "
+            "changed on disk", field="expert_id")
     declared = bundle.manifest.base_fingerprint
-    if fingerprint is not None and declared != fingerprint:
+    if declared != fingerprint:
         raise InvalidBundle(
             f"expert {entry.expert_id} ({entry.name}) was trained on base fingerprint "
-            f"{declared[:12]}..., the others on {fingerprint[:12]}...",
+            f"{declared[:12]}..., the federation's base has {fingerprint[:12]}...",
             field="base_model.fingerprint")
 
 
-def build_router(entries: list[ExpertEntry], config: AssemblyConfig,
-                 fingerprint: str | None = None, stages: dict[str, float] | None = None):
-    """Load and stack `entries` on Ray into `routing.stack.RouterWeights`.
+def build_key_shards(store: Store, entries: list[ExpertRef], config: AssemblyConfig,
+                     fingerprint: str, stop: Callable[[], bool] = lambda: False) -> int:
+    """Verify and derive the key shard of every expert in `entries` that has none yet, on
+    Ray, storing each as it arrives; returns how many were built.
 
-    The driver reads each chunk's bundle files and puts them in the object store once;
-    parallel Ray tasks (placed by `config.resources`) re-verify, load and stack them per
-    module; the driver joins each module's chunk stacks in order. stages: gets the seconds
-    of both (tasks: reading, transfer and tasks; join).
+    At most `config.in_flight` tasks of `config.chunk_size` bundles run at once, so the
+    driver's memory does not grow with the number of experts. stop: polled between tasks;
+    when it turns true the tasks still running are cancelled and Interrupted is raised
+    (the shards stored so far stay: they are valid and content-addressed).
     """
+    missing = [e for e in entries if not store.objects.exists(KEYS_DIR, e.expert_id)]
+    if not missing:
+        return 0
     ensure_ray(config)
-    stages = {} if stages is None else stages
-    started = time.perf_counter()
-    task = ray.remote(_stack_chunk).options(**config.ray_options())
-    refs = []
-    for start in range(0, len(entries), config.chunk_size):
-        chunk = [(entry, folder_files(entry.path))
-                 for entry in entries[start:start + config.chunk_size]]
-        refs.append(task.remote(ray.put(chunk), fingerprint))
-    parts = _get(refs)
-    stages["tasks"] = time.perf_counter() - started
-    fingerprints = {part.fingerprint for part in parts}
-    if len(fingerprints) != 1:
-        raise InvalidBundle(f"experts were trained on {len(fingerprints)} different base "
-                            "models; a version routes experts of one base only",
-                            field="base_model.fingerprint")
-    weights = concat_routers(parts)  # chunk order is expert order
-    stages["join"] = time.perf_counter() - started - stages["tasks"]
-    return weights
+    task = ray.remote(_key_shards).options(**config.ray_options())
+    chunks = [missing[i:i + config.chunk_size] for i in range(0, len(missing),
+                                                              config.chunk_size)]
+    running: dict = {}
+    try:
+        while chunks or running:
+            while chunks and len(running) < config.in_flight:
+                chunk = chunks.pop(0)
+                files = [(e, store.objects.get(EXPERTS, e.expert_id)) for e in chunk]
+                running[task.remote(ray.put(files), fingerprint)] = chunk
+            done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            if stop():
+                raise Interrupted("assembly stopped: the coordinator is shutting down")
+            for ref in done:
+                chunk = running.pop(ref)
+                for entry, data in zip(chunk, _get(ref), strict=True):
+                    store.objects.put(KEYS_DIR, entry.expert_id, {KEY_FILE: data})
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+    return len(missing)
 
 
-def _get(refs: list) -> list:
+class Interrupted(Exception):
+    """An assembly abandoned because the coordinator is stopping (it runs again on start)."""
+
+
+def _get(ref):
     """ray.get, re-raising a task's GaggleError as itself (its message names the expert)."""
     try:
-        return ray.get(refs)
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, GaggleError):
             raise err.cause from None
@@ -189,73 +172,76 @@ class AssemblyResult:
     """The outcome of one assembly."""
 
     version_id: str
-    manifest: dict  # the version manifest (version.json)
+    manifest: VersionManifest
     created: bool  # False when the expert set matched an existing version
     seconds: float  # wall time of the assembly
-    stages: dict[str, float] = field(default_factory=dict)  # tasks, join, save: seconds
+    stages: dict[str, float] = field(default_factory=dict)  # keys, save: seconds
+    new_experts: int = 0  # key shards built for it
 
 
-def assemble(store_root: str | os.PathLike, records: list,
-             config: AssemblyConfig | None = None,
-             fingerprint: str | None = None, base_name: str | None = None) -> AssemblyResult:
-    """Assemble an expert set (`records`: the store's ExpertRecords) into the current version.
+def assemble(store: Store, records: list, config: AssemblyConfig | None = None,
+             fingerprint: str | None = None, base_name: str | None = None, *,
+             make_current: bool = True,
+             stop: Callable[[], bool] = lambda: False) -> AssemblyResult:
+    """Assemble an expert set (`records`: the store's ExpertRecords) into a version.
 
     fingerprint: the federation's base fingerprint; every expert must match it (default: the
     first expert's). base_name: the coordinator's name for that base, which the version
     records and consumers load; a manifest's base name is the contributor's label only
-    (default, without a coordinator: the first expert's label). Raises FailedPrecondition
-    when there are no experts and InvalidBundle when a bundle fails its re-verification; then
-    nothing changes.
+    (default, without a coordinator: the first expert's label). make_current: move CURRENT
+    to it (the serving coordinator does so only after the version's checks). Raises
+    FailedPrecondition when there are no experts and InvalidBundle when a bundle fails its
+    re-verification; then nothing changes.
     """
     started = time.perf_counter()
     config = config or AssemblyConfig()
-    versions = VersionStore(store_root)
+    versions = VersionStore(store.layout, store.objects)
     entries = select_experts(records)
     if not entries:
         raise FailedPrecondition("the store holds no experts yet: submit one before assembling",
                                  field="experts")
-    fingerprint = fingerprint or _declared_fingerprint(entries[0])
+    declared = read_manifest(store.bundle_folder(entries[0].expert_id) / MANIFEST)
+    fingerprint = fingerprint or declared.base_fingerprint
     version_id = version_id_for(fingerprint, entries)
     parent = versions.current_id()
     if versions.exists(version_id):  # same expert set as an existing version: reuse it
-        versions.set_current(version_id)
+        if make_current:
+            versions.set_current(version_id)
         return AssemblyResult(version_id, versions.manifest(version_id), False,
                               time.perf_counter() - started)
-    stages: dict[str, float] = {}
-    weights = build_router(entries, config, fingerprint, stages)
-    weights.base_model = base_name or weights.base_model
+    built = build_key_shards(store, entries, config, fingerprint, stop)
+    stages = {"keys": time.perf_counter() - started}
     saving = time.perf_counter()
-    manifest = {
-        "format": FORMAT, "version_id": version_id,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "created_at_unix": time.time(), "parent": parent,
-        "base": {"name": weights.base_model, "fingerprint": weights.fingerprint},
-        "experts": [e.to_json() for e in entries], "modules": len(weights.modules),
-    }
-    manifest["diff"] = one_line_diff(versions.manifest(parent) if parent else None, manifest)
-    versions.commit(version_id, lambda folder: _write_version(folder, weights, manifest))
-    versions.set_current(version_id)
+    manifest = VersionManifest(
+        version_id=version_id, base_model=base_name or declared.base_model,
+        fingerprint=fingerprint, experts=tuple(entries),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        created_at_unix=time.time(), parent=parent,
+        modules=_module_count(store, entries))
+    manifest = VersionManifest(**{**manifest.__dict__, "diff": one_line_diff(
+        versions.manifest(parent) if parent else None, manifest)})
+    versions.commit(manifest)
+    if make_current:
+        versions.set_current(version_id)
     stages["save"] = time.perf_counter() - saving
-    return AssemblyResult(version_id, manifest, True, time.perf_counter() - started, stages)
+    return AssemblyResult(version_id, manifest, True, time.perf_counter() - started, stages,
+                          built)
 
 
-def assemble_store(store_root: str | os.PathLike,
-                   config: AssemblyConfig | None = None) -> AssemblyResult:
+def _module_count(store: Store, entries: list[ExpertRef]) -> int:
+    """Modules the version routes: the union over its experts' key shards' headers."""
+    from routing.keys import read_key_shard
+
+    modules: set[str] = set()
+    for entry in entries:
+        shard = read_key_shard(store.objects.local_folder(KEYS_DIR, entry.expert_id) / KEY_FILE,
+                               fields=())
+        modules.update(shard.modules)
+    return len(modules)
+
+
+def assemble_store(store: Store, config: AssemblyConfig | None = None) -> AssemblyResult:
     """Assemble every expert of a store, checked against the store's base model."""
-    store = Store(store_root)
-    try:
-        base = store.cached_base_spec()
-        return assemble(store_root, store.list_experts(), config,
-                        base.fingerprint if base else None, base.name if base else None)
-    finally:
-        store.close()
-
-
-def _write_version(folder: Path, weights: RouterWeights, manifest: dict) -> None:
-    save_router(weights, folder / ROUTER_DIR, metadata={"gaggle_version": manifest})
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    (folder / VERSION_FILE).write_text(text, encoding="utf-8")
-
-
-def _declared_fingerprint(entry: ExpertEntry) -> str:
-    return read_manifest(Path(entry.path) / MANIFEST).base_fingerprint
+    base = store.cached_base_spec()
+    return assemble(store, store.list_experts(), config,
+                    base.fingerprint if base else None, base.name if base else None)

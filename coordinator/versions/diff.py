@@ -2,8 +2,8 @@
 changed (same name, new content), and for a changed expert which modules changed and by how
 much (relative norm of the change of its delta, and of its gate).
 
-Read from the two versions' router folders alone, so it works on versions whose experts were
-since removed from the store.
+A changed expert is read from its bundle in the store (a version by reference keeps its
+experts' bundles as long as the version is kept), or from a format-1 version's stacked router.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from coordinator.store.versions import ROUTER_DIR, VersionStore, expert_changes
-from routing.version import load_router
+from coordinator.store.versions import VersionStore, expert_changes
+from protocol.bundle import load_bundle, lora_scaling
+from routing.version import EXPERTS_DIR, STACKED_DIR, VersionManifest, load_stacked
 
 
 @dataclass(frozen=True)
@@ -57,23 +58,38 @@ def diff_versions(store_root: str | Path, old: str, new: str) -> VersionDiff:
     before, after = versions.manifest(old), versions.manifest(new)
     changes = expert_changes(before, after)
     result = VersionDiff(old=old, new=new, added=changes["added"], removed=changes["removed"])
-    ids_before = {e["name"]: e["expert_id"] for e in before["experts"]}
-    ids_after = {e["name"]: e["expert_id"] for e in after["experts"]}
+    ids_before = {e.name: e.expert_id for e in before.experts}
+    ids_after = {e.name: e.expert_id for e in after.experts}
     for name in result.added + result.removed:
         result.expert_ids[name] = (ids_before.get(name), ids_after.get(name))
-    if changes["changed"]:
-        old_router = load_router(versions.folder(old) / ROUTER_DIR)
-        new_router = load_router(versions.folder(new) / ROUTER_DIR)
-        for name, old_id, new_id in changes["changed"]:
-            result.expert_ids[name] = (old_id, new_id)
-            result.changed[name] = expert_module_changes(old_router, new_router, name)
+    for name, old_id, new_id in changes["changed"]:
+        result.expert_ids[name] = (old_id, new_id)
+        result.changed[name] = module_changes(_parts(versions, before, name, old_id),
+                                              _parts(versions, after, name, new_id))
     return result
 
 
-def expert_module_changes(old_router, new_router, name: str) -> list[ModuleChange]:
-    """Per-module change of expert `name` between two RouterWeights."""
-    old_parts = _expert_modules(old_router, name)
-    new_parts = _expert_modules(new_router, name)
+def _parts(versions: VersionStore, manifest: VersionManifest, name: str,
+           expert_id: str) -> dict[str, dict]:
+    """module -> {"kind", "gate", "delta"} of one expert of a version."""
+    if manifest.format == 1:
+        return _expert_modules(load_stacked(versions.folder(manifest.version_id) / STACKED_DIR),
+                               name)
+    bundle = load_bundle(versions.objects.local_folder(EXPERTS_DIR, expert_id))
+    scaling = lora_scaling(bundle.manifest)
+    parts = {}
+    for spec in bundle.manifest.modules:
+        if spec.kind == "lora":
+            delta = (scaling * bundle.adapter[f"{spec.name}.lora_B"],
+                     bundle.adapter[f"{spec.name}.lora_A"])
+        else:
+            delta = ((bundle.adapter[f"{spec.name}.ia3"] - 1.0).unsqueeze(1), torch.ones(1, 1))
+        parts[spec.name] = {"kind": spec.kind, "gate": bundle.gates[spec.name], "delta": delta}
+    return parts
+
+
+def module_changes(old_parts: dict[str, dict], new_parts: dict[str, dict]) -> list[ModuleChange]:
+    """Per-module change between one expert's parts in two versions."""
     out = []
     for module in sorted(set(old_parts) | set(new_parts)):
         if module not in new_parts:

@@ -30,7 +30,7 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
     rows = []
     manifests = versions.all()
     for manifest in manifests:
-        vid = manifest["version_id"]
+        vid = manifest.version_id
         tracked = registry.get(vid, {})
         aliases = set(tracked.get("aliases", []))
         aliases |= {name for name, pointer in (("current", current), ("champion", champion))
@@ -39,10 +39,9 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
             aliases.add("latest")
         evaluation = read_evaluation(root, vid) or {}
         rows.append({
-            "version_id": vid, "created_at": manifest["created_at"],
-            "n_experts": len(manifest["experts"]),
-            "experts": [e["name"] for e in manifest["experts"]],
-            "parent": manifest.get("parent"), "diff": manifest.get("diff", ""),
+            "version_id": vid, "created_at": manifest.created_at,
+            "n_experts": len(manifest.experts), "experts": manifest.names,
+            "parent": manifest.parent, "diff": manifest.diff,
             "aliases": sorted(aliases), "mlflow_version": tracked.get("number"),
             "metrics": tracked.get("metrics", {}) | evaluation.get("metrics", {}),
         })

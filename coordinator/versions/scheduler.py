@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from coordinator.checks.evaluation import EvaluationConfig
 from coordinator.checks.evaluation_thread import Evaluator
@@ -30,6 +29,7 @@ from coordinator.versions.assemble import (
     select_experts,
 )
 from protocol.errors import GaggleError
+from routing.version import VersionManifest
 
 log = logging.getLogger(__name__)
 # How long a stopping coordinator waits for its threads: `docker stop` allows 10 s in all.
@@ -45,11 +45,10 @@ class Assembler:
         """evaluator: given each version assembled (None: no evaluation); reconcile_s: how
         often to look for stored experts missing from the current version."""
         self.store = store
-        self.root = Path(store.root)
         self.config = config or AssemblyConfig()
         self.tracker = tracker
         self.evaluator = evaluator
-        self.versions = VersionStore(self.root)
+        self.versions = VersionStore(store.layout, store.objects)
         self.last_result: AssemblyResult | None = None
         self.last_error: str | None = None
         self.assemblies = 0  # finished attempts, successful or not
@@ -101,8 +100,7 @@ class Assembler:
             queue_untracked(records, self.versions, self.tracker)
         wanted = frozenset(e.expert_id for e in select_experts(records))
         current = self.versions.current_id()
-        have = ({e["expert_id"] for e in self.versions.manifest(current)["experts"]}
-                if current else set())
+        have = set(self.versions.manifest(current).expert_ids) if current else set()
         if records and wanted != have and wanted != self._failed:
             self.request()
 
@@ -139,7 +137,7 @@ class Assembler:
         try:
             if self.tracker is not None:
                 for record in accepted:
-                    self.tracker.record_expert(expert_payload(record))
+                    self.tracker.record_expert(expert_payload(record, self.store.objects))
             records = self.store.list_experts()
             attempted = frozenset(e.expert_id for e in select_experts(records))
             log.info("assembling a version of %d experts", len(attempted))
@@ -159,21 +157,20 @@ class Assembler:
             if result.created:
                 # The checks of a new version: the usage check here (cached in the version's
                 # folder), evaluation on its own thread; tracking records what they report.
-                usage = version_usage(self.versions.folder(result.version_id))
+                usage = version_usage(self.versions, result.version_id)
                 if self.tracker is not None:
                     record_version(result.manifest, self.versions, self.tracker, usage)
             if self.evaluator is not None:
                 self.evaluator.submit(result.version_id)
             log.info("version %s: %d experts (%s), %.1f s", result.version_id,
-                     len(result.manifest["experts"]), result.manifest.get("diff", ""),
-                     result.seconds)
+                     len(result.manifest.experts), result.manifest.diff, result.seconds)
         finally:
             self.assemblies += 1
 
     def _assemble(self, records: list) -> AssemblyResult:
         base = self.store.cached_base_spec()
-        return assemble(self.root, records, self.config, base.fingerprint if base else None,
-                        base.name if base else None)
+        return assemble(self.store, records, self.config,
+                        base.fingerprint if base else None, base.name if base else None)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no assembly is running or wanted (True), or `timeout` passes (False)."""
@@ -208,13 +205,14 @@ class Assembler:
             self.tracker.close(_left(deadline))
 
 
-def record_version(manifest: dict, versions: VersionStore, tracker: Tracker,
+def record_version(manifest: VersionManifest, versions: VersionStore, tracker: Tracker,
                    usage: dict | None = None) -> None:
     """Queue the tracking of a version with the report of its usage check (run here when not
     given; the report is cached in the version's folder): tracking records what it is given."""
-    folder = versions.folder(manifest["version_id"])
-    usage = version_usage(folder) if usage is None else usage
-    tracker.record_version(version_payload(manifest, folder, usage))
+    if usage is None:
+        usage = version_usage(versions, manifest.version_id)
+    tracker.record_version(version_payload(manifest, versions.folder(manifest.version_id),
+                                           usage))
 
 
 def queue_untracked(records: list, versions: VersionStore, tracker: Tracker) -> None:
@@ -222,9 +220,9 @@ def queue_untracked(records: list, versions: VersionStore, tracker: Tracker) -> 
     never queued: after a crash between a commit and its queueing, or a CLI assembly."""
     for record in records:
         if not tracker.has_expert(record.expert_id):
-            tracker.record_expert(expert_payload(record))
+            tracker.record_expert(expert_payload(record, versions.objects))
     for manifest in versions.all():
-        if not tracker.has_version(manifest["version_id"]):
+        if not tracker.has_version(manifest.version_id):
             record_version(manifest, versions, tracker)
 
 

@@ -3,7 +3,6 @@ rate-limited failed authentications, against real servers."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -18,9 +17,10 @@ from coordinator.cli import main as coordinator_cli
 from coordinator.server import CoordinatorServer, ServerConfig
 from coordinator.service.auth import FailureLimiter, TokenBook
 from coordinator.store.experts import Store
-from coordinator.store.versions import VERSION_FILE, VersionStore
+from coordinator.store.versions import VersionStore
 from protocol.gaggle.v1 import gaggle_pb2 as pb
 from protocol.gaggle.v1 import gaggle_pb2_grpc
+from routing.version import VersionManifest
 from tests.harness.bundles import archive_id, archive_name, archive_of, make_bundle, store_snapshot
 from tests.harness.servers import add_token, seed_base_spec, start_coordinator
 
@@ -80,11 +80,9 @@ def test_failed_authentications_are_logged_with_the_peer_and_rate_limited(in_pro
 
 
 def _commit_fake_version(root, version_id: str) -> None:
-    def write(folder):
-        (folder / VERSION_FILE).write_text(json.dumps({"version_id": version_id,
-                                                       "created_at": "2026-01-01T00:00:00Z",
-                                                       "experts": []}))
-    VersionStore(root).commit(version_id, write)
+    VersionStore(root).commit(VersionManifest(version_id=version_id, base_model="tiny-llama",
+                                              fingerprint="0" * 64, experts=(),
+                                              created_at="2026-01-01T00:00:00Z"))
 
 
 def test_health_watch_answers_only_for_served_names_and_keeps_no_entry_for_others(in_process):

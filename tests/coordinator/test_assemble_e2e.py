@@ -53,9 +53,9 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec, capsys):
                 client.submit(tmp_path / name)
                 wait_for(lambda n=count: len(VersionStore(store).all()) == n, 180,
                          f"version {count}:\n{server.log()}")
-        sets = [sorted(e["name"] for e in m["experts"]) for m in VersionStore(store).all()]
+        sets = [sorted(m.names) for m in VersionStore(store).all()]
         assert sets == [["alice/a"], ["alice/a", "alice/b"], ["alice/a", "alice/b", "alice/c"]]
-        assert {e["contributor"] for e in VersionStore(store).all()[-1]["experts"]} == {"alice"}
+        assert {e.contributor for e in VersionStore(store).all()[-1].experts} == {"alice"}
 
         registry = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
         wait_for(lambda: len(registry.search_model_versions(
@@ -74,7 +74,7 @@ def test_submitted_experts_become_tracked_versions(tmp_path, tiny_spec, capsys):
 
         # Every version is evaluated by the coordinator: eval.* tags in MLflow, local records.
         for manifest in VersionStore(store).all():
-            version_id = manifest["version_id"]
+            version_id = manifest.version_id
             tags = wait_for(lambda v=version_id: "eval.accuracy" in _eval_tags(registry, v)
                             and _eval_tags(registry, v), 180, f"eval tags:\n{server.log()}")
             metrics = read_evaluation(store, version_id)["metrics"]

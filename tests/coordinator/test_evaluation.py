@@ -21,7 +21,7 @@ from coordinator.checks.evaluation import (
 )
 from coordinator.checks.evaluation_thread import Evaluator
 from coordinator.cli import main
-from coordinator.store.versions import ROUTER_DIR, VersionStore
+from coordinator.store.versions import VersionStore
 from coordinator.versions.assemble import assemble
 from demo.processes import free_port
 from protocol.errors import InvalidArgument
@@ -96,9 +96,9 @@ def two_evaluated(tmp_path_factory, tiny_spec, pool):
     """v1 = {a}, v2 = {a, b}, both evaluated on the shared actor."""
     store = make_store(tmp_path_factory.mktemp("eval") / "store", tiny_spec)
     add_expert(store, tiny_spec, "a", seed=21)
-    v1 = assemble(store.root, store.list_experts()).version_id
+    v1 = assemble(store, store.list_experts()).version_id
     add_expert(store, tiny_spec, "b", seed=22)
-    v2 = assemble(store.root, store.list_experts()).version_id
+    v2 = assemble(store, store.list_experts()).version_id
     records = {v: evaluate_version(store.root, v, pool) for v in (v1, v2)}
     return store.root, records
 
@@ -163,19 +163,20 @@ def test_promote_refuses_a_drop_beyond_the_threshold_unless_forced(two_evaluated
 
 def test_failed_evaluation_leaves_the_version_without_metrics(tmp_path, tiny_spec, pool):
     store = make_store(tmp_path / "store", tiny_spec)
-    add_expert(store, tiny_spec, "c", seed=23)
-    broken = assemble(store.root, store.list_experts()).version_id
-    tensors = VersionStore(store.root).folder(broken) / ROUTER_DIR / "router.safetensors"
-    tensors.write_bytes(tensors.read_bytes()[:-8] + b"tampered")  # fails its sha256 check
+    c = add_expert(store, tiny_spec, "c", seed=23)
+    broken = assemble(store, store.list_experts()).version_id
+    manifest = VersionStore(store.root).folder(broken) / "version.json"
+    # the version now names an expert the store does not hold
+    manifest.write_text(manifest.read_text().replace(c.expert_id, "f" * 64))
     add_expert(store, tiny_spec, "d", seed=24)
-    good = assemble(store.root, store.list_experts()).version_id
+    good = assemble(store, store.list_experts()).version_id
 
     evaluator = Evaluator(store.root, CONFIG, pool=pool).start()  # evaluates CURRENT = good
     try:
         evaluator.submit(broken)
         assert evaluator.wait_idle(120)
         assert read_evaluation(store.root, broken) is None
-        assert "sha256" in evaluator.last_error
+        assert "pruned" in evaluator.last_error
         assert read_evaluation(store.root, good)["config_key"] == CONFIG.key
         evaluator.submit(good)  # already evaluated under this config: skipped
         assert evaluator.wait_idle(60) and evaluator.evaluated == 1

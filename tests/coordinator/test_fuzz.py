@@ -58,7 +58,7 @@ def forget_experts(store: Store) -> None:
     its corrupted bytes would never be examined."""
     with store.transaction() as conn:
         conn.execute("DELETE FROM experts")
-    for folder in store.experts_dir.iterdir():
+    for folder in store.layout.experts.iterdir():
         shutil.rmtree(folder)
 
 

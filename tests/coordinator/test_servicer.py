@@ -62,7 +62,8 @@ def test_on_accepted_gets_each_new_expert_once_after_commit(running, tmp_path, t
     [record] = accepted
     assert (record.expert_id, record.name, record.contributor) == \
         (result.expert_id, "hooked", "alice")
-    assert load_bundle(record.path).expert_id == record.expert_id  # committed before the hook
+    folder = server.store.bundle_folder(record.expert_id)  # committed before the hook
+    assert load_bundle(folder).expert_id == record.expert_id
     assert server.store.get_expert(record.expert_id) == record
 
 
@@ -106,7 +107,7 @@ def test_an_upload_with_a_zero_gate_is_invalid_argument_and_leaves_no_trace(runn
     assert "retrain the gate with gaggle-contributor gate" in outcome.details
     assert store_snapshot(server.store.root) == before and accepted == []
     assert staging_is_empty(server.store.root)
-    assert not any(server.store.uploads_dir.iterdir())
+    assert not any(server.store.layout.uploads.iterdir())
 
 
 def test_a_stream_without_upload_id_is_invalid_argument(running):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+import torch
 
 from coordinator.cli import main
 from coordinator.store.versions import VersionStore
@@ -13,6 +14,7 @@ from coordinator.tracking.names import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION
 from coordinator.tracking.tracker import MAX_RUN_AGE_S, Tracker, run_window
 from coordinator.versions.scheduler import Assembler
 from protocol.manifest import MANIFEST, read_manifest
+from routing.router import route, unroute
 from tests.harness import postgres
 from tests.harness.servers import MlflowServer
 from tests.harness.stores import add_expert, make_store
@@ -84,7 +86,7 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
     finally:
         assembler.close()
     manifests = VersionStore(store.root).all()
-    assert [sorted(e["name"] for e in m["experts"]) for m in manifests] == [
+    assert [sorted(m.names) for m in manifests] == [
         ["alice/a"], ["alice/a", "alice/b"], ["alice/a", "alice/b", "alice/c"]]
 
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -93,7 +95,7 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
     for record in records:
         (run,) = _runs_of(client, record.expert_id)
         assert run.info.run_name == f"alice/{record.name}"
-        training = read_manifest(record.path / MANIFEST).training
+        training = read_manifest(store.bundle_folder(record.expert_id) / MANIFEST).training
         assert run.info.start_time == int(training["started_at"] * 1000)  # the training's span
         assert run.info.end_time == int(training["finished_at"] * 1000)
         assert run.data.tags["contributor"] == record.contributor
@@ -103,33 +105,49 @@ def test_every_expert_and_version_is_tracked_and_loadable(tmp_path, tiny_spec, m
         assert ("rank" in run.data.params) == (record.method == "lora")
         losses = client.get_metric_history(run.info.run_id, "expert_loss_curve")
         assert len(losses) == 3
+    for record in records:  # each expert's bundle and key shard, logged once with its run
+        (run,) = _runs_of(client, record.expert_id)
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert logged == {"bundle", "keys"}
     for manifest in manifests:
-        (model_version,) = _model_versions_of(client, manifest["version_id"])
+        (model_version,) = _model_versions_of(client, manifest.version_id)
         tags = model_version.tags
-        assert tags["n_experts"] == str(len(manifest["experts"]))
-        assert tags["expert_ids"] == ",".join(e["expert_id"] for e in manifest["experts"])
+        assert tags["n_experts"] == str(len(manifest.experts))
+        assert tags["expert_ids"] == ",".join(manifest.expert_ids)
         assert tags["contributors"] == "alice"
-        assert tags["parent_version"] == (manifest["parent"] or "")
-        assert tags["diff"] == manifest["diff"]
+        assert tags["parent_version"] == (manifest.parent or "")
+        assert tags["diff"] == manifest.diff
         card = model_version.description  # the model card MLflow shows on the version page
-        assert f"# Router version `{manifest['version_id']}`" in card
-        assert all(f"| {e['name']} | alice | {e['method']} |" in card
-                   for e in manifest["experts"])
-        assert ("## Usage" in card) and (manifest["diff"] in card)
-        local = mlflow.artifacts.download_artifacts(
-            model_version.source, dst_path=str(tmp_path / manifest["version_id"]),
-            tracking_uri=mlflow_server.uri)
-        assert (tmp_path / manifest["version_id"] / "MLmodel").is_file(), local
+        assert f"# Router version `{manifest.version_id}`" in card
+        assert all(f"| {e.name} | alice | {e.method} |" in card for e in manifest.experts)
+        assert ("## Usage" in card) and (manifest.diff in card)
+        folder = tmp_path / manifest.version_id
+        mlflow.artifacts.download_artifacts(model_version.source, dst_path=str(folder),
+                                            tracking_uri=mlflow_server.uri)
+        assert (folder / "MLmodel").is_file()
+        # by reference: the logged model holds no expert tensor, only the manifest and the
+        # runs to fetch the experts from
+        assert not list(folder.rglob("*.safetensors")), list(folder.rglob("*"))
+        assert (folder / "artifacts" / "sources.json").is_file()
 
     mlflow.set_tracking_uri(mlflow_server.uri)
     mlflow.set_registry_uri(mlflow_server.uri)
     latest = client.get_model_version_by_alias(REGISTERED_MODEL, "latest")
-    assert latest.tags[TAG_VERSION] == manifests[-1]["version_id"]
+    assert latest.tags[TAG_VERSION] == manifests[-1].version_id
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@latest")
     texts = model.predict(["The film was", "Hello"], params={"max_new_tokens": 4})
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    # the router resolved through MLflow alone routes as the store's own copy of the version
+    from_mlflow = model.unwrap_python_model()
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        got = from_mlflow.base.model(tokens).logits
+        route(from_mlflow.base, VersionStore(store.root).router(manifests[-1].version_id))
+        expected = from_mlflow.base.model(tokens).logits
+    unroute(from_mlflow.base.model)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
-    first, last = manifests[0]["version_id"], manifests[-1]["version_id"]
+    first, last = manifests[0].version_id, manifests[-1].version_id
     for version in (first, last):
         assert main(["promote", version, "--store", str(store.root),
                      "--tracking-uri", mlflow_server.uri]) == 0
@@ -156,7 +174,7 @@ def test_calls_queued_while_mlflow_is_down_land_exactly_once(tmp_path, tiny_spec
             assembler.on_accepted(record)
         assert assembler.wait_idle(120), assembler.last_error
         newest = VersionStore(store.root).current_id()
-        names = [e["name"] for e in VersionStore(store.root).manifest(newest)["experts"]]
+        names = VersionStore(store.root).manifest(newest).names
         assert names == ["alice/x", "alice/y", "alice/z"]  # assembled while MLflow was down
         assert tracker.queue.counts()["pending"] >= 3
         assert not tracker.wait_idle(1.0)
@@ -177,7 +195,7 @@ def test_calls_queued_while_mlflow_is_down_land_exactly_once(tmp_path, tiny_spec
     for record in late:
         assert len(_runs_of(client, record.expert_id)) == 1
     for manifest in VersionStore(store.root).all():
-        assert len(_model_versions_of(client, manifest["version_id"])) == 1
+        assert len(_model_versions_of(client, manifest.version_id)) == 1
 
 
 def test_an_expert_run_spans_its_training_moved_back_when_the_contributor_clock_runs_ahead():

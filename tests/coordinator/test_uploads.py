@@ -57,10 +57,11 @@ def test_upload_in_chunks_is_stored_under_its_expert_id(uploads, archive, tmp_pa
     assert write(uploads, state, archive, 0) == len(archive)
     result = uploads.finish(state.upload_id, "alice")
     assert isinstance(result, FinishResult) and not result.already_stored
-    assert load_bundle(result.expert.path, uploads.base).expert_id == result.expert.expert_id
+    stored = uploads.store.bundle_folder(result.expert.expert_id)
+    assert load_bundle(stored, uploads.base).expert_id == result.expert.expert_id
     assert [e.expert_id for e in uploads.store.list_experts()] == [result.expert.expert_id]
     assert uploads.store.query("SELECT COUNT(*) FROM uploads")[0][0] == 0
-    assert not list(uploads.store.uploads_dir.iterdir())
+    assert not list(uploads.store.layout.uploads.iterdir())
 
 
 def test_a_file_that_differs_from_its_manifest_hash_is_refused_and_leaves_no_trace(
@@ -76,8 +77,8 @@ def test_a_file_that_differs_from_its_manifest_hash_is_refused_and_leaves_no_tra
     with pytest.raises(InvalidBundle, match=f"{GATES}: sha256 does not match"):
         uploads.finish(state.upload_id, "alice")
     assert store_snapshot(uploads.store.root) == before
-    assert not list(uploads.store.uploads_dir.iterdir())
-    assert not list(uploads.store.staging_dir.iterdir())
+    assert not list(uploads.store.layout.uploads.iterdir())
+    assert not list(uploads.store.layout.staging.iterdir())
 
 
 def test_an_upload_declared_under_another_name_than_its_manifest_is_refused(uploads, archive):
@@ -91,7 +92,7 @@ def test_an_upload_declared_under_another_name_than_its_manifest_is_refused(uplo
         uploads.finish(state.upload_id, "alice")
     assert err.value.field == "name"
     assert store_snapshot(uploads.store.root) == before
-    assert not list(uploads.store.uploads_dir.iterdir())
+    assert not list(uploads.store.layout.uploads.iterdir())
 
 
 def test_chunk_at_another_offset_is_out_of_range_and_names_the_committed_one(uploads,
@@ -182,7 +183,7 @@ def _crash_after_rename(uploads: Uploads, archive: bytes) -> str:
     """Play a commit up to the rename into experts/, then stop as a crash would."""
     state = begin(uploads, archive)
     write(uploads, state, archive, 0)
-    staged = uploads.store.staging_dir / state.upload_id
+    staged = uploads.store.layout.staging / state.upload_id
     part = uploads.part_path(state.upload_id)
     digest = ArchiveDigest()  # the coordinator's own extraction path
     digest.update(part.read_bytes())
@@ -191,7 +192,7 @@ def _crash_after_rename(uploads: Uploads, archive: bytes) -> str:
     with uploads.store.transaction() as conn:
         conn.execute("UPDATE uploads SET committing_expert_id = ? WHERE upload_id = ?",
                      (expert_id, state.upload_id))
-    staged.rename(uploads.store.experts_dir / expert_id)
+    staged.rename(uploads.store.layout.experts / expert_id)
     return expert_id
 
 
@@ -204,20 +205,20 @@ def test_recovery_indexes_an_expert_renamed_before_its_index_commit(uploads, arc
     [record] = recovered.list_experts()
     assert (record.expert_id, record.contributor) == (expert_id, "alice")
     assert recovered.query("SELECT COUNT(*) FROM uploads")[0][0] == 0
-    assert not list(recovered.uploads_dir.iterdir())
+    assert not list(recovered.layout.uploads.iterdir())
 
 
 def test_recovery_removes_unclaimed_folders_orphan_parts_and_staging(uploads, archive):
-    stray = uploads.store.experts_dir / ("f" * 64)
+    stray = uploads.store.layout.experts / ("f" * 64)
     stray.mkdir()
     (stray / "manifest.json").write_text("{}")
-    (uploads.store.uploads_dir / "orphan.part").write_bytes(b"x" * 10)
-    (uploads.store.staging_dir / "half").mkdir()
+    (uploads.store.layout.uploads / "orphan.part").write_bytes(b"x" * 10)
+    (uploads.store.layout.staging / "half").mkdir()
     live = begin(uploads, archive)
     recovered = Store(uploads.store.root, recover=True)
     assert not stray.exists()
-    assert not (recovered.uploads_dir / "orphan.part").exists()
-    assert not any(recovered.staging_dir.iterdir())
+    assert not (recovered.layout.uploads / "orphan.part").exists()
+    assert not any(recovered.layout.staging.iterdir())
     assert uploads.part_path(live.upload_id).exists()  # a live upload is kept
 
 
@@ -242,8 +243,8 @@ def test_a_declared_expert_id_other_than_the_manifests_is_refused_and_leaves_no_
     with pytest.raises(InvalidBundle, match="not the declared abababababab"):
         uploads.finish(state.upload_id, "alice")
     assert store_snapshot(uploads.store.root) == before
-    assert not list(uploads.store.uploads_dir.iterdir())
-    assert not list(uploads.store.staging_dir.iterdir())
+    assert not list(uploads.store.layout.uploads.iterdir())
+    assert not list(uploads.store.layout.staging.iterdir())
 
 
 def test_an_index_from_before_expert_id_declarations_is_migrated(tmp_path):

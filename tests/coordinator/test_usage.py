@@ -15,10 +15,13 @@ from coordinator.checks.usage import (
     version_usage,
 )
 from coordinator.checks.usage_charts import HEATMAP, SHARES
+from coordinator.store.versions import VersionStore
 from coordinator.tracking.replay import usage_tags
+from coordinator.versions.assemble import assemble
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
-from routing.version import save_router
+from routing.version import KEYS_DIR
+from tests.harness.stores import add_expert, make_store
 
 CONFIG = PoisonConfig(prompts_per_task=3, max_tokens=32)
 
@@ -71,15 +74,20 @@ def test_a_gate_aligned_with_the_mean_activation_is_flagged_and_no_other(tiny_ba
     assert all(row[0] > 0.5 for row in by_layer["shares"])
 
 
-def test_version_usage_is_measured_once_and_kept_beside_the_version(tiny_spec, tmp_path):
-    experts = [random_bundle(tiny_spec, f"e{i}", seed=i) for i in range(2)]
-    save_router(stack_experts(experts), tmp_path / "v1" / "router")
-    report = version_usage(tmp_path / "v1", CONFIG)
-    assert set(report["experts"]) == {"e0", "e1"}
-    assert json.loads((tmp_path / "v1" / USAGE_FILE).read_text()) == report
+def test_version_usage_is_measured_once_and_kept_beside_the_version(tiny_spec, tmp_path,
+                                                                     ray_local):
+    store = make_store(tmp_path / "store", tiny_spec)
+    experts = [add_expert(store, tiny_spec, f"e{i}", seed=i) for i in range(2)]
+    version_id = assemble(store, store.list_experts()).version_id
+    versions = VersionStore(store.layout)
+    report = version_usage(versions, version_id, CONFIG)
+    assert set(report["experts"]) == {"alice/e0", "alice/e1"}
+    folder = versions.folder(version_id)
+    assert json.loads((folder / USAGE_FILE).read_text()) == report
     for chart in (HEATMAP, SHARES):  # pictures MLflow shows with the logged model
-        assert (tmp_path / "v1" / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    (tmp_path / "v1" / "router" / "router.safetensors").unlink()  # the cached one is read
-    assert version_usage(tmp_path / "v1", CONFIG) == report
-    broken = version_usage(tmp_path / "missing", CONFIG)
+        assert (folder / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for expert in experts:  # the cached report is read: the router is not opened again
+        store.objects.delete(KEYS_DIR, expert.expert_id)
+    assert version_usage(versions, version_id, CONFIG) == report
+    broken = version_usage(versions, "f" * 16, CONFIG)
     assert "error" in broken and usage_tags(broken) == {"usage.error": broken["error"]}

@@ -27,16 +27,17 @@ def two_versions(tmp_path, tiny_spec):
     store = make_store(tmp_path / "store", tiny_spec)
     a = add_expert(store, tiny_spec, "a", seed=1)
     add_expert(store, tiny_spec, "b", seed=2)
-    v1 = assemble(store.root, store.list_experts())
-    retrained = copy.deepcopy(load_bundle(a.path))
+    v1 = assemble(store, store.list_experts())
+    retrained = copy.deepcopy(load_bundle(store.bundle_folder(a.expert_id)))
     key = f"{CHANGED}.lora_B"
     torch.manual_seed(5)
     retrained.adapter[key] = retrained.adapter[key] + 0.01 * torch.randn_like(
         retrained.adapter[key])
     a2 = commit(store, retrained)
     add_expert(store, tiny_spec, "c", seed=3)
-    v2 = assemble(store.root, store.list_experts())
-    return store, v1.version_id, v2.version_id, load_bundle(a.path), load_bundle(a2.path)
+    v2 = assemble(store, store.list_experts())
+    return (store, v1.version_id, v2.version_id, load_bundle(store.bundle_folder(a.expert_id)),
+            load_bundle(store.bundle_folder(a2.expert_id)))
 
 
 def test_diff_shows_one_added_and_one_replaced_expert(two_versions):

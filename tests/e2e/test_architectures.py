@@ -16,13 +16,12 @@ from contributor.train import TrainConfig, train_expert, train_gates
 from coordinator.server import CoordinatorServer, ServerConfig
 from coordinator.service.auth import TokenBook
 from coordinator.store.experts import Store
-from coordinator.store.versions import ROUTER_DIR, VersionStore
+from coordinator.store.versions import VersionStore
 from coordinator.versions.assemble import assemble_store
 from protocol.bundle import save_bundle, validate_bundle
 from routing.base import load_base
 from routing.layers import RoutedLinear
 from routing.router import route, unroute
-from routing.version import load_router
 from tests.routing.families import FAMILIES, save_family
 
 FAST = {"steps": 4, "gate_steps": 3, "batch_size": 4, "max_length": 24,
@@ -76,9 +75,10 @@ def test_family_trains_submits_assembles_routes_and_generates(family, tmp_path):
         folders.append(tmp_path / bundle.name)
     _submit(tmp_path / "store", base, folders)
 
-    result = assemble_store(tmp_path / "store")
-    weights = load_router(VersionStore(tmp_path / "store").folder(result.version_id)
-                          / ROUTER_DIR)
+    store = Store(tmp_path / "store")
+    result = assemble_store(store)
+    weights = VersionStore(store.layout).router(result.version_id)
+    store.close()
     assert weights.experts == ["alice/everywhere", "alice/one-kind"]
     prompt = base.tokenizer("3 plus 4 is", return_tensors="pt")
     with torch.no_grad():

@@ -19,10 +19,10 @@ import sys
 import pytest
 
 from coordinator.checks.evaluation import read_evaluation
-from coordinator.store.versions import ROUTER_DIR, VersionStore
+from coordinator.store.versions import VersionStore
 from protocol.bundle import load_bundle
+from routing.keys import KEY_FIELDS
 from routing.stack import stack_experts
-from routing.version import load_router
 from tests.harness.raycluster import RESOURCE, LocalCluster, can_hide_folders
 from tests.harness.stores import add_expert, make_store
 
@@ -76,12 +76,13 @@ def test_assembly_and_evaluation_run_on_a_node_that_cannot_see_the_store(cluster
     assert "3 experts" in done.stdout
 
     version_id = VersionStore(root).current_id()
-    stacked = load_router(VersionStore(root).folder(version_id) / ROUTER_DIR)
-    local = stack_experts([load_bundle(r.path) for r in records])
-    assert stacked.experts == ["alice/a", "alice/b", "bob/c"]
-    for name, module in local.modules.items():  # the same tensors as a local stack
-        assert module.keys.sort(dim=0).values.allclose(
-            stacked.modules[name].keys.sort(dim=0).values)
+    built = VersionStore(root).router(version_id, fields=KEY_FIELDS)
+    local = stack_experts([load_bundle(root / "experts" / r.expert_id) for r in records])
+    assert built.experts == ["alice/a", "alice/b", "bob/c"]
+    for name, module in local.modules.items():  # the key shards the worker built
+        for field in ("keys", "prototypes"):
+            assert getattr(module, field).sort(dim=0).values.allclose(
+                getattr(built.modules[name], field).sort(dim=0).values)
 
     config = tmp_path / "eval.json"
     config.write_text(json.dumps({"tasks": ["openbookqa"], "examples_per_task": 4,

@@ -285,7 +285,7 @@ def federation(walk):
         settled = wait_settled(store, set(ids.values()), timeout_s=240)
         assert settled, f"{settled.reason}\n{server.log()[-3000:]}"
         out["status"] = status.result()
-        versions = tuple(m["version_id"] for m in VersionStore(store).all())
+        versions = tuple(m.version_id for m in VersionStore(store).all())
         walk.check_ran("federation")
         yield Federation(server, store, out, ids, versions)
     finally:
@@ -300,8 +300,7 @@ def _current_holds(store: Path, expert_id: str) -> bool:
     versions = VersionStore(store)
     try:
         current = versions.current_id()
-        return bool(current) and expert_id in {
-            e["expert_id"] for e in versions.manifest(current)["experts"]}
+        return bool(current) and expert_id in versions.manifest(current).expert_ids
     except (OSError, ValueError):  # a pointer or manifest being replaced: look again
         return False
 

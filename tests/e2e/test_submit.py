@@ -194,7 +194,7 @@ def test_sixteen_concurrent_submissions_all_land(server, tmp_path, tiny_spec):
     assert ids <= set(indexed)
     assert folders == set(indexed)  # the index and the files agree
     for expert_id in ids:
-        assert load_bundle(indexed[expert_id].path).expert_id == expert_id
+        assert load_bundle(store.bundle_folder(expert_id)).expert_id == expert_id
     store.close()
 
 

@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 from coordinator.store.versions import VersionStore
 from protocol.bundle import ADAPTER, MANIFEST, sha256_file
 from protocol.status import MAX_MESSAGE_BYTES
-from routing.version import read_router_manifest
 from tests.harness.bundles import archive_of, make_bundle, raw_upload, store_snapshot
 from tests.harness.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
@@ -145,17 +144,16 @@ def test_versions_key_experts_by_contributor_and_record_the_coordinators_base(se
     def both_in_current():
         versions = VersionStore(server.store)
         current = versions.current_id()
-        manifest = versions.manifest(current) if current else {"experts": []}
-        return manifest if set(uploads) <= {e["expert_id"] for e in manifest["experts"]} \
-            else None
+        manifest = versions.manifest(current) if current else None
+        return manifest if manifest and set(uploads) <= set(manifest.expert_ids) else None
 
     manifest = wait_for(both_in_current, 180, f"a version with both experts:\n{server.log()}")
-    keys = sorted(e["name"] for e in manifest["experts"] if e["expert_id"] in uploads)
+    keys = sorted(e.name for e in manifest.experts if e.expert_id in uploads)
     assert keys == ["alice/sentiment", "bob/sentiment"]
-    assert manifest["base"]["name"] == "tiny-llama"
-    folder = VersionStore(server.store).folder(manifest["version_id"])
-    assert read_router_manifest(folder / "router")["base_model"] == "tiny-llama"
-    assert "bob/sentiment" in manifest["diff"] or "alice/sentiment" in manifest["diff"]
+    assert manifest.base_model == "tiny-llama"
+    folder = VersionStore(server.store).folder(manifest.version_id)
+    assert VersionStore(server.store).router(manifest.version_id).base_model == "tiny-llama"
+    assert "bob/sentiment" in manifest.diff or "alice/sentiment" in manifest.diff
     # The usage (poisoning) check loads the coordinator's base, so it runs and keys by
     # contributor too; a contributor's base label used to switch it off.
     usage = wait_for(lambda: (folder / "usage.json").is_file() and json.loads(

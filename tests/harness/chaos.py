@@ -142,7 +142,7 @@ def wait_settled(store: Path, expert_ids: set[str], timeout_s: float) -> _Settle
             versions = VersionStore(store)
             current = versions.current_id()
             if current:
-                have = {e["expert_id"] for e in versions.manifest(current)["experts"]}
+                have = set(versions.manifest(current).expert_ids)
                 queue = OpQueue(store / "tracking")
                 pending = queue.counts()["pending"]
                 # CURRENT moves before the version's tracking call is queued: wait for it.

@@ -21,7 +21,7 @@ def make_store(root: Path, spec: BaseSpec) -> Store:
 
 def commit(store: Store, bundle: Bundle, contributor: str = "alice") -> ExpertRecord:
     """Store a bundle the way an accepted upload is stored: staged folder, then commit."""
-    staged = store.staging_dir / f"test-{bundle.name}-{time.monotonic_ns()}"
+    staged = store.layout.staging / f"test-{bundle.name}-{time.monotonic_ns()}"
     save_bundle(bundle, staged)
     archive = pack_bundle_bytes(staged)
     return store.commit_expert(bundle, staged, contributor=contributor,
