@@ -16,6 +16,7 @@ from coordinator.commands import (
     experts,
     export,
     promote,
+    prune,
     serve,
     token,
     versions,
@@ -24,7 +25,7 @@ from protocol.errors import GaggleError
 
 # The commands import torch, grpc, Ray and MLflow inside `run`: measured on a 2-core machine,
 # `gaggle-coordinator --help` takes 0.14 s that way and 5.1-5.4 s with them at the top.
-COMMANDS = (serve, token, experts, assemble, versions, diff, promote, evaluate, export)
+COMMANDS = (serve, token, experts, assemble, versions, diff, promote, evaluate, export, prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

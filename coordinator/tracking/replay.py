@@ -60,6 +60,7 @@ class ExpertArtifacts:
     objects: Objects
     queue: OpQueue
     uri: str
+    versions: Path  # the store's version folders (a queued call's path may be out of date)
 
     def ensure(self, client, run_id: str, expert_id: str, kinds: tuple[str, ...]) -> None:
         """Log the expert's objects of `kinds` into its run, each once."""
@@ -170,6 +171,8 @@ def replay_router_version(client, experiment_id: str, op: Op,
     if find_model_version(client, payload["version_id"]) is not None:
         return
     folder = Path(payload["folder"])
+    if artifacts is not None and (artifacts.versions / payload["version_id"]).is_dir():
+        folder = artifacts.versions / payload["version_id"]  # the store may have moved
     if not folder.is_dir():
         raise MlflowException(f"router version folder {folder} is gone; cannot log it",
                               error_code="RESOURCE_DOES_NOT_EXIST")

@@ -13,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,10 +177,24 @@ class Tracker:
         return client.create_experiment(EXPERIMENT, artifact_location=location,
                                         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
+    @contextmanager
+    def mlflow(self) -> Iterator:
+        """An MlflowClient for direct calls (not queued: an operator command that must see
+        MLflow now); Unavailable, naming the URI, when MLflow cannot be reached."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with _MLFLOW_LOCK:
+                yield self._client()
+        except (MlflowException, OSError) as err:
+            raise Unavailable(f"MLflow at {self.uri} is unreachable ({_short(err)}); "
+                              "start it or pass the right --tracking-uri") from None
+
     def artifacts(self) -> replay.ExpertArtifacts:
         """Where the replay finds the experts' files and their runs (for versions by
         reference: every expert's bundle and key shard is logged once, with its run)."""
-        return replay.ExpertArtifacts(DiskObjects(self.layout.root), self.queue, self.uri)
+        return replay.ExpertArtifacts(DiskObjects(self.layout.root), self.queue, self.uri,
+                                      self.layout.versions)
 
     # ----- background thread -----
 

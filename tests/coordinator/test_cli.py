@@ -17,6 +17,7 @@ EXISTING_STORE_COMMANDS = {
     "export": ["export", "aaaa", "--out", "{tmp}/exported"],
     "evaluate": ["evaluate", "aaaa", "--eval-config", "{tmp}/eval.toml"],
     "assemble": ["assemble"],
+    "prune": ["prune", "--dry-run"],
     "token list": ["token", "list"],
     "token revoke": ["token", "revoke", "alice"],
 }
