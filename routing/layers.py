@@ -289,27 +289,34 @@ class RoutedLinear(nn.Module):
     def _add_paged(self, out: torch.Tensor, flat: torch.Tensor, index: torch.Tensor,
                    weight: torch.Tensor) -> None:
         """add_mixture with the factors in page slots: the experts the tokens picked are made
-        resident (in chunks of the module's slot count when they are more), then mixed with
-        the token's weights mapped from expert positions to slots."""
+        resident, then mixed with each pick mapped from its expert's position to its slot.
+        When they are more than the module's slots, they go in chunks of experts, each
+        chunk computing only the picks of its own experts (so no pick is computed twice)."""
         pages = self.pages
         needed = torch.unique(index)  # sorted local positions
         lora_weight = weight * self.scaling[index] if pages.has("lora_A") else None
-        # (IA)^3 scales the base output; a chunk must not see the earlier chunks' deltas
-        base_out = out.clone() if pages.has("ia3_out") and needed.numel() > pages.capacity \
-            else out
-        for positions, slot_of in pages.chunks(needed):
-            slots = slot_of[index]
-            chunk_weight, chunk_lora = weight, lora_weight
-            if positions.numel() < needed.numel():  # leave the other chunks' picks out
-                chosen = torch.zeros(len(pages.kinds), dtype=torch.bool, device=index.device)
-                chosen[positions.to(index.device)] = True
-                member = chosen[index]
-                slots = torch.where(member, slots, 0)
-                chunk_weight = weight * member
-                chunk_lora = None if lora_weight is None else lora_weight * member
-            self._mix(out, base_out, flat, slots, chunk_weight, chunk_lora, Factors(
-                pages.tensor("lora_A"), pages.tensor("lora_B_t"), pages.tensor("ia3_out"),
-                pages.tensor("ia3_in")))
+        if needed.numel() <= pages.capacity:
+            slot_of = pages.load(needed.cpu())
+            self._mix(out, out, flat, slot_of[index], weight, lora_weight, self._slabs())
+            return
+        base_out = out.clone()  # output-scaled (IA)^3 scales the base output alone
+        owner = torch.full((len(pages.kinds),), -1, dtype=torch.long, device=index.device)
+        picks = index.reshape(-1)
+        for number, (positions, slot_of) in enumerate(pages.chunks(needed)):
+            owner[positions.to(index.device)] = number
+            chosen = (owner[picks] == number).nonzero().squeeze(1)  # this chunk's picks
+            tokens = chosen // index.shape[1]
+            part = torch.zeros(chosen.numel(), out.shape[1], dtype=out.dtype, device=out.device)
+            self._mix(part, base_out.index_select(0, tokens), flat.index_select(0, tokens),
+                      slot_of[picks[chosen]].unsqueeze(1), weight.reshape(-1, 1)[chosen],
+                      None if lora_weight is None else lora_weight.reshape(-1, 1)[chosen],
+                      self._slabs())
+            out.index_add_(0, tokens, part)
+
+    def _slabs(self) -> Factors:
+        pages = self.pages
+        return Factors(pages.tensor("lora_A"), pages.tensor("lora_B_t"),
+                       pages.tensor("ia3_out"), pages.tensor("ia3_in"))
 
     def _factors(self) -> Factors:
         return Factors(self.lora_A, self.lora_B_t, self.ia3_out, self.ia3_in)

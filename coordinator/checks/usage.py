@@ -57,22 +57,27 @@ def evaluation_prompts(config: PoisonConfig = PoisonConfig()) -> list[str]:
             for example in split(task).test[:config.prompts_per_task]]
 
 
-def top1_shares(model, tokenizer, prompts: list[str],
-                max_tokens: int) -> tuple[dict[str, torch.Tensor], list[str], int]:
-    """Run a routed model on each prompt; per module, (E_collection,) share of tokens whose
-    top-1 expert is each expert (NaN for experts not adapting it); collection names; tokens."""
-
+def top1_shares(model, tokenizer, prompts: list[str], max_tokens: int,
+                batch_size: int = 8) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """Run a routed model on the prompts, `batch_size` at a time (right-padded: the padding
+    is routed too, and left out of the counts); per module, (E_collection,) share of tokens
+    whose top-1 expert is each expert; collection names; tokens counted."""
+    real = []
     with torch.inference_mode(), capture_routing(model) as trace:
-        for prompt in prompts:
-            ids = tokenizer(prompt, add_special_tokens=False,
-                            return_tensors="pt")["input_ids"][:, :max_tokens]
-            if ids.numel():
-                model(input_ids=ids.to(model.device))  # serve --device may put it on a GPU
+        for start in range(0, len(prompts), batch_size):
+            encoded = tokenizer(prompts[start:start + batch_size], add_special_tokens=False,
+                                padding=True, truncation=True, max_length=max_tokens,
+                                return_tensors="pt")
+            if encoded["input_ids"].numel():  # serve --device may put the model on a GPU
+                model(input_ids=encoded["input_ids"].to(model.device),
+                      attention_mask=encoded["attention_mask"].to(model.device))
+                real.append(encoded["attention_mask"].reshape(-1).bool())
+    mask = torch.cat(real) if real else torch.zeros(0, dtype=torch.bool)
     experts = trace.experts
     shares: dict[str, torch.Tensor] = {}
     tokens = 0
     for module in trace.records:
-        first = trace.choices(module)[:, 0]  # (N,) top-1 collection id per token
+        first = trace.choices(module)[:, 0][mask]  # (N,) top-1 collection id per real token
         first = first[first >= 0]
         tokens = max(tokens, int(first.numel()))
         counts = torch.bincount(first, minlength=len(experts)).double()

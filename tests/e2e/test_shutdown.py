@@ -55,6 +55,6 @@ def test_sigterm_mid_assembly_exits_in_time_and_the_version_is_made_on_restart(t
             assert time.monotonic() < deadline, server.log()[-3000:]
             time.sleep(0.3)
         manifest = VersionStore(root).manifest(VersionStore(root).current_id())
-        assert [e["name"] for e in manifest["experts"]] == ["alice/a", "alice/b", "alice/c"]
+        assert manifest.names == ["alice/a", "alice/b", "alice/c"]
     finally:
         server.stop()
