@@ -42,8 +42,14 @@ _LOCK = threading.Lock()
 class PoisonConfig:
     """How expert usage is measured and when an expert is flagged."""
 
-    prompts_per_task: int = 8  # first test inputs of each held-out task
-    max_tokens: int = 64  # each prompt is cut to this many tokens
+    # First test inputs of each held-out task, each cut to max_tokens tokens, routed in one
+    # padded batch. About 600 tokens: every module's top-1 shares are then known to a few
+    # percent, and the check costs one forward. Its cost is the base forward, the scores
+    # against every key and one read of each expert some token picks (with random-like
+    # routing over 1,000 rank-16 SmolLM2 experts, most of their 21 GB: bench.scale).
+    prompts_per_task: int = 4
+    max_tokens: int = 32
+    batch_size: int = 64  # prompts per forward
     top_k: int = 2  # the router's k (only the top-1 slot is counted)
     ratio: float = 2.0  # flag at this multiple of the uniform share 1/E...
     min_share: float = 0.5  # ...and at least this share of the tokens
@@ -138,7 +144,8 @@ def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
     prompts = evaluation_prompts(config) if prompts is None else prompts
     model = route(base, weights, method="phatgoose", top_k=config.top_k)
     try:
-        shares, experts, tokens = top1_shares(model, base.tokenizer, prompts, config.max_tokens)
+        shares, experts, tokens = top1_shares(model, base.tokenizer, prompts, config.max_tokens,
+                                              config.batch_size)
     finally:
         unroute(model)
     members = {name: list(module.experts) for name, module in weights.modules.items()}
