@@ -70,7 +70,19 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         # every interface. Joining a cluster must not force it: the cluster reaches this
         # driver at the address Ray finds for it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False)
+        # address="local": a Ray of this process's own. Without it ray.init joins the newest
+        # cluster `ray start` left on the machine (or RAY_ADDRESS), even one that has since
+        # stopped, and refuses num_cpus there: a coordinator that never assembles.
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+
+
+def shutdown_ray() -> None:
+    """Stop this process's Ray (a local one ends with its processes; a cluster joined is
+    only left). Safe to call when Ray never started."""
+    with _RAY_LOCK:
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def _join(address: str, attempts: int = 3) -> None:

@@ -20,13 +20,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.checks.evaluation import EvaluationConfig
 from coordinator.intake.uploads import UploadLimits, Uploads
+from coordinator.ray_cluster import RayConfig, ensure_ray, shutdown_ray
 from coordinator.service.admin import AdminServicer
 from coordinator.service.auth import AuthInterceptor, FailureLimiter, TokenBook
 from coordinator.service.health import CoordinatorHealth
 from coordinator.service.servicer import CoordinatorServicer, OnAccepted
 from coordinator.store.experts import Store
-from coordinator.versions.scheduler import server_hook
+from coordinator.versions.scheduler import SHUTDOWN_S, Assembler, start_assembler
 from protocol.errors import InvalidArgument, Unavailable
 from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
 from routing.device import check_names, set_serving_placement
@@ -205,25 +207,36 @@ class CoordinatorServer:
                 log.exception("upload expiry failed; will retry")
 
 
-def accepted_hook(config: ServerConfig) -> OnAccepted | None:
-    """What runs after each newly accepted expert (off the RPC path, in order): the
-    assembler, which builds a router version on Ray and tracks it in MLflow. None with
-    `assembly = false` (--no-assembly): experts are then only stored."""
+def start_assembly(config: ServerConfig) -> Assembler | None:
+    """The assembler that runs after each newly accepted expert (off the RPC path, in order):
+    it builds a router version on Ray, checks it and tracks it in MLflow. None with
+    `assembly = false` (--no-assembly): experts are then only stored.
+
+    Call it from the main thread: it starts Ray there (Ray started in another thread cannot
+    set up its signal handling). A bad evaluation config is an error here, at start.
+    """
     set_serving_placement(config.device, config.dtype)  # before Ray starts: workers inherit it
     if not config.assembly:
         return None
     # Ray's failure signal handler would turn the SIGTERM that `serve` handles (graceful
     # shutdown) into an abort when the process exits.
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    return server_hook(config.store, tracking_uri=config.tracking_uri,
-                       ray_address=config.ray_address, ray_resources=config.ray_resources,
-                       eval_config=config.eval_config,
-                       base=config.base)
+    eval_config = EvaluationConfig.from_file(config.eval_config) if config.eval_config \
+        else None
+    try:
+        ensure_ray(RayConfig(ray_address=config.ray_address))
+    except Exception as err:  # the assembler thread retries; accepting must not wait on Ray
+        log.warning("Ray did not start (%s); assembly will retry in the background", err)
+    return start_assembler(Store(config.store), tracking_uri=config.tracking_uri,
+                           ray_address=config.ray_address, eval_config=eval_config,
+                           base=config.base, ray_resources=config.ray_resources)
 
 
-def serve(config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:
-    """Run the coordinator until SIGTERM or SIGINT."""
-    server = CoordinatorServer(config, on_accepted)
+def serve(config: ServerConfig, assembler: Assembler | None = None) -> None:
+    """Run the coordinator until SIGTERM or SIGINT, then stop cleanly: drain the calls in
+    flight, stop the assembler (an assembly in flight is abandoned at its next step and made
+    again on start), stop this process's Ray, exit."""
+    server = CoordinatorServer(config, assembler.on_accepted if assembler else None)
     done = threading.Event()
 
     def shutdown(signum: int, _frame) -> None:
@@ -238,4 +251,14 @@ def serve(config: ServerConfig, on_accepted: OnAccepted | None = None) -> None:
     while not done.wait(1.0):  # a timed wait keeps the main thread responsive to signals
         pass
     server.stop()
+    if assembler is not None:
+        assembler.close(SHUTDOWN_S)
+        running = assembler.alive()
+    shutdown_ray()
     log.info("stopped")
+    if assembler is not None and running:
+        # A thread still inside native code when the interpreter exits is torn down in the
+        # middle of it, which aborts the process: leave without waiting for it instead.
+        log.warning("threads %s did not stop in %.0f s; leaving them", running, SHUTDOWN_S)
+        logging.shutdown()
+        os._exit(0)

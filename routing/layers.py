@@ -34,6 +34,7 @@ Two equivalent ways to apply the LoRA part of the top-k mixture, picked per laye
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,10 @@ DENSE_MAX_COLUMNS = 128
 # (bf16 base 0.38-0.61 s): 8 experts dense 1.53x vs grouped 7.01x; 32: 1.63 vs 4.81;
 # 64: 2.27 vs 4.35; 128: 2.60 vs 2.58.
 DENSE_MAX_COLUMNS_REDUCED = 1024
+
+
+class Cancelled(Exception):
+    """A routed forward stopped because its RoutingState.cancel said so."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ class RoutingState:
     merge_rows: torch.Tensor | None = None
     trace: dict[str, list[torch.Tensor]] | None = None  # module -> [(N, k) expert ids]
     config: dict = field(default_factory=dict)  # method, top_k, expert names
+    # Polled by every routed layer: when it returns True the forward stops with Cancelled,
+    # so a thread running a long routed forward can be stopped between two layers
+    cancel: Callable[[], bool] | None = field(default=None, repr=False)
     # (input tensor, its version, (N, 1) inverse std of its tokens): q/k/v and gate/up
     # projections get the very same input tensor, so the score scale is computed once for
     # all of them. Inference tensors carry no version counter: an in-place edit of the input
@@ -210,6 +218,8 @@ class RoutedLinear(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
+        if self.state.cancel is not None and self.state.cancel():
+            raise Cancelled(f"routed forward stopped at {self.name}")
         if self.method == "uniform_merge":
             return F.linear(x, self.merged_weight, self.base.bias)
         out = self.base(x)

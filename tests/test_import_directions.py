@@ -54,7 +54,8 @@ ROOMS: dict[str, set[str]] = {
     "checks": {"store", "ray_cluster"},
     "versions": {"store", "ray_cluster", "tracking", "checks"},
     "service": {"store", "intake", "tracking", "versions"},
-    "server": {"store", "intake", "service", "versions"},
+    # the server owns its Ray (started and stopped with it) and reads the evaluation config
+    "server": {"store", "intake", "service", "versions", "ray_cluster", "checks"},
     "commands": {"store", "tracking", "checks", "versions", "service", "server", "ray_cluster"},
     "cli": {"commands", "store"},
 }

@@ -103,6 +103,9 @@ class Evaluator:
                                       base=self.base)
         except Exception as err:  # the version stays without metrics; the thread goes on
             self.last_error = f"{type(err).__name__}: {err}"
+            if self._stop:  # its actors were stopped under it
+                log.info("stopping: the evaluation of version %s is abandoned", version_id)
+                return
             log.exception("evaluation of version %s failed; it stays without metrics",
                           version_id)
             return
@@ -123,13 +126,13 @@ class Evaluator:
         return True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking versions; wait up to `timeout` for the one in flight, then free the
-        actors (an unfinished version simply stays without metrics)."""
+        """Stop taking versions and free the actors, which ends an evaluation in flight (its
+        version stays without metrics and is evaluated on the next start); wait up to
+        `timeout` for the thread."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
         if self._own_pool:
             self.pool.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout)

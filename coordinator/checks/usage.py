@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,7 +29,8 @@ from coordinator.store.layout import atomic_write
 from coordinator.store.versions import VersionStore
 from routing.base import load_base
 from routing.device import serving_placement
-from routing.router import route, unroute
+from routing.layers import Cancelled
+from routing.router import route, routing_state, unroute
 from routing.trace import capture_routing
 from tasks.registry import HELD_OUT, split
 
@@ -138,11 +140,14 @@ def shares_by_layer(shares: dict[str, torch.Tensor], experts: list[str],
 
 
 def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
-                   prompts: list[str] | None = None) -> dict:
-    """The usage report of RouterWeights on a loaded BaseModel (routed, then unrouted)."""
+                   prompts: list[str] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> dict:
+    """The usage report of RouterWeights on a loaded BaseModel (routed, then unrouted).
+    cancel: polled between layers; when True, routing.layers.Cancelled is raised."""
 
     prompts = evaluation_prompts(config) if prompts is None else prompts
     model = route(base, weights, method="phatgoose", top_k=config.top_k)
+    routing_state(model).cancel = cancel
     try:
         shares, experts, tokens = top1_shares(model, base.tokenizer, prompts, config.max_tokens,
                                               config.batch_size)
@@ -153,9 +158,11 @@ def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
 
 
 def version_usage(versions: VersionStore, version_id: str,
-                  config: PoisonConfig = PoisonConfig()) -> dict:
+                  config: PoisonConfig = PoisonConfig(),
+                  cancel: Callable[[], bool] | None = None) -> dict:
     """The usage report of a version: read from its folder's usage.json, else measured once
-    and written there. Never raises: a failure is reported as {"error": ...} and not cached."""
+    and written there. A failure is reported as {"error": ...} and not cached; the only
+    exception raised is routing.layers.Cancelled, when `cancel` stops the measurement."""
     folder = versions.folder(version_id)
     path = folder / USAGE_FILE
     if path.is_file():
@@ -163,7 +170,9 @@ def version_usage(versions: VersionStore, version_id: str,
     try:
         weights = versions.router(version_id, max_adapter_bytes=config.max_adapter_bytes)
         with _LOCK:  # one measurement at a time: the base model is shared
-            report = measure_router(weights, _base(weights.base_model), config)
+            report = measure_router(weights, _base(weights.base_model), config, cancel=cancel)
+    except Cancelled:
+        raise
     except Exception as err:  # the check must never stop a version from being tracked
         log.exception("measuring expert usage of %s failed", folder)
         return {"error": f"{type(err).__name__}: {err}"[:300]}

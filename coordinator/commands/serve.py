@@ -55,10 +55,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # the domain modules import torch, grpc, Ray or MLflow: see coordinator.cli
-    from coordinator.server import ServerConfig, accepted_hook, serve
+    from coordinator.server import ServerConfig, serve, start_assembly
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig.from_args(args)
-    serve(config, accepted_hook(config))
+    serve(config, start_assembly(config))
     return 0

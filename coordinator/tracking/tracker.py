@@ -234,7 +234,6 @@ class Tracker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
-            self._thread = None
 
     # ----- reading back (for `versions`) -----
 

@@ -8,32 +8,31 @@ each new version (when configured) through `Evaluator`'s own thread.
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
 
 from coordinator.checks.evaluation import EvaluationConfig
 from coordinator.checks.evaluation_thread import Evaluator
-from coordinator.checks.usage import version_usage
-from coordinator.ray_cluster import ensure_ray, parse_resources
+from coordinator.checks.usage import USAGE_FILE, version_usage
+from coordinator.ray_cluster import parse_resources
 from coordinator.store.experts import Store
 from coordinator.store.versions import VersionStore
 from coordinator.tracking.tracker import Tracker, expert_payload, version_payload
 from coordinator.versions.assemble import (
     AssemblyConfig,
     AssemblyResult,
+    Interrupted,
     assemble,
     select_experts,
 )
 from protocol.errors import GaggleError
+from routing.layers import Cancelled
 from routing.version import VersionManifest
 
 log = logging.getLogger(__name__)
 # How long a stopping coordinator waits for its threads: `docker stop` allows 10 s in all.
-SHUTDOWN_S = 4.0
+SHUTDOWN_S = 6.0
 
 
 class Assembler:
@@ -60,6 +59,7 @@ class Assembler:
         self._idle = threading.Condition(self._lock)
         self._busy = False
         self._stop = False
+        self._stopping = threading.Event()  # polled inside an assembly and its check
         self._thread: threading.Thread | None = None
 
     def on_accepted(self, record) -> None:
@@ -141,7 +141,10 @@ class Assembler:
             records = self.store.list_experts()
             attempted = frozenset(e.expert_id for e in select_experts(records))
             log.info("assembling a version of %d experts", len(attempted))
-            result = self._assemble(records)
+            self._make_live(self._assemble(records), records)
+        except (Interrupted, Cancelled):
+            log.info("stopping: the version of %d experts is abandoned and made again on "
+                     "start", len(attempted))
         except GaggleError as err:
             self._failed = attempted
             self.last_error = str(err)
@@ -151,26 +154,42 @@ class Assembler:
             self.last_error = f"{type(err).__name__}: {err}"
             log.exception("assembly failed, version %s stays current",
                           self.versions.current_id())
-        else:
-            self.last_error = None
-            self.last_result = result
-            if result.created:
-                # The checks of a new version: the usage check here (cached in the version's
-                # folder), evaluation on its own thread; tracking records what they report.
-                usage = version_usage(self.versions, result.version_id)
-                if self.tracker is not None:
-                    record_version(result.manifest, self.versions, self.tracker, usage)
-            if self.evaluator is not None:
-                self.evaluator.submit(result.version_id)
-            log.info("version %s: %d experts (%s), %.1f s", result.version_id,
-                     len(result.manifest.experts), result.manifest.diff, result.seconds)
         finally:
             self.assemblies += 1
+
+    def _make_live(self, result: AssemblyResult, records: list) -> None:
+        """Check a version, then make it current; tracking and evaluation follow. Each
+        stage's seconds go to the log."""
+        manifest = result.manifest
+        log.info("version %s assembled: %d experts (%s), %d new key shards, %.1f s",
+                 result.version_id, len(manifest.experts), manifest.diff or "no changes",
+                 result.new_experts, result.seconds)
+        started = time.perf_counter()
+        if not (self.versions.folder(result.version_id) / USAGE_FILE).is_file():
+            log.info("version %s usage check started", result.version_id)
+        usage = version_usage(self.versions, result.version_id,
+                              cancel=self._stopping.is_set)  # read back when done before
+        checked = time.perf_counter() - started
+        log.info("version %s usage check: %.1f s%s", result.version_id, checked,
+                 f", flagged {usage['flagged']}" if usage.get("flagged") else
+                 f", failed: {usage['error']}" if "error" in usage else "")
+        self.versions.set_current(result.version_id)
+        self.last_error = None
+        self.last_result = result
+        accepted = max((float(r.created_at) for r in records
+                        if r.expert_id in set(manifest.expert_ids)), default=time.time())
+        log.info("version %s is current, %.1f s after its newest expert was accepted",
+                 result.version_id, time.time() - accepted)
+        if self.tracker is not None:
+            record_version(manifest, self.versions, self.tracker, usage)
+        if self.evaluator is not None:
+            self.evaluator.submit(result.version_id)
 
     def _assemble(self, records: list) -> AssemblyResult:
         base = self.store.cached_base_spec()
         return assemble(self.store, records, self.config,
-                        base.fingerprint if base else None, base.name if base else None)
+                        base.fingerprint if base else None, base.name if base else None,
+                        make_current=False, stop=self._stopping.is_set)
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no assembly is running or wanted (True), or `timeout` passes (False)."""
@@ -186,23 +205,29 @@ class Assembler:
     def close(self, timeout: float = 120.0) -> None:
         """Stop the threads, waiting at most `timeout` seconds in all.
 
-        An assembly still running then is abandoned with its daemon thread: it had written
-        only a staging folder, which the next start clears before assembling that expert
-        set again. Tracking calls wait in their on-disk queue, so nothing is lost.
+        An assembly in flight stops at its next step (its Ray tasks are cancelled, its
+        usage check stops between two layers) and its thread ends; a version not yet checked
+        is not current, so the next start checks it and makes it current. Tracking calls wait
+        in their on-disk queue, so nothing is lost. `alive()` says whether a thread outlived
+        the timeout.
         """
         deadline = time.monotonic() + timeout
+        self._stopping.set()
         with self._lock:
             self._stop = True
         self._wanted.set()
-        if self._thread is not None:
-            self._thread.join(timeout=_left(deadline))
-            if self._thread.is_alive():
-                log.warning("stopping with an assembly in flight; it runs again on start")
-            self._thread = None
         if self.evaluator is not None:  # before the tracker: it queues into the tracker
             self.evaluator.close(_left(deadline))
+        if self._thread is not None:
+            self._thread.join(timeout=_left(deadline))
         if self.tracker is not None:
             self.tracker.close(_left(deadline))
+
+    def alive(self) -> list[str]:
+        """Names of this assembler's threads still running (after `close`: none, normally)."""
+        threads = [self._thread, getattr(self.tracker, "_thread", None),
+                   getattr(self.evaluator, "_thread", None)]
+        return [t.name for t in threads if t is not None and t.is_alive()]
 
 
 def record_version(manifest: VersionManifest, versions: VersionStore, tracker: Tracker,
@@ -232,54 +257,23 @@ def _left(deadline: float) -> float:
 
 def start_assembler(store: Store, *, tracking_uri: str | None = None,
                     ray_address: str | None = None, tracking: bool = True,
-                    eval_config: EvaluationConfig | str | os.PathLike | None = None,
-                    base: str | None = None,
+                    eval_config: EvaluationConfig | None = None, base: str | None = None,
                     ray_resources: tuple[str, ...] = ()) -> Assembler:
-    """The assembler a serving coordinator runs; pass `.on_accepted` as the server's hook.
+    """The started assembler of a serving coordinator; pass `.on_accepted` as the server's
+    hook and `close()` it when the server stops.
 
-    store: the server's `coordinator.store.experts.Store`. tracking_uri: MLflow server (default: the
-    SQLite store inside the store folder); tracking=False turns MLflow off. eval_config: an
-    `EvaluationConfig` or the path of its TOML/JSON file; each new version is then evaluated.
-    base: the coordinator's base model name, which evaluation loads (default: the store's).
+    store: a handle of its own on the coordinator's store (the server's is closed first).
+    tracking_uri: MLflow server (default: the SQLite store inside the store folder);
+    tracking=False turns MLflow off. eval_config: each new version is then evaluated. base:
+    the coordinator's base model name, which evaluation loads (default: the store's).
     ray_resources: NAME=AMOUNT custom resources that pin assembly and evaluation to nodes.
     """
     config = AssemblyConfig(ray_address=ray_address, resources=parse_resources(ray_resources))
     tracker = Tracker(store.root, tracking_uri) if tracking else None
     evaluator = None
     if eval_config is not None:
-
-        if not isinstance(eval_config, EvaluationConfig):
-            eval_config = EvaluationConfig.from_file(eval_config)
         if base is None and store.cached_base_spec() is not None:
             base = store.cached_base_spec().name
         evaluator = Evaluator(store.root, eval_config, tracker=tracker, ray_config=config,
                               base=base)
     return Assembler(store, config=config, tracker=tracker, evaluator=evaluator).start()
-
-
-def server_hook(store_path: str | os.PathLike, *, tracking_uri: str | None = None,
-                ray_address: str | None = None,
-                eval_config: str | os.PathLike | None = None,
-                base: str | None = None,
-                ray_resources: tuple[str, ...] = ()) -> Callable[[object], None]:
-    """The `on_accepted` hook for `coordinator.server`: starts the assembler for the process.
-
-    Call it from the main thread, before serving: it starts Ray there. It opens its own
-    handle on the store (never the recovering one) and stops with the process, within
-    SHUTDOWN_S seconds even with an assembly in flight (that one runs again on start).
-    """
-
-    if eval_config is not None:  # a bad file is an error at start, not in a thread later
-
-        eval_config = EvaluationConfig.from_file(eval_config)
-    try:
-        # From the main thread: Ray started in a worker thread cannot set up its signal
-        # handling, and such a process aborts at exit instead of stopping cleanly.
-        ensure_ray(AssemblyConfig(ray_address=ray_address))
-    except Exception as err:  # the assembler thread retries; accepting must not wait on Ray
-        log.warning("Ray did not start (%s); assembly will retry in the background", err)
-    assembler = start_assembler(Store(store_path), tracking_uri=tracking_uri,
-                                ray_address=ray_address, eval_config=eval_config, base=base,
-                                ray_resources=ray_resources)
-    atexit.register(assembler.close, SHUTDOWN_S)
-    return assembler.on_accepted

@@ -58,7 +58,7 @@ def test_unknown_dtype_in_the_model_config_is_refused(saved_model):
 
 def test_serve_placement_reaches_the_usage_check(monkeypatch, tmp_path):
     from coordinator.checks import usage
-    from coordinator.server import ServerConfig, accepted_hook
+    from coordinator.server import ServerConfig, start_assembly
     from routing.device import DEVICE_ENV, DTYPE_ENV
 
     monkeypatch.delenv(DEVICE_ENV, raising=False)
@@ -69,7 +69,7 @@ def test_serve_placement_reaches_the_usage_check(monkeypatch, tmp_path):
                           dtype="bfloat16", assembly=False)
     monkeypatch.setenv(DEVICE_ENV, "unset")  # registers the variables for restoring
     monkeypatch.setenv(DTYPE_ENV, "unset")
-    assert accepted_hook(config) is None  # records the placement, assembly or not
+    assert start_assembly(config) is None  # records the placement, assembly or not
     monkeypatch.setattr(usage, "_BASES", {})
     assert usage._base("tiny-llama").model.dtype == torch.bfloat16
 

@@ -104,7 +104,8 @@ def restart(server: ServerProcess, timeout: float = 120.0) -> ServerProcess:
 
 def _launch(args: list[str], port: int, store: Path, log_path: Path,
             credentials: grpc.ChannelCredentials | None, timeout: float) -> ServerProcess:
-    offset = log_path.stat().st_size if log_path.exists() else 0
+    # in characters, as log() returns them (a byte count would skip past multi-byte ones)
+    offset = len(log_path.read_text(errors="replace")) if log_path.exists() else 0
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "serve", *args, "--port", str(port)],
