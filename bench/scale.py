@@ -240,7 +240,8 @@ def consumer_store(store: Path, args: argparse.Namespace) -> dict:
 
     base = load_base(args.base)
     tokens = _tokens(base)
-    _run(base.model, tokens)  # the forward's own memory belongs to the base's share
+    with torch.inference_mode():  # the forward's own memory belongs to the base's share
+        base.model(tokens)
     before = _rss_mb()
     started = time.perf_counter()
     versions = VersionStore(store)

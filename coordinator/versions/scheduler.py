@@ -2,8 +2,10 @@
 background thread; experts accepted meanwhile go into the next assembly.
 
 The hook only appends to a list and sets an event, so an upload RPC never waits for Ray or
-MLflow. Tracking calls go through `Tracker`'s on-disk queue and its own thread; evaluation of
-each new version (when configured) through `Evaluator`'s own thread.
+MLflow. A version goes current only after its usage check, which runs in a child process
+(coordinator.checks.check_process): the coordinator holds no model and no expert. Tracking
+calls go through `Tracker`'s on-disk queue and its own thread; evaluation of each new version
+(when configured) through `Evaluator`'s own thread.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import threading
 import time
 
+from coordinator.checks.check_process import CheckProcess
 from coordinator.checks.evaluation import EvaluationConfig
 from coordinator.checks.evaluation_thread import Evaluator
 from coordinator.checks.usage import USAGE_FILE, version_usage
@@ -48,6 +51,7 @@ class Assembler:
         self.tracker = tracker
         self.evaluator = evaluator
         self.versions = VersionStore(store.layout, store.objects)
+        self.checks = CheckProcess()  # the usage check runs in a child process
         self.last_result: AssemblyResult | None = None
         self.last_error: str | None = None
         self.assemblies = 0  # finished attempts, successful or not
@@ -167,8 +171,8 @@ class Assembler:
         started = time.perf_counter()
         if not (self.versions.folder(result.version_id) / USAGE_FILE).is_file():
             log.info("version %s usage check started", result.version_id)
-        usage = version_usage(self.versions, result.version_id,
-                              cancel=self._stopping.is_set)  # read back when done before
+        usage = self.checks.usage(self.store.layout, result.version_id,
+                                  cancel=self._stopping.is_set)  # read back when done before
         checked = time.perf_counter() - started
         log.info("version %s usage check: %.1f s%s", result.version_id, checked,
                  f", flagged {usage['flagged']}" if usage.get("flagged") else
@@ -220,6 +224,7 @@ class Assembler:
             self.evaluator.close(_left(deadline))
         if self._thread is not None:
             self._thread.join(timeout=_left(deadline))
+        self.checks.close()
         if self.tracker is not None:
             self.tracker.close(_left(deadline))
 
