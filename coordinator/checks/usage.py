@@ -157,6 +157,12 @@ def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
     return usage_report(shares, experts, members, tokens, len(prompts), config)
 
 
+def cached_usage(versions: VersionStore, version_id: str) -> dict | None:
+    """The usage report a version's check left in its folder, or None if it never ran."""
+    path = versions.folder(version_id) / USAGE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def version_usage(versions: VersionStore, version_id: str,
                   config: PoisonConfig = PoisonConfig(),
                   cancel: Callable[[], bool] | None = None) -> dict:
@@ -165,8 +171,9 @@ def version_usage(versions: VersionStore, version_id: str,
     exception raised is routing.layers.Cancelled, when `cancel` stops the measurement."""
     folder = versions.folder(version_id)
     path = folder / USAGE_FILE
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+    cached = cached_usage(versions, version_id)
+    if cached is not None:
+        return cached
     try:
         weights = versions.router(version_id, max_adapter_bytes=config.max_adapter_bytes)
         with _LOCK:  # one measurement at a time: the base model is shared

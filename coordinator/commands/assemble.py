@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # the domain modules import torch, grpc, Ray or MLflow: see coordinator.cli
+    from coordinator.checks.usage import version_usage
     from coordinator.ray_cluster import parse_resources
     from coordinator.store.experts import Store
     from coordinator.store.versions import VersionStore
@@ -28,14 +29,18 @@ def run(args: argparse.Namespace) -> int:
                             resources=parse_resources(args.ray_resources))
     store = Store(args.store)
     try:
-        result = assemble_store(store, config)
+        versions = VersionStore(store.layout, store.objects)
+        result = assemble_store(store, config, make_current=False)
         manifest = result.manifest
         state = "new" if result.created else "unchanged, already"
         print(f"version {result.version_id} ({state}): {len(manifest.experts)} experts, "
               f"{manifest.diff}; {result.seconds:.1f} s")
+        usage = version_usage(versions, result.version_id)  # live only once checked
+        print(f"usage check: {'failed: ' + usage['error'] if 'error' in usage else 'done'}"
+              + (f"; flagged {', '.join(usage['flagged'])}" if usage.get("flagged") else ""))
+        versions.set_current(result.version_id)
         tracker = Tracker(args.store, args.tracking_uri)
-        queue_untracked(store.list_experts(), VersionStore(store.layout, store.objects),
-                        tracker)
+        queue_untracked(store.list_experts(), versions, tracker)
     finally:
         store.close()
     print(replay_line(tracker))

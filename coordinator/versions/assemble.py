@@ -240,8 +240,10 @@ def _module_count(store: Store, entries: list[ExpertRef]) -> int:
     return len(modules)
 
 
-def assemble_store(store: Store, config: AssemblyConfig | None = None) -> AssemblyResult:
+def assemble_store(store: Store, config: AssemblyConfig | None = None, *,
+                   make_current: bool = True) -> AssemblyResult:
     """Assemble every expert of a store, checked against the store's base model."""
     base = store.cached_base_spec()
     return assemble(store, store.list_experts(), config,
-                    base.fingerprint if base else None, base.name if base else None)
+                    base.fingerprint if base else None, base.name if base else None,
+                    make_current=make_current)

@@ -17,7 +17,7 @@ import time
 from coordinator.checks.check_process import CheckProcess
 from coordinator.checks.evaluation import EvaluationConfig
 from coordinator.checks.evaluation_thread import Evaluator
-from coordinator.checks.usage import USAGE_FILE, version_usage
+from coordinator.checks.usage import USAGE_FILE, cached_usage
 from coordinator.ray_cluster import parse_resources
 from coordinator.store.experts import Store
 from coordinator.store.versions import VersionStore
@@ -237,22 +237,25 @@ class Assembler:
 
 def record_version(manifest: VersionManifest, versions: VersionStore, tracker: Tracker,
                    usage: dict | None = None) -> None:
-    """Queue the tracking of a version with the report of its usage check (run here when not
-    given; the report is cached in the version's folder): tracking records what it is given."""
+    """Queue the tracking of a version with the report of its usage check (default: the one
+    cached in the version's folder): tracking records what it is given."""
     if usage is None:
-        usage = version_usage(versions, manifest.version_id)
+        usage = cached_usage(versions, manifest.version_id)
     tracker.record_version(version_payload(manifest, versions.folder(manifest.version_id),
                                            usage))
 
 
 def queue_untracked(records: list, versions: VersionStore, tracker: Tracker) -> None:
-    """Queue the runs of stored experts and the model versions of router versions that were
-    never queued: after a crash between a commit and its queueing, or a CLI assembly."""
+    """Queue the runs of stored experts and the model versions of checked router versions
+    that were never queued: after a crash between a commit and its queueing, or a CLI
+    assembly. A version whose check has not run is left to the assembler, which checks it,
+    makes it current and queues it then."""
     for record in records:
         if not tracker.has_expert(record.expert_id):
             tracker.record_expert(expert_payload(record, versions.objects))
     for manifest in versions.all():
-        if not tracker.has_version(manifest.version_id):
+        checked = cached_usage(versions, manifest.version_id) is not None
+        if checked and not tracker.has_version(manifest.version_id):
             record_version(manifest, versions, tracker)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.checks.usage import version_usage
 from coordinator.cli import main
 from coordinator.store.experts import Store
 from coordinator.store.versions import VersionStore
@@ -74,6 +75,7 @@ def test_the_next_version_refers_to_the_old_experts_and_the_history_lands(legacy
     assert all(legacy.objects.exists(KEYS_DIR, i) for i in result.manifest.expert_ids)
     assert torch.isfinite(logits(tiny_base, versions.router(result.version_id))).all()
 
+    version_usage(versions, result.version_id)  # checked, as the coordinator checks it
     tracker = Tracker(legacy.root)  # the old queued calls first, then the new ones
     queue_untracked(legacy.list_experts(), versions, tracker)
     assert tracker.replay().pending == 0 and tracker.queue.counts()["failed"] == 0

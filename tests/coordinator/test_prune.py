@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coordinator.checks.usage import version_usage
 from coordinator.cli import main
 from coordinator.store.versions import VersionStore
 from coordinator.tracking.names import REGISTERED_MODEL
@@ -31,8 +32,11 @@ def history(tmp_path, tiny_spec):
     for name, seed in (("a", 3), ("c", 4), ("d", 5)):
         experts[name if name != "a" else "a2"] = add_expert(store, tiny_spec, name, seed=seed)
         ids.append(assemble(store, store.list_experts()).version_id)
+    versions = VersionStore(store.layout)
+    for version_id in ids:  # checked, as the serving coordinator checks every version
+        version_usage(versions, version_id)
     tracker = Tracker(store.root)
-    queue_untracked(store.list_experts(), VersionStore(store.layout), tracker)
+    queue_untracked(store.list_experts(), versions, tracker)
     assert tracker.replay().pending == 0
     assert main(["promote", ids[2], "--store", str(store.root)]) == 0
     return store, ids, experts
