@@ -29,4 +29,6 @@ def run(args: argparse.Namespace) -> int:
     for expert in experts:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(expert.created_at))
         print(f"  {expert.expert_id}  {expert.name:<24} {expert.method:<5} {when}")
+        if expert.quarantine:  # one bounded line from the coordinator's checks
+            print(f"    quarantined, left out of new versions: {expert.quarantine}")
     return 0

@@ -19,7 +19,7 @@ from coordinator.checks.evaluation import (
 )
 from coordinator.ray_cluster import RayConfig
 from coordinator.store.versions import VersionStore
-from protocol.errors import InvalidArgument
+from protocol.errors import GaggleError, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,18 @@ class Evaluator:
         self.evaluated += 1
         log.info("version %s evaluated: mean accuracy %.4f on %d tasks, %.1f s", version_id,
                  record["metrics"]["accuracy"], len(self.config.tasks), record["seconds"])
+
+    def evaluate_now(self, version_id: str) -> dict:
+        """Evaluate a version in the calling thread (its record is written; the caller
+        queues its tracking once the version is tracked). Raises GaggleError on failure
+        (Unavailable when the actors were stopped under it)."""
+        try:
+            return evaluate_version(self.root, version_id, self.pool, None, base=self.base)
+        except GaggleError:
+            raise
+        except Exception as err:  # Ray failures below the pool's own mapping
+            raise Unavailable(f"evaluation of version {version_id} failed: "
+                              f"{type(err).__name__}: {err}") from None
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is queued or running (True), or `timeout` passes (False)."""

@@ -65,39 +65,53 @@ def evaluation_prompts(config: PoisonConfig = PoisonConfig()) -> list[str]:
             for example in split(task).test[:config.prompts_per_task]]
 
 
+@dataclass
+class Routed:
+    """What one pass of the prompts through a routed model showed."""
+
+    shares: dict[str, torch.Tensor]  # module -> (E_collection,) share of tokens won at top-1
+    unrouted: dict[str, float]  # module -> share of tokens with no finite mixture weight
+    experts: list[str]  # collection names
+    tokens: int  # real (unpadded) tokens
+    non_finite_logits: int  # real tokens with a NaN or infinite logit
+
+
 def top1_shares(model, tokenizer, prompts: list[str], max_tokens: int,
-                batch_size: int = 8) -> tuple[dict[str, torch.Tensor], list[str], int]:
+                batch_size: int = 8) -> Routed:
     """Run a routed model on the prompts, `batch_size` at a time (right-padded: the padding
-    is routed too, and left out of the counts); per module, (E_collection,) share of tokens
-    whose top-1 expert is each expert; collection names; tokens counted."""
-    real = []
+    is routed too, and left out of the counts). Per module, every real token counts once:
+    for the expert of its top-1 slot, or as unrouted when its mixture weights are not
+    finite, so each module's shares and its unrouted share add up to 1."""
+    real, bad = [], 0
     with torch.inference_mode(), capture_routing(model) as trace:
         for start in range(0, len(prompts), batch_size):
             encoded = tokenizer(prompts[start:start + batch_size], add_special_tokens=False,
                                 padding=True, truncation=True, max_length=max_tokens,
                                 return_tensors="pt")
             if encoded["input_ids"].numel():  # serve --device may put the model on a GPU
-                model(input_ids=encoded["input_ids"].to(model.device),
-                      attention_mask=encoded["attention_mask"].to(model.device))
+                mask = encoded["attention_mask"].to(model.device)
+                logits = model(input_ids=encoded["input_ids"].to(model.device),
+                               attention_mask=mask).logits
+                bad += int((~torch.isfinite(logits).all(-1) & mask.bool()).sum())
                 real.append(encoded["attention_mask"].reshape(-1).bool())
     mask = torch.cat(real) if real else torch.zeros(0, dtype=torch.bool)
-    experts = trace.experts
+    tokens = int(mask.sum())
     shares: dict[str, torch.Tensor] = {}
-    tokens = 0
+    unrouted: dict[str, float] = {}
     for module in trace.records:
         first = trace.choices(module)[:, 0][mask]  # (N,) top-1 collection id per real token
-        first = first[first >= 0]
-        tokens = max(tokens, int(first.numel()))
-        counts = torch.bincount(first, minlength=len(experts)).double()
-        shares[module] = counts / max(int(first.numel()), 1)
-    return shares, experts, tokens
+        unrouted[module] = float((first < 0).sum()) / max(tokens, 1)
+        counts = torch.bincount(first[first >= 0], minlength=len(trace.experts)).double()
+        shares[module] = counts / max(tokens, 1)
+    return Routed(shares, unrouted, trace.experts, tokens, bad)
 
 
-def usage_report(shares: dict[str, torch.Tensor], experts: list[str],
-                 members: dict[str, list[str]], tokens: int, prompts: int,
+def usage_report(routed: Routed, members: dict[str, list[str]], prompts: int,
                  config: PoisonConfig = PoisonConfig()) -> dict:
     """Per expert: mean top-1 share over the modules it adapts, the uniform share there, and
-    whether it is flagged. members: module -> names of the experts adapting it."""
+    whether it is flagged; and how many tokens had a non-finite logit or no finite mixture
+    (either fails the version). members: module -> names of the experts adapting it."""
+    shares, experts = routed.shares, routed.experts
     per_expert: dict[str, dict] = {}
     for index, name in enumerate(experts):
         modules = [m for m in shares if name in members.get(m, [])]
@@ -108,9 +122,23 @@ def usage_report(shares: dict[str, torch.Tensor], experts: list[str],
         flagged = share >= config.min_share and share >= config.ratio * uniform
         per_expert[name] = {"share": round(share, 4), "uniform": round(uniform, 4),
                             "modules": len(modules), "flagged": flagged}
-    return {"slot": "top-1", "prompts": prompts, "tokens": tokens, "config": asdict(config),
-            "experts": per_expert, "by_layer": shares_by_layer(shares, experts, members),
+    by_layer = shares_by_layer(shares, experts, members)
+    by_layer["unrouted"] = _by_layer(routed.unrouted, by_layer["layers"])
+    return {"slot": "top-1", "prompts": prompts, "tokens": routed.tokens,
+            "config": asdict(config), "experts": per_expert, "by_layer": by_layer,
+            "non_finite_logits": routed.non_finite_logits,
+            "unrouted_share": round(max(routed.unrouted.values(), default=0.0), 4),
             "flagged": sorted(n for n, e in per_expert.items() if e["flagged"])}
+
+
+def _by_layer(values: dict[str, float], layers: list[int]) -> list[float]:
+    """A per-module value averaged over the modules of each layer (in `layers` order)."""
+    grouped: dict[int, list[float]] = {}
+    for module, value in values.items():
+        found = _LAYER_RE.search(module)
+        grouped.setdefault(int(found.group(1)) if found else -1, []).append(value)
+    return [round(sum(grouped[i]) / len(grouped[i]), 4) if grouped.get(i) else 0.0
+            for i in layers]
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -149,12 +177,12 @@ def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
     model = route(base, weights, method="phatgoose", top_k=config.top_k)
     routing_state(model).cancel = cancel
     try:
-        shares, experts, tokens = top1_shares(model, base.tokenizer, prompts, config.max_tokens,
-                                              config.batch_size)
+        routed = top1_shares(model, base.tokenizer, prompts, config.max_tokens,
+                             config.batch_size)
     finally:
         unroute(model)
     members = {name: list(module.experts) for name, module in weights.modules.items()}
-    return usage_report(shares, experts, members, tokens, len(prompts), config)
+    return usage_report(routed, members, len(prompts), config)
 
 
 def cached_usage(versions: VersionStore, version_id: str) -> dict | None:

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.store.versions import VersionStore
     from coordinator.tracking.tracker import Tracker
     from coordinator.versions.assemble import AssemblyConfig, assemble_store
-    from coordinator.versions.scheduler import queue_untracked
+    from coordinator.versions.record import queue_untracked
 
     config = AssemblyConfig(ray_address=args.ray_address,
                             resources=parse_resources(args.ray_resources))

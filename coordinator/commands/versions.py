@@ -31,13 +31,15 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print("no router versions yet: submit experts or run `gaggle-coordinator assemble`")
         return 0
-    print(f"{'version':<17} {'created (UTC)':<21} {'mlflow':>6} {'experts':>7}  "
+    print(f"{'version':<17} {'created (UTC)':<21} {'state':<9} {'mlflow':>6} {'experts':>7}  "
           f"{'aliases':<24} metrics / diff")
     for row in rows:
         metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(row["metrics"].items()))
         number = row["mlflow_version"] if row["mlflow_version"] is not None else "-"
-        print(f"{row['version_id']:<17} {row['created_at']:<21} {number:>6} "
-              f"{row['n_experts']:>7}  {','.join(row['aliases']):<24} "
+        print(f"{row['version_id']:<17} {row['created_at']:<21} {row['state']:<9} "
+              f"{number:>6} {row['n_experts']:>7}  {','.join(row['aliases']):<24} "
               f"{metrics or row['diff']}")
+        if row["reason"]:
+            print(f"  rejected: {row['reason']}")
     return 0

@@ -51,7 +51,7 @@ def expert_message(record: ExpertRecord) -> pb.Expert:
     return pb.Expert(
         expert_id=record.expert_id, name=record.name, contributor=record.contributor,
         method=record.method, size_bytes=record.size_bytes, created_at=record.created_at,
-        num_modules=record.num_modules,
+        num_modules=record.num_modules, quarantine=record.quarantine or "",
     )
 
 

@@ -24,10 +24,14 @@ from pathlib import Path
 from coordinator.store.layout import Layout, atomic_write
 from coordinator.store.objects import DiskObjects, Objects
 from protocol.bundle import BaseSpec, Bundle, load_bundle
-from protocol.errors import FailedPrecondition, GaggleError, NotFound
+from protocol.errors import FailedPrecondition, GaggleError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 EXPERTS = "experts"  # the object kind of bundles (coordinator.store.objects)
+MAX_REASON = 300  # characters of a quarantine reason
+# Every expert with its quarantine reason, if any
+_EXPERTS = ("SELECT experts.*, quarantine.reason AS quarantine FROM experts "
+            "LEFT JOIN quarantine ON quarantine.expert_id = experts.expert_id")
 
 
 SCHEMA = """
@@ -62,6 +66,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     updated_at REAL NOT NULL,
     committing_expert_id TEXT  -- set just before the rename into experts/, for recovery
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    expert_id TEXT PRIMARY KEY,  -- left out of new versions until an operator releases it
+    reason TEXT NOT NULL,        -- one line: the check that failed and on which version
+    version_id TEXT NOT NULL,    -- the rejected version that named it
+    created_at REAL NOT NULL
+);
 """
 
 
@@ -76,6 +86,7 @@ class ExpertRecord:
     size_bytes: int  # archive size
     created_at: float  # unix time of acceptance
     num_modules: int = 0
+    quarantine: str | None = None  # why it is left out of new versions (None: it is not)
 
     @property
     def key(self) -> str:
@@ -143,22 +154,59 @@ class Store:
     def list_experts(self, contributor: str | None = None) -> list[ExpertRecord]:
         """Stored experts, oldest first; only `contributor`'s when given."""
         if contributor:
-            rows = self.query("SELECT * FROM experts WHERE contributor = ? "
-                              "ORDER BY created_at, expert_id", (contributor,))
+            rows = self.query(f"{_EXPERTS} WHERE contributor = ? ORDER BY created_at, "
+                              "experts.expert_id", (contributor,))
         else:
-            rows = self.query("SELECT * FROM experts ORDER BY created_at, expert_id")
+            rows = self.query(f"{_EXPERTS} ORDER BY created_at, experts.expert_id")
         return [self._record(row) for row in rows]
 
     def get_expert(self, expert_id: str) -> ExpertRecord:
-        rows = self.query("SELECT * FROM experts WHERE expert_id = ?", (expert_id,))
-        if not rows:
+        found = self.find_expert(expert_id)
+        if found is None:
             raise NotFound(f"no expert {expert_id!r} in this store: list them with "
                            "`gaggle-coordinator experts` or ListExperts", field="expert_id")
-        return self._record(rows[0])
+        return found
 
     def find_expert(self, expert_id: str) -> ExpertRecord | None:
-        rows = self.query("SELECT * FROM experts WHERE expert_id = ?", (expert_id,))
+        rows = self.query(f"{_EXPERTS} WHERE experts.expert_id = ?", (expert_id,))
         return self._record(rows[0]) if rows else None
+
+    def resolve_expert(self, prefix: str) -> ExpertRecord:
+        """An expert by its id or a unique prefix of it (as `experts` lists them)."""
+        if not prefix or not all(c in "0123456789abcdef" for c in prefix):
+            raise InvalidArgument(f"{prefix[:70]!r} is not an expert id: use the hex digits "
+                                  "`gaggle-coordinator experts` lists", field="expert_id")
+        rows = self.query(f"{_EXPERTS} WHERE experts.expert_id LIKE ?", (prefix + "%",))
+        if len(rows) != 1:
+            raise (NotFound if not rows else InvalidArgument)(
+                f"{'no' if not rows else 'more than one'} expert whose id starts with "
+                f"{prefix!r}: list them with `gaggle-coordinator experts`", field="expert_id")
+        return self._record(rows[0])
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    def quarantine(self, expert_id: str, reason: str, version_id: str) -> None:
+        """Leave an expert out of new versions (coordinator.versions.assemble) until
+        `release`; the reason is one bounded line, shown to its contributor."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO quarantine (expert_id, reason, version_id, "
+                         "created_at) VALUES (?, ?, ?, ?)",
+                         (expert_id, reason[:MAX_REASON], version_id, time.time()))
+
+    def release(self, expert_id: str) -> bool:
+        """Let a quarantined expert into new versions again; False if it was not held."""
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM quarantine WHERE expert_id = ?",
+                                (expert_id,)).rowcount == 1
+
+    def remove_expert(self, expert_id: str) -> int:
+        """Delete an expert from the index and its bundle and key shard from the store;
+        returns the bytes freed. Versions that hold it keep naming it (pruning removes
+        them)."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM quarantine WHERE expert_id = ?", (expert_id,))
+            conn.execute("DELETE FROM experts WHERE expert_id = ?", (expert_id,))
+        return self.objects.delete(EXPERTS, expert_id) + self.objects.delete("keys", expert_id)
 
     def bundle_folder(self, expert_id: str) -> Path:
         """A local folder holding the expert's bundle (load it with protocol.bundle)."""
@@ -178,7 +226,7 @@ class Store:
         return ExpertRecord(
             expert_id=row["expert_id"], name=row["name"], contributor=row["contributor"],
             method=row["method"], size_bytes=row["size_bytes"], created_at=row["created_at"],
-            num_modules=row["num_modules"],
+            num_modules=row["num_modules"], quarantine=row["quarantine"],
         )
 
     def commit_expert(self, bundle: Bundle, staged: Path, *, contributor: str,

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from routing.version import (
 CURRENT = "CURRENT"
 CHAMPION = "CHAMPION"
 PROMOTIONS = "promotions.jsonl"
+REJECTED = "rejected.json"  # in a version's folder: it failed its checks (why, whom)
 # fullmatch, not match: "$" also matches before a final newline.
 VERSION_ID_RE = re.compile(r"[0-9a-f]{16}")  # coordinator.versions.assemble.version_id_for
 _PREFIX_RE = re.compile(r"[0-9a-f]{1,16}")
@@ -131,6 +133,20 @@ class VersionStore:
             key_shard=lambda i: self.objects.local_folder(KEYS_DIR, i) / KEY_FILE,
             bundle=lambda i: self.objects.local_folder(EXPERTS_DIR, i))
 
+    def reject(self, version_id: str, reason: str, culprits: Sequence[str] = (), *,
+               by: str = "checks") -> dict:
+        """Record that a version failed its checks: it never goes current or live."""
+        record = {"version_id": version_id, "reason": reason, "culprits": list(culprits),
+                  "by": by, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write(self.folder(version_id) / REJECTED,
+                     (json.dumps(record, indent=1) + "\n").encode())
+        return record
+
+    def rejection(self, version_id: str) -> dict | None:
+        """Why a version was rejected, or None when it was not."""
+        path = self.folder(version_id) / REJECTED
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     def clean_staging(self) -> None:
         """Remove staging folders an interrupted assembly left behind."""
         for folder in self.root.glob(".staging-*"):
@@ -145,8 +161,9 @@ class VersionStore:
     def champion_id(self) -> str | None:
         return self._read_pointer(CHAMPION)
 
-    def promote(self, version_id: str) -> int:
-        """Make a version the champion; returns the promotion's sequence number."""
+    def promote(self, version_id: str, *, forced: bool = False) -> int:
+        """Make a version the champion; returns the promotion's sequence number. `forced`
+        is recorded with it (a promotion past the rules: a rejected or worse version)."""
         if not VERSION_ID_RE.fullmatch(version_id) or not self.exists(version_id):
             raise NotFound(f"no router version {preview(version_id)}: resolve it first",
                            field="version")
@@ -154,7 +171,8 @@ class VersionStore:
         with open(log, "a+", encoding="utf-8") as handle:
             handle.seek(0)
             sequence = sum(1 for line in handle if line.strip()) + 1
-            handle.write(json.dumps({"sequence": sequence, "version_id": version_id}) + "\n")
+            entry = {"sequence": sequence, "version_id": version_id}
+            handle.write(json.dumps({**entry, "forced": True} if forced else entry) + "\n")
         self._write_pointer(CHAMPION, version_id)
         return sequence
 

@@ -76,7 +76,8 @@ def with_promotion(card: str, promotion: dict, number: int) -> str:
     if HISTORY_HEADING not in card:
         card = f"{card.rstrip()}\n\n{HISTORY_HEADING}\n\n{_HISTORY_HEADER}\n"
     mean = promotion.get("mean_accuracy")
-    row = (f"{marker} {promotion.get('at', '')} | {promotion.get('by', '')} | "
+    by = promotion.get("by", "") + (" (forced)" if promotion.get("forced") else "")
+    row = (f"{marker} {promotion.get('at', '')} | {by} | "
            f"{promotion.get('from') or '-'} | {promotion['version_id']} | "
            f"{'' if mean is None else f'{mean:.4f}'} |")
     return f"{card.rstrip()}\n{row}\n"

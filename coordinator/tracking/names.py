@@ -8,6 +8,7 @@ TAG_OP = "gaggle.op_id"  # written on every object a replay creates, to recognis
 TAG_VERSION = "gaggle.version_id"
 TAG_EVAL_PREFIX = "eval."  # model version tags `eval.accuracy` (the mean), `eval.<task>`
 TAG_EVAL_CONFIG = "gaggle.eval_config"  # key of the evaluation config behind the eval tags
+TAG_STATUS = "gaggle.status"  # "rejected" on the run of a version that failed its checks
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 MAX_TAG_CHARS = 4000  # MLflow limits tag values; long expert lists are cut with a count
 
@@ -30,3 +31,8 @@ def promotion_op(sequence: int, version_id: str) -> str:
 def evaluation_op(version_id: str, config_key: str) -> str:
     """Queue id of a version's evaluation under one evaluation config."""
     return f"eval:{version_id}:{config_key}"
+
+
+def rejection_op(version_id: str) -> str:
+    """Queue id of the run that records a rejected router version."""
+    return f"reject:{version_id}"

@@ -35,6 +35,7 @@ from coordinator.tracking.names import (
     TAG_EVAL_CONFIG,
     TAG_EVAL_PREFIX,
     TAG_OP,
+    TAG_STATUS,
     TAG_VERSION,
 )
 from coordinator.tracking.queue import Op, OpQueue
@@ -248,6 +249,25 @@ def replay_promotion(client, op: Op) -> None:
         card = client.get_registered_model(REGISTERED_MODEL).description or ""
         client.update_registered_model(REGISTERED_MODEL, description=with_promotion(
             card, op.payload, op.payload["sequence"]))
+
+
+def replay_rejection(client, experiment_id: str, op: Op) -> None:
+    """A finished run named for the rejected version, tagged rejected with the reason: the
+    version is visible in MLflow but never a registered model version."""
+    payload = op.payload
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_OP}` = '{op.op_id}'",
+                               max_results=1)
+    if found and found[0].info.status == "FINISHED":
+        return
+    run = found[0] if found else client.create_run(
+        experiment_id, run_name=f"rejected version {payload['version_id']}",
+        start_time=payload["at_ms"],
+        tags={TAG_OP: op.op_id, TAG_VERSION: payload["version_id"], TAG_STATUS: "rejected",
+              "reason": _cut(payload["reason"]), "diff": _cut(payload["diff"] or ""),
+              "parent_version": payload["parent"] or "",
+              "quarantined": _cut(",".join(payload["culprits"])),
+              "mlflow.note.content": f"**Rejected**: {payload['reason']}"})
+    client.set_terminated(run.info.run_id, "FAILED", end_time=payload["at_ms"])
 
 
 def replay_evaluation(client, experiment_id: str, op: Op) -> None:

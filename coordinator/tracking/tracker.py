@@ -32,6 +32,7 @@ from coordinator.tracking.names import (
     evaluation_op,
     expert_op,
     promotion_op,
+    rejection_op,
     version_op,
 )
 from coordinator.tracking.queue import Op, OpQueue
@@ -89,15 +90,22 @@ class Tracker:
         self.wake()
         return queued
 
+    def record_rejection(self, payload: dict) -> bool:
+        """Queue the run that shows a rejected version in MLflow (see `rejection_payload`);
+        a rejected version is never registered, so `@latest` never resolves to it."""
+        queued = self.queue.enqueue(rejection_op(payload["version_id"]), "rejection", payload)
+        self.wake()
+        return queued
+
     def record_promotion(self, version_id: str, sequence: int, *, by: str = "",
                          previous: str | None = None,
-                         mean_accuracy: float | None = None) -> bool:
+                         mean_accuracy: float | None = None, forced: bool = False) -> bool:
         """Queue moving alias `champion` to a version, and its row in the champion history:
         `sequence` tells promotions apart; who promoted, from which version, and the version's
         mean accuracy when it was evaluated."""
         op_id = promotion_op(sequence, version_id)
         payload = {"version_id": version_id, "sequence": sequence, "by": by,
-                   "from": previous, "mean_accuracy": mean_accuracy,
+                   "from": previous, "mean_accuracy": mean_accuracy, "forced": forced,
                    "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
         queued = self.queue.enqueue(op_id, "promotion", payload)
         self.wake()
@@ -319,6 +327,14 @@ def version_payload(manifest: VersionManifest, folder: Path, usage: dict | None)
             "base": manifest.base_model, "usage": usage}
 
 
+def rejection_payload(manifest: VersionManifest, record: dict) -> dict:
+    """The run of a rejected version: why, which experts it quarantined, what it held."""
+    return {"version_id": manifest.version_id, "reason": record["reason"],
+            "culprits": record["culprits"], "diff": manifest.diff,
+            "n_experts": len(manifest.experts), "parent": manifest.parent,
+            "at_ms": int(time.time() * 1000)}
+
+
 def _aliases(client) -> dict[str, list[str]]:
     from mlflow.exceptions import MlflowException
 
@@ -369,9 +385,14 @@ def _replay_promotion(tracker: Tracker, client, op: Op) -> None:
     replay.replay_promotion(client, op)
 
 
+def _replay_rejection(tracker: Tracker, client, op: Op) -> None:
+    replay.replay_rejection(client, tracker.experiment_id(client), op)
+
+
 _HANDLERS: dict[str, Callable[[Tracker, object, Op], None]] = {
     "expert_run": _replay_expert_run,
     "router_version": _replay_router_version,
     "promotion": _replay_promotion,
     "evaluation": _replay_evaluation,
+    "rejection": _replay_rejection,
 }

@@ -53,15 +53,17 @@ class AssemblyConfig(RayConfig):
 
 
 def select_experts(records: list) -> list[ExpertRef]:
-    """The expert set of a new version: the newest expert per (contributor, name).
+    """The expert set of a new version: the newest expert per (contributor, name) that is not
+    in quarantine.
 
-    A contributor re-submitting a name replaces that expert. Inside the router, in usage
-    reports and in version diffs an expert is known by its key, `contributor/name`
-    (coordinator.store.experts.expert_key).
+    A contributor re-submitting a name replaces that expert (a quarantined one included).
+    Inside the router, in usage reports and in version diffs an expert is known by its key,
+    `contributor/name` (coordinator.store.experts.expert_key).
     """
     newest: dict[tuple[str, str], object] = {}
     for record in sorted(records, key=lambda r: (float(r.created_at), r.expert_id)):
         newest[(record.contributor, record.name)] = record
+    newest = {key: r for key, r in newest.items() if not getattr(r, "quarantine", None)}
     entries = [ExpertRef(expert_id=r.expert_id, name=r.key, contributor=r.contributor,
                          method=r.method) for r in newest.values()]
     return sorted(entries, key=lambda e: (e.name, e.expert_id))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.checks.evaluation import read_evaluation
+from coordinator.checks.usage import cached_usage
 from coordinator.store.versions import VersionStore
 from coordinator.tracking.tracker import Tracker, default_tracking_uri
 from protocol.errors import GaggleError
@@ -29,16 +30,20 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
             note = str(err)
     rows = []
     manifests = versions.all()
+    states = {m.version_id: _state(versions, m.version_id) for m in manifests}
+    live = [m.version_id for m in manifests if states[m.version_id] == "live"]
     for manifest in manifests:
         vid = manifest.version_id
         tracked = registry.get(vid, {})
         aliases = set(tracked.get("aliases", []))
         aliases |= {name for name, pointer in (("current", current), ("champion", champion))
                     if pointer == vid}
-        if manifest is manifests[-1]:
-            aliases.add("latest")
+        if live and vid == live[-1]:
+            aliases.add("latest")  # MLflow's latest: the newest version that went live
         evaluation = read_evaluation(root, vid) or {}
+        rejected = versions.rejection(vid)
         rows.append({
+            "state": states[vid], "reason": rejected["reason"] if rejected else None,
             "version_id": vid, "created_at": manifest.created_at,
             "n_experts": len(manifest.experts), "experts": manifest.names,
             "parent": manifest.parent, "diff": manifest.diff,
@@ -46,3 +51,11 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
             "metrics": tracked.get("metrics", {}) | evaluation.get("metrics", {}),
         })
     return rows, note
+
+
+def _state(versions: VersionStore, version_id: str) -> str:
+    """live (checked and passed), rejected (failed a check) or unchecked (its check has not
+    run yet: it never went live)."""
+    if versions.rejection(version_id) is not None:
+        return "rejected"
+    return "live" if cached_usage(versions, version_id) is not None else "unchecked"

@@ -21,13 +21,23 @@ def promote_version(root: Path, version: str, *, force: bool, by: str,
     Returns (version id, promotion sequence, note or None)."""
     versions = VersionStore(root)
     version_id, previous = versions.resolve(version), versions.champion_id()
+    rejected = versions.rejection(version_id)
+    if rejected is not None and not force:
+        raise FailedPrecondition(
+            f"version {version_id} failed its checks ({rejected['reason']}): it is never "
+            "promoted unless an admin forces it with --force", field="version")
     note = None if force else check_not_worse(root, version_id, previous, tracker=tracker,
                                               max_drop=max_drop)
-    sequence = versions.promote(version_id)
+    sequence = versions.promote(version_id, forced=force)
     if tracker is not None:
+        if rejected is not None:  # never registered: the alias needs a model version
+            from coordinator.versions.record import record_version
+
+            record_version(versions.manifest(version_id), versions, tracker)
         record = read_evaluation(root, version_id) or {}
         tracker.record_promotion(version_id, sequence, by=by, previous=previous,
-                                 mean_accuracy=record.get("metrics", {}).get(MEAN))
+                                 mean_accuracy=record.get("metrics", {}).get(MEAN),
+                                 forced=force)
     return version_id, sequence, note
 
 

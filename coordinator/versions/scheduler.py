@@ -15,13 +15,14 @@ import threading
 import time
 
 from coordinator.checks.check_process import CheckProcess
-from coordinator.checks.evaluation import EvaluationConfig
+from coordinator.checks.evaluation import MEAN, EvaluationConfig
 from coordinator.checks.evaluation_thread import Evaluator
-from coordinator.checks.usage import USAGE_FILE, cached_usage
+from coordinator.checks.usage import USAGE_FILE
+from coordinator.checks.verdict import Verdict, judge
 from coordinator.ray_cluster import parse_resources
 from coordinator.store.experts import Store
 from coordinator.store.versions import VersionStore
-from coordinator.tracking.tracker import Tracker, expert_payload, version_payload
+from coordinator.tracking.tracker import Tracker, expert_payload, rejection_payload
 from coordinator.versions.assemble import (
     AssemblyConfig,
     AssemblyResult,
@@ -29,7 +30,9 @@ from coordinator.versions.assemble import (
     assemble,
     select_experts,
 )
-from protocol.errors import GaggleError
+from coordinator.versions.promotion import check_not_worse
+from coordinator.versions.record import queue_untracked, record_version
+from protocol.errors import FailedPrecondition, GaggleError
 from routing.layers import Cancelled
 from routing.version import VersionManifest
 
@@ -162,32 +165,79 @@ class Assembler:
             self.assemblies += 1
 
     def _make_live(self, result: AssemblyResult, records: list) -> None:
-        """Check a version, then make it current; tracking and evaluation follow. Each
-        stage's seconds go to the log."""
-        manifest = result.manifest
+        """Check a version, then make it current, or reject it and quarantine the experts
+        its checks name (the next version, without them, is assembled at once). Tracking and
+        evaluation follow. Each stage's seconds go to the log."""
+        manifest, version_id = result.manifest, result.version_id
         log.info("version %s assembled: %d experts (%s), %d new key shards, %.1f s",
-                 result.version_id, len(manifest.experts), manifest.diff or "no changes",
+                 version_id, len(manifest.experts), manifest.diff or "no changes",
                  result.new_experts, result.seconds)
+        if self.versions.rejection(version_id) is not None:
+            self._failed = frozenset(manifest.expert_ids)  # not again until the set changes
+            log.info("version %s was rejected before; it stays so", version_id)
+            return
         started = time.perf_counter()
-        if not (self.versions.folder(result.version_id) / USAGE_FILE).is_file():
-            log.info("version %s usage check started", result.version_id)
-        usage = self.checks.usage(self.store.layout, result.version_id,
+        if not (self.versions.folder(version_id) / USAGE_FILE).is_file():
+            log.info("version %s usage check started", version_id)
+        usage = self.checks.usage(self.store.layout, version_id,
                                   cancel=self._stopping.is_set)  # read back when done before
-        checked = time.perf_counter() - started
-        log.info("version %s usage check: %.1f s%s", result.version_id, checked,
-                 f", flagged {usage['flagged']}" if usage.get("flagged") else
-                 f", failed: {usage['error']}" if "error" in usage else "")
-        self.versions.set_current(result.version_id)
+        log.info("version %s usage check: %.1f s", version_id, time.perf_counter() - started)
+        current = self.versions.current_id()
+        verdict = judge(manifest, usage, self.versions.manifest(current) if current else None)
+        evaluation = None
+        if verdict.live and self.evaluator is not None:
+            evaluation, verdict = self._evaluation_verdict(version_id)
+        if not verdict.live:
+            self._reject(manifest, verdict)
+            return
+        self.versions.set_current(version_id)
         self.last_error = None
         self.last_result = result
         accepted = max((float(r.created_at) for r in records
                         if r.expert_id in set(manifest.expert_ids)), default=time.time())
         log.info("version %s is current, %.1f s after its newest expert was accepted",
-                 result.version_id, time.time() - accepted)
+                 version_id, time.time() - accepted)
         if self.tracker is not None:
             record_version(manifest, self.versions, self.tracker, usage)
-        if self.evaluator is not None:
-            self.evaluator.submit(result.version_id)
+            if evaluation is not None:
+                self.tracker.record_evaluation(evaluation)
+
+    def _evaluation_verdict(self, version_id: str) -> tuple[dict | None, Verdict]:
+        """With an evaluation config, a version goes live only if its mean accuracy is
+        within max_drop of the champion's (coordinator.versions.promotion's rule). A drop
+        names no expert: it may be the noise of a small evaluation."""
+        started = time.perf_counter()
+        try:
+            record = self.evaluator.evaluate_now(version_id)
+        except GaggleError as err:
+            return None, Verdict(False, f"its evaluation failed: {str(err)[:200]}")
+        log.info("version %s evaluation: mean accuracy %.4f, %.1f s", version_id,
+                 record["metrics"][MEAN], time.perf_counter() - started)
+        try:
+            check_not_worse(self.store.root, version_id, self.versions.champion_id(),
+                            max_drop=self.evaluator.config.max_drop)
+        except FailedPrecondition as err:
+            return record, Verdict(False, str(err).split(": pass --force")[0])
+        return record, Verdict(True)
+
+    def _reject(self, manifest: VersionManifest, verdict: Verdict) -> None:
+        """Record the rejection, quarantine the experts it names, and ask for the version
+        without them; a rejection that names nobody waits for the expert set to change."""
+        version_id = manifest.version_id
+        record = self.versions.reject(version_id, verdict.reason, list(verdict.culprits))
+        for expert_id, why in verdict.culprits.items():
+            self.store.quarantine(expert_id, why, version_id)
+        self.last_error = f"version {version_id} rejected: {verdict.reason}"
+        log.error("version %s rejected, %s stays current: %s%s", version_id,
+                  self.versions.current_id(), verdict.reason,
+                  f"; quarantined {len(verdict.culprits)} expert(s)" if verdict.culprits
+                  else "")
+        if self.tracker is not None:
+            self.tracker.record_rejection(rejection_payload(manifest, record))
+        if verdict.culprits:
+            self.request()
+        else:
+            self._failed = frozenset(manifest.expert_ids)
 
     def _assemble(self, records: list) -> AssemblyResult:
         base = self.store.cached_base_spec()
@@ -233,30 +283,6 @@ class Assembler:
         threads = [self._thread, getattr(self.tracker, "_thread", None),
                    getattr(self.evaluator, "_thread", None)]
         return [t.name for t in threads if t is not None and t.is_alive()]
-
-
-def record_version(manifest: VersionManifest, versions: VersionStore, tracker: Tracker,
-                   usage: dict | None = None) -> None:
-    """Queue the tracking of a version with the report of its usage check (default: the one
-    cached in the version's folder): tracking records what it is given."""
-    if usage is None:
-        usage = cached_usage(versions, manifest.version_id)
-    tracker.record_version(version_payload(manifest, versions.folder(manifest.version_id),
-                                           usage))
-
-
-def queue_untracked(records: list, versions: VersionStore, tracker: Tracker) -> None:
-    """Queue the runs of stored experts and the model versions of checked router versions
-    that were never queued: after a crash between a commit and its queueing, or a CLI
-    assembly. A version whose check has not run is left to the assembler, which checks it,
-    makes it current and queues it then."""
-    for record in records:
-        if not tracker.has_expert(record.expert_id):
-            tracker.record_expert(expert_payload(record, versions.objects))
-    for manifest in versions.all():
-        checked = cached_usage(versions, manifest.version_id) is not None
-        if checked and not tracker.has_version(manifest.version_id):
-            record_version(manifest, versions, tracker)
 
 
 def _left(deadline: float) -> float:

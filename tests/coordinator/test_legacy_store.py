@@ -18,7 +18,7 @@ from coordinator.tracking.names import REGISTERED_MODEL
 from coordinator.tracking.tracker import Tracker, default_tracking_uri
 from coordinator.versions.assemble import assemble
 from coordinator.versions.diff import diff_versions
-from coordinator.versions.scheduler import queue_untracked
+from coordinator.versions.record import queue_untracked
 from protocol.bundle import load_bundle
 from routing.router import route, unroute
 from routing.stack import stack_experts

@@ -13,7 +13,7 @@ from coordinator.tracking.names import REGISTERED_MODEL
 from coordinator.tracking.tracker import Tracker, default_tracking_uri
 from coordinator.versions.assemble import assemble
 from coordinator.versions.prune import plan_prune
-from coordinator.versions.scheduler import queue_untracked
+from coordinator.versions.record import queue_untracked
 from routing.router import route, unroute
 from routing.version import KEYS_DIR
 from tests.harness.stores import add_expert, make_store

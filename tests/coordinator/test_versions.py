@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 
+from coordinator.checks.usage import version_usage
 from coordinator.cli import main
+from coordinator.store.versions import VersionStore
 from coordinator.versions.assemble import assemble
 from coordinator.versions.diff import diff_versions
 from protocol.bundle import load_bundle
@@ -36,6 +38,8 @@ def two_versions(tmp_path, tiny_spec):
     a2 = commit(store, retrained)
     add_expert(store, tiny_spec, "c", seed=3)
     v2 = assemble(store, store.list_experts())
+    for version in (v1, v2):  # checked, as the serving coordinator checks them
+        version_usage(VersionStore(store.layout), version.version_id)
     return (store, v1.version_id, v2.version_id, load_bundle(store.bundle_folder(a.expert_id)),
             load_bundle(store.bundle_folder(a2.expert_id)))
 
@@ -97,6 +101,7 @@ def test_versions_command_lists_versions_with_local_aliases(two_versions, capsys
     assert [r["version_id"] for r in rows] == [v1, v2]
     assert [r["n_experts"] for r in rows] == [2, 3]
     assert rows[1]["aliases"] == ["current", "latest"] and rows[1]["parent"] == v1
+    assert [r["state"] for r in rows] == ["live", "live"]
     assert main(["versions", "--store", str(store.root)]) == 0
     table = capsys.readouterr().out
     assert v1 in table and "+alice/c ~alice/a" in table

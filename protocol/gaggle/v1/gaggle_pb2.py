@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/gaggle/v1/gaggle.proto\x12\tgaggle.v1\"\x16\n\x14GetFederationRequest\"\xe6\x01\n\nFederation\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x18\n\x10max_bundle_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x1e\n\x16max_concurrent_uploads\x18\x06 \x01(\x05\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x1d\n\x15\x62undle_format_version\x18\x08 \x01(\x05\x12\x13\n\x0b\x63ontributor\x18\t \x01(\t\"I\n\x12StartUploadRequest\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x11\n\texpert_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"f\n\x13StartUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x02 \x01(\x03\x12#\n\x08\x65xisting\x18\x03 \x01(\x0b\x32\x11.gaggle.v1.Expert\"E\n\x12WriteUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\'\n\x12QueryUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"N\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x02 \x01(\x03\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"(\n\x13\x46inishUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"(\n\x13\x43\x61ncelUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x16\n\x14\x43\x61ncelUploadResponse\"Q\n\x14\x46inishUploadResponse\x12!\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x11.gaggle.v1.Expert\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\x08\")\n\x12ListExpertsRequest\x12\x13\n\x0b\x63ontributor\x18\x01 \x01(\t\"9\n\x13ListExpertsResponse\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.gaggle.v1.Expert\"%\n\x10GetExpertRequest\x12\x11\n\texpert_id\x18\x01 \x01(\t\"\xa1\x01\n\x06\x45xpert\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x13\n\x0bnum_modules\x18\x08 \x01(\x05J\x04\x08\x05\x10\x06R\x0e\x61rchive_sha256\">\n\x0f\x41\x64\x64TokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12\x0e\n\x06rotate\x18\x03 \x01(\x08\"=\n\x10\x41\x64\x64TokenResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x05\"\x13\n\x11ListTokensRequest\"V\n\x0bTokenHolder\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0blive_tokens\x18\x03 \x01(\x05\x12\x16\n\x0erevoked_tokens\x18\x04 \x01(\x05\"=\n\x12ListTokensResponse\x12\'\n\x07holders\x18\x01 \x03(\x0b\x32\x16.gaggle.v1.TokenHolder\"0\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"7\n\x0fPromoteResponse\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x05\x32\xe1\x04\n\x0b\x43oordinator\x12G\n\rGetFederation\x12\x1f.gaggle.v1.GetFederationRequest\x1a\x15.gaggle.v1.Federation\x12L\n\x0bStartUpload\x12\x1d.gaggle.v1.StartUploadRequest\x1a\x1e.gaggle.v1.StartUploadResponse\x12G\n\x0bWriteUpload\x12\x1d.gaggle.v1.WriteUploadRequest\x1a\x17.gaggle.v1.UploadStatus(\x01\x12\x45\n\x0bQueryUpload\x12\x1d.gaggle.v1.QueryUploadRequest\x1a\x17.gaggle.v1.UploadStatus\x12O\n\x0c\x46inishUpload\x12\x1e.gaggle.v1.FinishUploadRequest\x1a\x1f.gaggle.v1.FinishUploadResponse\x12O\n\x0c\x43\x61ncelUpload\x12\x1e.gaggle.v1.CancelUploadRequest\x1a\x1f.gaggle.v1.CancelUploadResponse\x12L\n\x0bListExperts\x12\x1d.gaggle.v1.ListExpertsRequest\x1a\x1e.gaggle.v1.ListExpertsResponse\x12;\n\tGetExpert\x12\x1b.gaggle.v1.GetExpertRequest\x1a\x11.gaggle.v1.Expert2\xa7\x02\n\x05\x41\x64min\x12\x43\n\x08\x41\x64\x64Token\x12\x1a.gaggle.v1.AddTokenRequest\x1a\x1b.gaggle.v1.AddTokenResponse\x12L\n\x0bRevokeToken\x12\x1d.gaggle.v1.RevokeTokenRequest\x1a\x1e.gaggle.v1.RevokeTokenResponse\x12I\n\nListTokens\x12\x1c.gaggle.v1.ListTokensRequest\x1a\x1d.gaggle.v1.ListTokensResponse\x12@\n\x07Promote\x12\x19.gaggle.v1.PromoteRequest\x1a\x1a.gaggle.v1.PromoteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/gaggle/v1/gaggle.proto\x12\tgaggle.v1\"\x16\n\x14GetFederationRequest\"\xe6\x01\n\nFederation\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x18\n\x10max_bundle_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x1e\n\x16max_concurrent_uploads\x18\x06 \x01(\x05\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x1d\n\x15\x62undle_format_version\x18\x08 \x01(\x05\x12\x13\n\x0b\x63ontributor\x18\t \x01(\t\"I\n\x12StartUploadRequest\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x11\n\texpert_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"f\n\x13StartUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x02 \x01(\x03\x12#\n\x08\x65xisting\x18\x03 \x01(\x0b\x32\x11.gaggle.v1.Expert\"E\n\x12WriteUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\'\n\x12QueryUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"N\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ommitted_bytes\x18\x02 \x01(\x03\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"(\n\x13\x46inishUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"(\n\x13\x43\x61ncelUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x16\n\x14\x43\x61ncelUploadResponse\"Q\n\x14\x46inishUploadResponse\x12!\n\x06\x65xpert\x18\x01 \x01(\x0b\x32\x11.gaggle.v1.Expert\x12\x16\n\x0e\x61lready_stored\x18\x02 \x01(\x08\")\n\x12ListExpertsRequest\x12\x13\n\x0b\x63ontributor\x18\x01 \x01(\t\"9\n\x13ListExpertsResponse\x12\"\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x11.gaggle.v1.Expert\"%\n\x10GetExpertRequest\x12\x11\n\texpert_id\x18\x01 \x01(\t\"\xb5\x01\n\x06\x45xpert\x12\x11\n\texpert_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x63ontributor\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x13\n\x0bnum_modules\x18\x08 \x01(\x05\x12\x12\n\nquarantine\x18\t \x01(\tJ\x04\x08\x05\x10\x06R\x0e\x61rchive_sha256\">\n\x0f\x41\x64\x64TokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12\x0e\n\x06rotate\x18\x03 \x01(\x08\"=\n\x10\x41\x64\x64TokenResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x05\"\x13\n\x11ListTokensRequest\"V\n\x0bTokenHolder\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0blive_tokens\x18\x03 \x01(\x05\x12\x16\n\x0erevoked_tokens\x18\x04 \x01(\x05\"=\n\x12ListTokensResponse\x12\'\n\x07holders\x18\x01 \x03(\x0b\x32\x16.gaggle.v1.TokenHolder\"0\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"7\n\x0fPromoteResponse\x12\x12\n\nversion_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x05\x32\xe1\x04\n\x0b\x43oordinator\x12G\n\rGetFederation\x12\x1f.gaggle.v1.GetFederationRequest\x1a\x15.gaggle.v1.Federation\x12L\n\x0bStartUpload\x12\x1d.gaggle.v1.StartUploadRequest\x1a\x1e.gaggle.v1.StartUploadResponse\x12G\n\x0bWriteUpload\x12\x1d.gaggle.v1.WriteUploadRequest\x1a\x17.gaggle.v1.UploadStatus(\x01\x12\x45\n\x0bQueryUpload\x12\x1d.gaggle.v1.QueryUploadRequest\x1a\x17.gaggle.v1.UploadStatus\x12O\n\x0c\x46inishUpload\x12\x1e.gaggle.v1.FinishUploadRequest\x1a\x1f.gaggle.v1.FinishUploadResponse\x12O\n\x0c\x43\x61ncelUpload\x12\x1e.gaggle.v1.CancelUploadRequest\x1a\x1f.gaggle.v1.CancelUploadResponse\x12L\n\x0bListExperts\x12\x1d.gaggle.v1.ListExpertsRequest\x1a\x1e.gaggle.v1.ListExpertsResponse\x12;\n\tGetExpert\x12\x1b.gaggle.v1.GetExpertRequest\x1a\x11.gaggle.v1.Expert2\xa7\x02\n\x05\x41\x64min\x12\x43\n\x08\x41\x64\x64Token\x12\x1a.gaggle.v1.AddTokenRequest\x1a\x1b.gaggle.v1.AddTokenResponse\x12L\n\x0bRevokeToken\x12\x1d.gaggle.v1.RevokeTokenRequest\x1a\x1e.gaggle.v1.RevokeTokenResponse\x12I\n\nListTokens\x12\x1c.gaggle.v1.ListTokensRequest\x1a\x1d.gaggle.v1.ListTokensResponse\x12@\n\x07Promote\x12\x19.gaggle.v1.PromoteRequest\x1a\x1a.gaggle.v1.PromoteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,27 +60,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETEXPERTREQUEST']._serialized_start=967
   _globals['_GETEXPERTREQUEST']._serialized_end=1004
   _globals['_EXPERT']._serialized_start=1007
-  _globals['_EXPERT']._serialized_end=1168
-  _globals['_ADDTOKENREQUEST']._serialized_start=1170
-  _globals['_ADDTOKENREQUEST']._serialized_end=1232
-  _globals['_ADDTOKENRESPONSE']._serialized_start=1234
-  _globals['_ADDTOKENRESPONSE']._serialized_end=1295
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1297
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1331
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=1333
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=1371
-  _globals['_LISTTOKENSREQUEST']._serialized_start=1373
-  _globals['_LISTTOKENSREQUEST']._serialized_end=1392
-  _globals['_TOKENHOLDER']._serialized_start=1394
-  _globals['_TOKENHOLDER']._serialized_end=1480
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=1482
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1543
-  _globals['_PROMOTEREQUEST']._serialized_start=1545
-  _globals['_PROMOTEREQUEST']._serialized_end=1593
-  _globals['_PROMOTERESPONSE']._serialized_start=1595
-  _globals['_PROMOTERESPONSE']._serialized_end=1650
-  _globals['_COORDINATOR']._serialized_start=1653
-  _globals['_COORDINATOR']._serialized_end=2262
-  _globals['_ADMIN']._serialized_start=2265
-  _globals['_ADMIN']._serialized_end=2560
+  _globals['_EXPERT']._serialized_end=1188
+  _globals['_ADDTOKENREQUEST']._serialized_start=1190
+  _globals['_ADDTOKENREQUEST']._serialized_end=1252
+  _globals['_ADDTOKENRESPONSE']._serialized_start=1254
+  _globals['_ADDTOKENRESPONSE']._serialized_end=1315
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1317
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1351
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=1353
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=1391
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1393
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1412
+  _globals['_TOKENHOLDER']._serialized_start=1414
+  _globals['_TOKENHOLDER']._serialized_end=1500
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1502
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1563
+  _globals['_PROMOTEREQUEST']._serialized_start=1565
+  _globals['_PROMOTEREQUEST']._serialized_end=1613
+  _globals['_PROMOTERESPONSE']._serialized_start=1615
+  _globals['_PROMOTERESPONSE']._serialized_end=1670
+  _globals['_COORDINATOR']._serialized_start=1673
+  _globals['_COORDINATOR']._serialized_end=2282
+  _globals['_ADMIN']._serialized_start=2285
+  _globals['_ADMIN']._serialized_end=2580
 # @@protoc_insertion_point(module_scope)

@@ -121,7 +121,7 @@ class GetExpertRequest(_message.Message):
     def __init__(self, expert_id: _Optional[str] = ...) -> None: ...
 
 class Expert(_message.Message):
-    __slots__ = ("expert_id", "name", "contributor", "method", "size_bytes", "created_at", "num_modules")
+    __slots__ = ("expert_id", "name", "contributor", "method", "size_bytes", "created_at", "num_modules", "quarantine")
     EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTOR_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class Expert(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     NUM_MODULES_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_FIELD_NUMBER: _ClassVar[int]
     expert_id: str
     name: str
     contributor: str
@@ -136,7 +137,8 @@ class Expert(_message.Message):
     size_bytes: int
     created_at: float
     num_modules: int
-    def __init__(self, expert_id: _Optional[str] = ..., name: _Optional[str] = ..., contributor: _Optional[str] = ..., method: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., num_modules: _Optional[int] = ...) -> None: ...
+    quarantine: str
+    def __init__(self, expert_id: _Optional[str] = ..., name: _Optional[str] = ..., contributor: _Optional[str] = ..., method: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., num_modules: _Optional[int] = ..., quarantine: _Optional[str] = ...) -> None: ...
 
 class AddTokenRequest(_message.Message):
     __slots__ = ("name", "admin", "rotate")
