@@ -56,6 +56,7 @@ class ServerConfig:
     upload_idle_timeout_s: float = UploadLimits.idle_timeout_s
     stream_idle_timeout_s: float = UploadLimits.stream_idle_timeout_s
     store_quota_bytes: int | None = UploadLimits.quota_bytes
+    max_update_ratio: float = UploadLimits.max_update_ratio
     max_workers: int = 16  # concurrent RPCs (threads)
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
@@ -91,7 +92,8 @@ class ServerConfig:
                             max_concurrent_uploads=self.max_concurrent_uploads,
                             idle_timeout_s=self.upload_idle_timeout_s,
                             stream_idle_timeout_s=self.stream_idle_timeout_s,
-                            quota_bytes=self.store_quota_bytes)
+                            quota_bytes=self.store_quota_bytes,
+                            max_update_ratio=self.max_update_ratio)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:

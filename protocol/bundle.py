@@ -58,6 +58,9 @@ TENSOR_DTYPE = torch.float32
 # Face's writers put {"format": "pt"} there. Anything else would be stored free text.
 ALLOWED_METADATA = {"format": ("pt",)}
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# A safetensors header is a closed schema too: every tensor entry holds these and no more,
+# so the stored file carries no text beside its tensors.
+TENSOR_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class BaseSpec:
     name: str
     fingerprint: str  # sha256 over the base weights' names, shapes, dtypes and bytes
     linears: dict[str, tuple[int, int]]  # module name -> (d_in, d_out) for every nn.Linear
+    # module name -> Frobenius norm of its weight W: what an expert's update is measured
+    # against (check_update_norms); None when not known (a spec cached by an older gaggle)
+    weight_norms: dict[str, float] | None = None
 
 
 @dataclass
@@ -168,24 +174,65 @@ def validate_tensors(bundle: Bundle) -> None:
         _check_tensor_set(ACTIVATIONS, bundle.activations, vectors)
 
 
+# A gate whose entries vary less than this (variance) is constant to the router: its layer
+# norm, LN(v) = (v - mean v) / sqrt(var v + 1e-5), leaves a key of norm below 1% of a trained
+# one's, so it scores every token alike. Trained gates vary by 1e-4 and more.
+MIN_GATE_VARIANCE = 1e-9
+
+
 def check_gates_trained(gates: Iterable[tuple[str, torch.Tensor]],
                         refuse: Callable[[str, int], GaggleError]) -> None:
-    """Raise `refuse(first, count)` when gate vectors (d_in,) are exactly zero: the name of the
-    first such gate of the (name, gate) pairs and how many there are.
+    """Raise `refuse(first, count)` when gate vectors (d_in,) are zero or constant (the
+    router's layer norm turns both into a zero key): the name of the first such gate of the
+    (name, gate) pairs and how many there are.
 
     Gates start at zero and only move when the expert's delta is non-zero, so a zero gate was
     never trained. It scores every token the same for its expert: the coordinator refuses
     such a bundle, the contributor refuses to write one and the router to route with one.
     """
-    zero = [name for name, gate in gates if not bool(gate.any())]
+    zero = [name for name, gate in gates
+            if not bool(gate.any()) or float(gate.double().var(unbiased=False))
+            < MIN_GATE_VARIANCE]
     if zero:
         raise refuse(zero[0], len(zero))
+
+
+# What fine-tuning from a base produces, as a bound: an expert's update of a module, ||dW||_F,
+# at most this multiple of the base weight's ||W||_F. Trained LoRA and (IA)^3 experts change a
+# module by a few percent of it; ten times the weight itself is an output no base layer
+# would carry. The coordinator's `max_update_ratio` setting changes it.
+MAX_UPDATE_RATIO = 10.0
+
+
+def check_update_norms(bundle: Bundle, base: BaseSpec, max_ratio: float = MAX_UPDATE_RATIO
+                       ) -> None:
+    """InvalidBundle naming the module when an update is beyond `max_ratio` times the base
+    weight's norm: LoRA ||s B A||_F (from the factors), (IA)^3 max|l - 1| (a bound on
+    ||dW||_F / ||W||_F, since dW scales W's rows or columns by l - 1)."""
+    if base.weight_norms is None or max_ratio <= 0:
+        return
+    scaling = lora_scaling(bundle.manifest)
+    for module in bundle.manifest.modules:
+        if module.kind == "lora":
+            left = bundle.adapter[f"{module.name}.lora_B"].double() * scaling
+            right = bundle.adapter[f"{module.name}.lora_A"].double()
+            update = float(((left.T @ left) * (right @ right.T)).sum().clamp_min(0).sqrt())
+            ratio = update / max(base.weight_norms.get(module.name, 0.0), 1e-12)
+        else:
+            ratio = float((bundle.adapter[f"{module.name}.ia3"].double() - 1).abs().max())
+        if not ratio <= max_ratio:  # NaN-safe
+            raise InvalidBundle(
+                f"{ADAPTER}: the update of module {module.name} is {ratio:.3g} times the base "
+                f"weight's norm, beyond the {max_ratio:g} that fine-tuning from this base "
+                "stays far below: retrain the expert (a smaller learning rate or scaling)",
+                field=ADAPTER)
 
 
 def _untrained_gate(module: str, count: int) -> InvalidBundle:
     # Accepting it would break every later version: the router refuses zero keys.
     return InvalidBundle(
-        f"{GATES}: the gate of module {module} is all zero, so it was never "
+        f"{GATES}: the gate of module {module} is all zero or constant (variance below "
+        f"{MIN_GATE_VARIANCE:g}), so the router's layer norm makes it a zero key: it was never "
         "trained and would break routing for every version holding this expert: "
         "retrain the gate with gaggle-contributor gate on a trained adapter",
         field=GATES,
@@ -258,6 +305,13 @@ def _check_header(path: Path) -> None:
         raise InvalidBundle(
             f"{path.name}: the header's __metadata__ may hold only {ALLOWED_METADATA}, got "
             f"{preview(metadata)}: save the tensors without metadata", field=path.name)
+    for name, entry in (header.items() if isinstance(header, dict) else ()):
+        if name != "__metadata__" and not (isinstance(entry, dict)
+                                           and set(entry) == TENSOR_ENTRY_KEYS):
+            raise InvalidBundle(
+                f"{path.name}: the header entry of tensor {preview(name)} must hold exactly "
+                f"{sorted(TENSOR_ENTRY_KEYS)}, got {preview(entry)}: save the tensors with "
+                "safetensors' own writer", field=path.name)
 
 
 def load_bundle(path: str | os.PathLike, base: BaseSpec | None = None, *,

@@ -51,8 +51,12 @@ class BaseModel:
     fingerprint: str
 
     def spec(self) -> BaseSpec:
-        return BaseSpec(name=self.name, fingerprint=self.fingerprint,
-                        linears=linear_shapes(self.model))
+        shapes = linear_shapes(self.model)
+        norms = {name: float(torch.linalg.vector_norm(
+                     self.model.get_submodule(name).weight.detach().double()))
+                 for name in shapes}
+        return BaseSpec(name=self.name, fingerprint=self.fingerprint, linears=shapes,
+                        weight_norms=norms)
 
     @property
     def device(self) -> torch.device:

@@ -164,7 +164,8 @@ def check_router_keys(weights: RouterWeights, mode: str) -> None:
 def _zero_keys(module: str, what: str) -> Callable[[str, int], FailedPrecondition]:
     def refuse(expert: str, count: int) -> FailedPrecondition:
         return FailedPrecondition(
-            f"router keys are all zero: expert {expert!r} has a zero {what} vector for "
+            f"router keys are all zero: expert {expert!r} has a zero or constant {what} "
+            "vector (a zero key once layer-normed) for "
             f"module {module}; its gate was not trained or was lost on reload; retrain the "
             "gate or re-export the router",
             field="keys")

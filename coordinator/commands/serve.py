@@ -16,6 +16,7 @@ FILE_ONLY = (
     ("upload_idle_timeout_s", "3600.0", "an upload with no bytes for this long expires"),
     ("stream_idle_timeout_s", "60.0", "a stream that sends nothing this long is cancelled"),
     ("store_quota_bytes", "none", "stored plus in-flight archive bytes, all contributors"),
+    ("max_update_ratio", "10.0", "largest ||dW|| of a module over its base weight's (0: none)"),
     ("max_workers", "16", "calls handled at once (one thread each)"),
     ("max_calls_per_contributor", "4", "one contributor's calls in flight"),
     ("grace_s", "10.0", "how long SIGTERM waits for calls in flight"),

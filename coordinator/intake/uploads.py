@@ -27,7 +27,15 @@ from pathlib import Path
 from coordinator.intake.writer import UploadState, UploadWriter
 from coordinator.store.experts import ExpertRecord, Store
 from protocol.archive import ArchiveDigest, extract_members
-from protocol.bundle import MANIFEST, BaseSpec, Bundle, fsync_path, load_bundle
+from protocol.bundle import (
+    MANIFEST,
+    MAX_UPDATE_RATIO,
+    BaseSpec,
+    Bundle,
+    check_update_norms,
+    fsync_path,
+    load_bundle,
+)
 from protocol.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -52,6 +60,9 @@ class UploadLimits:
     idle_timeout_s: float = 3600.0  # an upload with no bytes for this long expires
     stream_idle_timeout_s: float = 60.0  # a stream with no chunk for this long is cancelled
     quota_bytes: int | None = None  # total stored + in-flight archive bytes; None: no quota
+    # largest update of a module, ||dW||_F over the base weight's ||W||_F (0: no bound);
+    # see protocol.bundle.check_update_norms
+    max_update_ratio: float = MAX_UPDATE_RATIO
 
     def __post_init__(self) -> None:
         if self.max_bundle_bytes <= 0 or self.max_concurrent_uploads <= 0:
@@ -204,8 +215,10 @@ class Uploads:
         flush = threading.Thread(target=_flush_folder, args=(staged,), name="stage-flush")
         flush.start()
         try:
-            return load_bundle(staged, self.base, mapped=True,
-                               known_sha256={m.name: m.sha256 for m in members})
+            bundle = load_bundle(staged, self.base, mapped=True,
+                                 known_sha256={m.name: m.sha256 for m in members})
+            check_update_norms(bundle, self.base, self.limits.max_update_ratio)
+            return bundle
         finally:
             flush.join()
 

@@ -265,7 +265,8 @@ class Store:
                 field="base",
             )
         data = {"name": spec.name, "fingerprint": spec.fingerprint,
-                "linears": {k: list(v) for k, v in spec.linears.items()}}
+                "linears": {k: list(v) for k, v in spec.linears.items()},
+                "weight_norms": spec.weight_norms}
         atomic_write(self.layout.base_spec, json.dumps(data, indent=1).encode())
 
     def cached_base_spec(self) -> BaseSpec | None:
@@ -274,12 +275,14 @@ class Store:
             return None
         data = json.loads(path.read_text())
         return BaseSpec(name=data["name"], fingerprint=data["fingerprint"],
-                        linears={k: (v[0], v[1]) for k, v in data["linears"].items()})
+                        linears={k: (v[0], v[1]) for k, v in data["linears"].items()},
+                        weight_norms=data.get("weight_norms"))
 
     def base_spec(self, name: str) -> BaseSpec:
-        """The spec of base model `name`: cached in base.json, else loaded once and cached."""
+        """The spec of base model `name`: cached in base.json, else loaded once and cached
+        (again when the cached one predates the weights' norms)."""
         cached = self.cached_base_spec()
-        if cached is not None and cached.name == name:
+        if cached is not None and cached.name == name and cached.weight_norms is not None:
             return cached
         from routing.base import load_base  # heavy (transformers): only on first use
 

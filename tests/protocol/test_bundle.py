@@ -18,6 +18,7 @@ from protocol.bundle import (
     MANIFEST,
     BaseSpec,
     check_gates_trained,
+    check_update_norms,
     load_bundle,
     save_bundle,
     sha256_file,
@@ -138,24 +139,30 @@ def test_zero_gate_is_refused_naming_the_file_the_module_and_the_fix(tiny_spec, 
     with pytest.raises(InvalidBundle, match="all zero"):
         save_bundle(bundle, tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
-    bundle.gates[module][0] = 1e-6  # one non-zero element is a gate that moved
+    bundle.gates[module] = torch.full_like(bundle.gates[module], 1.0)  # constant: zero key
+    with pytest.raises(InvalidBundle, match="all zero or constant"):
+        validate_bundle(bundle, tiny_spec)
+    bundle.gates[module][0] = 1.01  # a gate that moved, however little
     validate_bundle(bundle, tiny_spec)
 
 
-def test_gate_check_names_the_first_zero_gate_and_counts_them():
+def test_gate_check_names_the_first_zero_or_constant_gate_and_counts_them():
     refused = []
 
     def refuse(first: str, count: int) -> GaggleError:
         refused.append((first, count))
         return GaggleError("zero")
 
-    gates = [("a", torch.ones(3)), ("b", torch.zeros(3)), ("c", torch.tensor([0.0, -0.0, 0.0])),
-             ("d", torch.tensor([0.0, 1e-30, 0.0]))]
+    gates = [("a", torch.tensor([0.5, -0.2, 0.1])), ("b", torch.zeros(3)),
+             ("c", torch.tensor([0.0, -0.0, 0.0])), ("d", torch.ones(3) * 1e30),
+             ("e", torch.tensor([0.0, 1e-30, 0.0])), ("f", torch.tensor([1.0, 1.01, 1.0]))]
     with pytest.raises(GaggleError, match="zero"):
         check_gates_trained(gates, refuse)
-    assert refused == [("b", 2)]
-    check_gates_trained([g for g in gates if g[0] in "ad"], refuse)  # moved gates pass
-    assert refused == [("b", 2)]
+    # a constant gate, however large, and a gate that moved by 1e-30 are zero keys once
+    # layer-normed
+    assert refused == [("b", 4)]
+    check_gates_trained([g for g in gates if g[0] in "af"], refuse)  # gates that vary pass
+    assert refused == [("b", 4)]
 
 
 def test_fingerprint_mismatch_is_its_own_error(saved, tiny_spec):
@@ -218,3 +225,34 @@ def test_archive_rejects_path_traversal_and_oversize(saved, tmp_path):
     with pytest.raises(InvalidBundle, match="over the 100 limit"):
         unpack(tmp_path / "ok.tar", tmp_path / "y", max_bytes=100)
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_an_update_far_beyond_the_base_weight_is_refused_naming_the_module(tiny_spec, method):
+    bundle = random_bundle(tiny_spec, "huge", method=method, seed=1)
+    check_update_norms(bundle, tiny_spec)  # an ordinary expert passes
+    key = next(k for k in sorted(bundle.adapter) if not k.endswith("lora_A"))
+    module = key.rsplit(".", 1)[0]
+    bundle.adapter[key] = torch.full_like(bundle.adapter[key], 1e10) * torch.tensor(
+        [(-1) ** i for i in range(bundle.adapter[key].shape[-1])], dtype=torch.float32)
+    with pytest.raises(InvalidBundle, match=f"update of module {module} is .* times the base"):
+        check_update_norms(bundle, tiny_spec)
+    check_update_norms(bundle, tiny_spec, max_ratio=0)  # the bound turned off
+    unknown = BaseSpec(tiny_spec.name, tiny_spec.fingerprint, tiny_spec.linears)
+    check_update_norms(bundle, unknown)  # no norms known: nothing to measure against
+
+
+def test_a_tensor_header_entry_with_more_than_its_schema_is_refused(tiny_spec, tmp_path):
+    folder = save_bundle(random_bundle(tiny_spec, "noted", seed=2), tmp_path / "b")
+    path = folder / ADAPTER
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["note"] = "x" * 64_000
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    _rehash(folder)
+    with pytest.raises(InvalidBundle, match="must hold exactly"):
+        load_bundle(folder)
