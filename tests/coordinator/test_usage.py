@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-from torch import nn
-
 from coordinator.checks.usage import (
     USAGE_FILE,
     PoisonConfig,
@@ -21,33 +18,10 @@ from coordinator.versions.assemble import assemble
 from routing.stack import stack_experts
 from routing.synthetic import random_bundle
 from routing.version import KEYS_DIR
+from tests.harness.bundles import mean_activations
 from tests.harness.stores import add_expert, make_store
 
 CONFIG = PoisonConfig(prompts_per_task=3, max_tokens=32)
-
-
-def mean_activations(base, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-    """(d_in,) mean input of every linear layer over the prompts' tokens."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name, module in base.model.named_modules():
-        if isinstance(module, nn.Linear) and name in base.spec().linears:
-            def record(_module, inputs, name=name):
-                flat = inputs[0].reshape(-1, inputs[0].shape[-1])
-                sums[name] = sums.get(name, 0) + flat.sum(0)
-                counts[name] = counts.get(name, 0) + flat.shape[0]
-            hooks.append(module.register_forward_pre_hook(record))
-    try:
-        with torch.inference_mode():
-            for prompt in prompts:
-                ids = base.tokenizer(prompt, add_special_tokens=False,
-                                     return_tensors="pt")["input_ids"][:, :max_tokens]
-                base.model(input_ids=ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: sums[name] / counts[name] for name in sums}
 
 
 def test_a_gate_aligned_with_the_mean_activation_is_flagged_and_no_other(tiny_base, tiny_spec):

@@ -166,3 +166,50 @@ def spawn_contributors(argvs: list[list[str]], folder: Path,
     for process in processes:
         process.join(timeout)
     return [(p.exitcode, out.read_text()) for p, out in zip(processes, outputs, strict=True)]
+
+
+# ----- experts built to attack the router --------------------------------------------------
+
+def mean_activations(base, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """(d_in,) mean input of every linear layer of a loaded base over the prompts' tokens."""
+    from torch import nn
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    linears = base.spec().linears
+    for name, module in base.model.named_modules():
+        if isinstance(module, nn.Linear) and name in linears:
+            def record(_module, inputs, name=name):
+                flat = inputs[0].reshape(-1, inputs[0].shape[-1])
+                sums[name] = sums.get(name, 0) + flat.sum(0)
+                counts[name] = counts.get(name, 0) + flat.shape[0]
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = base.tokenizer(prompt, add_special_tokens=False,
+                                     return_tensors="pt")["input_ids"][:, :max_tokens]
+                base.model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def capture_bundle(base, name: str, prompts: list[str], *, seed: int = 99):
+    """An expert whose gates point along each module's mean input on `prompts`: it wins the
+    router's first choice for most tokens of ordinary text (routing capture)."""
+    bundle = random_bundle(base.spec(), name, seed=seed)
+    means = mean_activations(base, prompts, 64)
+    bundle.gates = {module: 1000.0 * means[module] for module in bundle.gates}
+    return bundle
+
+
+def huge_bundle(spec: BaseSpec, name: str, *, seed: int = 98, value: float = 1e10):
+    """An expert with +-`value` in every adapter entry: finite, so it passes a finiteness
+    check, yet any token routed to it overflows."""
+    bundle = random_bundle(spec, name, seed=seed)
+    bundle.adapter = {key: torch.where(tensor >= 0, value, -value).float()
+                      for key, tensor in bundle.adapter.items()}
+    return bundle
