@@ -55,9 +55,14 @@ class ServerConfig:
     max_concurrent_uploads: int = UploadLimits.max_concurrent_uploads
     upload_idle_timeout_s: float = UploadLimits.idle_timeout_s
     stream_idle_timeout_s: float = UploadLimits.stream_idle_timeout_s
+    min_upload_rate: float = UploadLimits.min_stream_rate
+    upload_rate_grace_s: float = UploadLimits.rate_grace_s
     store_quota_bytes: int | None = UploadLimits.quota_bytes
     max_update_ratio: float = UploadLimits.max_update_ratio
     max_workers: int = 16  # concurrent RPCs (threads)
+    # upload streams in flight at once, all contributors: each holds a thread while it
+    # runs, so the rest (4 by default) stay free for health and short calls
+    max_streams: int = 12
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
     ray_address: str | None = None  # Ray cluster to join (used by assembly)
@@ -79,6 +84,11 @@ class ServerConfig:
         check_names(self.device, self.dtype)
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} is out of range 0-65535", field="port")
+        if not 1 <= self.max_streams < self.max_workers:
+            raise InvalidArgument(f"max_streams must be from 1 to max_workers - 1 "
+                                  f"({self.max_workers - 1}), got {self.max_streams}: threads "
+                                  "must stay free for health and short calls",
+                                  field="max_streams")
         if self.max_calls_per_contributor < 1:
             raise InvalidArgument("max_calls_per_contributor must be at least 1",
                                   field="max_calls_per_contributor")
@@ -92,6 +102,8 @@ class ServerConfig:
                             max_concurrent_uploads=self.max_concurrent_uploads,
                             idle_timeout_s=self.upload_idle_timeout_s,
                             stream_idle_timeout_s=self.stream_idle_timeout_s,
+                            min_stream_rate=self.min_upload_rate,
+                            rate_grace_s=self.upload_rate_grace_s,
                             quota_bytes=self.store_quota_bytes,
                             max_update_ratio=self.max_update_ratio)
 
@@ -139,6 +151,7 @@ class CoordinatorServer:
             ThreadPoolExecutor(max_workers=config.max_workers),
             interceptors=[AuthInterceptor(
                 TokenBook(self.store), max_calls=config.max_calls_per_contributor,
+                max_streams=config.max_streams,
                 limiter=FailureLimiter(config.auth_max_failures, config.auth_window_s))],
             # One server per port: without this, a second server would silently share it.
             options=[("grpc.so_reuseport", 0)],
@@ -200,7 +213,8 @@ class CoordinatorServer:
 
     def _sweep(self) -> None:
         interval = min(30.0, self.config.upload_idle_timeout_s / 4,
-                       self.config.stream_idle_timeout_s / 4)
+                       self.config.stream_idle_timeout_s / 4,
+                       self.config.upload_rate_grace_s / 4)
         while not self._stopped.wait(interval):
             try:
                 self.uploads.cancel_stalled()

@@ -59,6 +59,11 @@ class UploadLimits:
     max_concurrent_uploads: int = 4  # live (unfinished) uploads per contributor
     idle_timeout_s: float = 3600.0  # an upload with no bytes for this long expires
     stream_idle_timeout_s: float = 60.0  # a stream with no chunk for this long is cancelled
+    # A stream that brought less than this many bytes per second, averaged from its start,
+    # is cancelled once it is rate_grace_s old (the upload resumes from its committed bytes):
+    # a drip of a byte a second would otherwise hold a server thread for hours.
+    min_stream_rate: float = 16 * 1024
+    rate_grace_s: float = 30.0
     quota_bytes: int | None = None  # total stored + in-flight archive bytes; None: no quota
     # largest update of a module, ||dW||_F over the base weight's ||W||_F (0: no bound);
     # see protocol.bundle.check_update_norms
@@ -67,6 +72,9 @@ class UploadLimits:
     def __post_init__(self) -> None:
         if self.max_bundle_bytes <= 0 or self.max_concurrent_uploads <= 0:
             raise InvalidArgument("max_bundle_bytes and max_concurrent_uploads must be "
+                                  "positive", field="limits")
+        if self.min_stream_rate < 0 or self.rate_grace_s <= 0:
+            raise InvalidArgument("min_stream_rate must be at least 0 and rate_grace_s "
                                   "positive", field="limits")
         if self.idle_timeout_s <= 0 or self.stream_idle_timeout_s <= 0:
             raise InvalidArgument("idle_timeout_s and stream_idle_timeout_s must be positive",
@@ -253,17 +261,30 @@ class Uploads:
     def cancel_stalled(self, now: float | None = None) -> list[str]:
         """Cancel streams that sent no chunk for `stream_idle_timeout_s` (monotonic time);
         the ids of their uploads ("that named no upload" for a stream that sent nothing)."""
-        cutoff = (time.monotonic() if now is None else now) - self.limits.stream_idle_timeout_s
+        now = time.monotonic() if now is None else now
+        cutoff = now - self.limits.stream_idle_timeout_s
         with self._guard:
-            stalled = [(upload_id, cancel) for upload_id, (writer, cancel)
-                       in self._streams.items() if writer.last_chunk_at < cutoff]
-            stalled += [("that named no upload", cancel)
+            stalled = [(upload_id, cancel, f"no data for {self.limits.stream_idle_timeout_s:.0f} s")
+                       for upload_id, (writer, cancel) in self._streams.items()
+                       if writer.last_chunk_at < cutoff]
+            stalled += [(upload_id, cancel, f"{self._rate(writer, now):.0f} bytes/s, under the "
+                                            f"minimum {self.limits.min_stream_rate:.0f}")
+                        for upload_id, (writer, cancel) in self._streams.items()
+                        if writer.last_chunk_at >= cutoff and self._too_slow(writer, now)]
+            stalled += [("that named no upload", cancel, "no first message")
                         for opened, cancel in self._opening.values() if opened < cutoff]
-        for upload_id, cancel in stalled:
-            log.warning("cancelling upload stream %s: no data for %.0f s", upload_id,
-                        self.limits.stream_idle_timeout_s)
+        for upload_id, cancel, why in stalled:
+            log.warning("cancelling upload stream %s: %s", upload_id, why)
             cancel()
-        return [upload_id for upload_id, _ in stalled]
+        return [upload_id for upload_id, _, _ in stalled]
+
+    def _too_slow(self, writer: UploadWriter, now: float) -> bool:
+        return (now - writer.started_at >= self.limits.rate_grace_s
+                and self._rate(writer, now) < self.limits.min_stream_rate)
+
+    @staticmethod
+    def _rate(writer: UploadWriter, now: float) -> float:
+        return writer.received / max(now - writer.started_at, 1e-9)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Discard uploads idle for longer than the limit and not being written now."""

@@ -43,7 +43,9 @@ class UploadWriter:
         self.digest = digest
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.offset = os.fstat(self._fd).st_size  # accepted so far (written or queued)
-        self.last_chunk_at = time.monotonic()  # a stalled stream is cancelled (slow drip)
+        self.started_at = time.monotonic()
+        self.last_chunk_at = self.started_at  # a stalled stream is cancelled (slow drip)
+        self.received = 0  # bytes this stream brought: a stream below the minimum rate goes
         self.written = self.offset  # on disk
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._to_parse: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUED_CHUNKS)
@@ -70,8 +72,11 @@ class UploadWriter:
                 field="data")
         if self._failure is not None:
             raise self._failure
+        if not data:
+            return  # an empty message is no progress: it does not keep the stream alive
         self._queue.put(data)
         self.offset += len(data)
+        self.received += len(data)
         self.last_chunk_at = time.monotonic()
 
     def _drain(self) -> None:

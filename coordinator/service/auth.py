@@ -224,8 +224,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, book: TokenBook,
                  on_failure: Callable[[str, str], None] | None = None,
-                 limiter: FailureLimiter | None = None, max_calls: int = 4) -> None:
+                 limiter: FailureLimiter | None = None, max_calls: int = 4,
+                 max_streams: int | None = None) -> None:
+        """max_streams: upload streams in flight server-wide; each holds a worker thread for
+        as long as it runs, so keeping it below the server's threads leaves some for health
+        and the short calls whatever the streams do (None: no cap)."""
         self.book = book
+        self.max_streams = max_streams
+        self._streams = 0
         # Called with (peer, reason) after each refused call: logging, rate limiting.
         self.on_failure = on_failure
         self.limiter = limiter or FailureLimiter()
@@ -239,8 +245,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         token = bearer_token(handler_call_details.invocation_metadata)
         admin_only = handler_call_details.method.startswith(ADMIN_PREFIX)
-        return _rebuild(handler, lambda behavior, streaming: self._guard(
-            behavior, streaming, token, admin_only))
+        return _rebuild(handler, lambda behavior, streaming, uploading: self._guard(
+            behavior, streaming, token, admin_only, uploading))
 
     def authorize(self, token: str | None, admin_only: bool, peer: str) -> Identity:
         """The caller's identity, or the GaggleError to answer with.
@@ -290,12 +296,32 @@ class AuthInterceptor(grpc.ServerInterceptor):
             if not self._in_flight[identity.contributor]:
                 del self._in_flight[identity.contributor]
 
+    def stream_in(self) -> None:
+        """Count an upload stream in, or refuse it (UNAVAILABLE: the client retries) when
+        `max_streams` run already."""
+        with self._lock:
+            if self.max_streams is not None and self._streams >= self.max_streams:
+                raise Unavailable(
+                    f"the coordinator is receiving {self.max_streams} uploads, its most at "
+                    "once: retry in a few seconds (submit does, and resumes)", field="calls")
+            self._streams += 1
+
+    def stream_out(self) -> None:
+        with self._lock:
+            self._streams -= 1
+
     def _guard(self, behavior: Callable, streaming: bool, token: str | None,
-               admin_only: bool) -> Callable:
+               admin_only: bool, uploading: bool = False) -> Callable:
         def enter(context: grpc.ServicerContext) -> contextvars.Token:
             try:
                 identity = self.authorize(token, admin_only, context.peer())
                 self.count_in(identity)
+                if uploading:
+                    try:
+                        self.stream_in()
+                    except GaggleError:
+                        self.count_out(identity)
+                        raise
             except GaggleError as err:
                 abort(context, err)
             except Exception:  # the token store failed: a bounded answer, the cause in the log
@@ -309,6 +335,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             identity = _current.get()
             _current.reset(reset)
             self.count_out(identity)
+            if uploading:
+                self.stream_out()
 
         if streaming:
             # A streaming response runs after the behaviour returns its generator, so the
@@ -331,8 +359,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 
 def _rebuild(handler: grpc.RpcMethodHandler,
-             wrap: Callable[[Callable, bool], Callable]) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped, keeping its kind and serializers."""
+             wrap: Callable[[Callable, bool, bool], Callable]) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (told whether its response streams and
+    whether its request does: an upload), keeping its kind and serializers."""
     kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
              ("unary_stream", grpc.unary_stream_rpc_method_handler),
              ("stream_unary", grpc.stream_unary_rpc_method_handler),
@@ -340,7 +369,8 @@ def _rebuild(handler: grpc.RpcMethodHandler,
     for attribute, factory in kinds:
         behavior = getattr(handler, attribute)
         if behavior is not None:
-            return factory(wrap(behavior, handler.response_streaming),
+            return factory(wrap(behavior, handler.response_streaming,
+                                handler.request_streaming),
                            request_deserializer=handler.request_deserializer,
                            response_serializer=handler.response_serializer)
     return handler
