@@ -28,7 +28,7 @@ from coordinator.service.auth import AuthInterceptor, FailureLimiter, TokenBook
 from coordinator.service.health import CoordinatorHealth
 from coordinator.service.servicer import CoordinatorServicer, OnAccepted
 from coordinator.store.experts import Store
-from coordinator.versions.scheduler import SHUTDOWN_S, Assembler, start_assembler
+from coordinator.versions.assembler import SHUTDOWN_S, Assembler, start_assembler
 from protocol.errors import InvalidArgument, Unavailable
 from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
 from routing.device import check_names, set_serving_placement
@@ -61,8 +61,8 @@ class ServerConfig:
     max_update_ratio: float = UploadLimits.max_update_ratio
     max_workers: int = 16  # concurrent RPCs (threads)
     # upload streams in flight at once, all contributors: each holds a thread while it
-    # runs, so the rest (4 by default) stay free for health and short calls
-    max_streams: int = 12
+    # runs, so the rest stay free for health and short calls (default max_workers - 4)
+    max_streams: int | None = None
     grace_s: float = 10.0  # how long SIGTERM waits for in-flight calls
     tracking_uri: str | None = None  # MLflow tracking server (used by version tracking)
     ray_address: str | None = None  # Ray cluster to join (used by assembly)
@@ -84,7 +84,7 @@ class ServerConfig:
         check_names(self.device, self.dtype)
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} is out of range 0-65535", field="port")
-        if not 1 <= self.max_streams < self.max_workers:
+        if self.max_streams is not None and not 1 <= self.max_streams < self.max_workers:
             raise InvalidArgument(f"max_streams must be from 1 to max_workers - 1 "
                                   f"({self.max_workers - 1}), got {self.max_streams}: threads "
                                   "must stay free for health and short calls",
@@ -151,7 +151,7 @@ class CoordinatorServer:
             ThreadPoolExecutor(max_workers=config.max_workers),
             interceptors=[AuthInterceptor(
                 TokenBook(self.store), max_calls=config.max_calls_per_contributor,
-                max_streams=config.max_streams,
+                max_streams=config.max_streams or max(1, config.max_workers - 4),
                 limiter=FailureLimiter(config.auth_max_failures, config.auth_window_s))],
             # One server per port: without this, a second server would silently share it.
             options=[("grpc.so_reuseport", 0)],

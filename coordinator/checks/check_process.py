@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 
-from coordinator.checks.usage import PoisonConfig
+from coordinator.checks.usage import UsageConfig
 from coordinator.store.layout import Layout
 from routing.layers import Cancelled
 
@@ -38,7 +38,7 @@ class CheckProcess:
         self._conn = None
         self._lock = threading.Lock()
 
-    def usage(self, store: Layout, version_id: str, config: PoisonConfig | None = None,
+    def usage(self, store: Layout, version_id: str, config: UsageConfig | None = None,
               cancel: Callable[[], bool] | None = None) -> dict:
         """The version's usage report (coordinator.checks.usage.version_usage), measured in
         the child. Raises Cancelled when `cancel` turns true (the child is stopped); a child
@@ -46,7 +46,7 @@ class CheckProcess:
         with self._lock:
             self._start()
             self._conn.send((str(Layout.of(store).root), version_id,
-                             asdict(config or PoisonConfig())))
+                             asdict(config or UsageConfig())))
             while not self._conn.poll(_POLL_S):
                 if cancel is not None and cancel():
                     self._stop()
@@ -103,5 +103,5 @@ def _serve(conn, placement: dict[str, str]) -> None:
             root, version_id, config = conn.recv()
         except (EOFError, KeyboardInterrupt):
             os._exit(0)
-        report = version_usage(VersionStore(root), version_id, PoisonConfig(**config))
+        report = version_usage(VersionStore(root), version_id, UsageConfig(**config))
         conn.send(report)

@@ -1,7 +1,9 @@
-"""Poisoned-expert check: the share of routed tokens each expert of a router version takes on
-fixed public evaluation prompts, with the experts above a threshold flagged.
+"""The usage check: the share of routed tokens each expert of a router version takes on fixed
+public evaluation prompts, with the experts above a threshold flagged (routing capture), and
+whether every output was finite. A version goes live only when it passes
+(coordinator.checks.verdict).
 
-A poisoned gate (for instance one aligned with the mean activation of every module) wins the
+A capturing gate (for instance one aligned with the mean activation of every module) wins the
 router's first choice for nearly every token, whatever the input. We count, per module, the
 share of tokens whose TOP-1 expert (the first of the top-k slots, the one with the largest
 mixture weight) is each expert, and average it over the modules the expert adapts. An expert
@@ -41,7 +43,7 @@ _LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
-class PoisonConfig:
+class UsageConfig:
     """How expert usage is measured and when an expert is flagged."""
 
     # First test inputs of each held-out task, each cut to max_tokens tokens, routed in one
@@ -59,7 +61,7 @@ class PoisonConfig:
     max_adapter_bytes: int = 512 << 20
 
 
-def evaluation_prompts(config: PoisonConfig = PoisonConfig()) -> list[str]:
+def evaluation_prompts(config: UsageConfig = UsageConfig()) -> list[str]:
     """The fixed public prompt set: the first test inputs of every held-out task."""
     return [example.input for task in HELD_OUT
             for example in split(task).test[:config.prompts_per_task]]
@@ -107,7 +109,7 @@ def top1_shares(model, tokenizer, prompts: list[str], max_tokens: int,
 
 
 def usage_report(routed: Routed, members: dict[str, list[str]], prompts: int,
-                 config: PoisonConfig = PoisonConfig()) -> dict:
+                 config: UsageConfig = UsageConfig()) -> dict:
     """Per expert: mean top-1 share over the modules it adapts, the uniform share there, and
     whether it is flagged; and how many tokens had a non-finite logit or no finite mixture
     (either fails the version). members: module -> names of the experts adapting it."""
@@ -167,7 +169,7 @@ def shares_by_layer(shares: dict[str, torch.Tensor], experts: list[str],
     return {"layers": sorted(layers), "experts": [experts[i] for i in kept], "shares": rows}
 
 
-def measure_router(weights, base, config: PoisonConfig = PoisonConfig(),
+def measure_router(weights, base, config: UsageConfig = UsageConfig(),
                    prompts: list[str] | None = None,
                    cancel: Callable[[], bool] | None = None) -> dict:
     """The usage report of RouterWeights on a loaded BaseModel (routed, then unrouted).
@@ -192,7 +194,7 @@ def cached_usage(versions: VersionStore, version_id: str) -> dict | None:
 
 
 def version_usage(versions: VersionStore, version_id: str,
-                  config: PoisonConfig = PoisonConfig(),
+                  config: UsageConfig = UsageConfig(),
                   cancel: Callable[[], bool] | None = None) -> dict:
     """The usage report of a version: read from its folder's usage.json, else measured once
     and written there. A failure is reported as {"error": ...} and not cached; the only
@@ -213,7 +215,7 @@ def version_usage(versions: VersionStore, version_id: str,
         return {"error": f"{type(err).__name__}: {err}"[:300]}
     if report["flagged"]:
         log.warning("version %s: experts %s take more than their share of the tokens "
-                    "(possible poisoning)", version_id, report["flagged"])
+                    "(routing capture)", version_id, report["flagged"])
     write_usage_charts(report, folder)  # before usage.json: it marks the check done
     atomic_write(path, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
     return report

@@ -20,7 +20,7 @@ FILE_ONLY = (
     ("store_quota_bytes", "none", "stored plus in-flight archive bytes, all contributors"),
     ("max_update_ratio", "10.0", "largest ||dW|| of a module over its base weight's (0: none)"),
     ("max_workers", "16", "calls handled at once (one thread each)"),
-    ("max_streams", "12", "upload streams at once, all contributors (below max_workers)"),
+    ("max_streams", "none", "upload streams at once, all contributors (max_workers - 4)"),
     ("max_calls_per_contributor", "4", "one contributor's calls in flight"),
     ("grace_s", "10.0", "how long SIGTERM waits for calls in flight"),
     ("auth_max_failures", "10", "failed authentications per host and window"),

@@ -62,7 +62,7 @@ class UploadLimits:
     # A stream that brought less than this many bytes per second, averaged from its start,
     # is cancelled once it is rate_grace_s old (the upload resumes from its committed bytes):
     # a drip of a byte a second would otherwise hold a server thread for hours.
-    min_stream_rate: float = 16 * 1024
+    min_stream_rate: float = 16384.0
     rate_grace_s: float = 30.0
     quota_bytes: int | None = None  # total stored + in-flight archive bytes; None: no quota
     # largest update of a module, ||dW||_F over the base weight's ||W||_F (0: no bound);

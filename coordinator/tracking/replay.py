@@ -337,7 +337,7 @@ def version_tags(payload: dict) -> dict[str, str]:
 
 
 def _usage_tags(payload: dict) -> dict[str, str]:
-    """`usage.*` tags: each expert's share of routed tokens, the flagged (poisoned-looking)
+    """`usage.*` tags: each expert's share of routed tokens, the flagged (capturing)
     experts (coordinator.checks.usage); none for payloads queued before the check existed."""
     if not payload.get("usage"):
         return {}

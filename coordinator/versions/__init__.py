@@ -1,1 +1,2 @@
-"""Router versions: assembly on Ray, its scheduler, diff, promotion and the history table."""
+"""Router versions: assembly on Ray, the assembler thread, checks to live, diff, promotion,
+pruning and the history table."""

@@ -19,7 +19,7 @@ from coordinator.versions.assemble import (
     load_bundle_files,
     select_experts,
 )
-from coordinator.versions.scheduler import Assembler
+from coordinator.versions.assembler import Assembler
 from protocol.bundle import GATES, load_bundle, save_bundle
 from protocol.errors import FailedPrecondition, InvalidArgument, InvalidBundle
 from routing.keys import KEY_FIELDS, expert_keys, read_key_shard

@@ -19,7 +19,7 @@ from coordinator.checks.evaluation import (
     read_evaluation,
     save_active_config,
 )
-from coordinator.checks.evaluation_thread import Evaluator
+from coordinator.checks.evaluator import Evaluator
 from coordinator.cli import main
 from coordinator.store.versions import VersionStore
 from coordinator.versions.assemble import assemble

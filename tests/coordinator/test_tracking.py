@@ -12,7 +12,7 @@ from coordinator.cli import main
 from coordinator.store.versions import VersionStore
 from coordinator.tracking.names import EXPERIMENT, REGISTERED_MODEL, TAG_VERSION
 from coordinator.tracking.tracker import MAX_RUN_AGE_S, Tracker, run_window
-from coordinator.versions.scheduler import Assembler
+from coordinator.versions.assembler import Assembler
 from protocol.manifest import MANIFEST, read_manifest
 from routing.router import route, unroute
 from tests.harness import postgres

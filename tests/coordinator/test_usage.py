@@ -6,7 +6,7 @@ import json
 
 from coordinator.checks.usage import (
     USAGE_FILE,
-    PoisonConfig,
+    UsageConfig,
     evaluation_prompts,
     measure_router,
     version_usage,
@@ -21,7 +21,7 @@ from routing.version import KEYS_DIR
 from tests.harness.bundles import mean_activations
 from tests.harness.stores import add_expert, make_store
 
-CONFIG = PoisonConfig(prompts_per_task=3, max_tokens=32)
+CONFIG = UsageConfig(prompts_per_task=3, max_tokens=32)
 
 
 def test_a_gate_aligned_with_the_mean_activation_is_flagged_and_no_other(tiny_base, tiny_spec):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from contributor.client import Connection, CoordinatorClient
-from coordinator.checks.usage import PoisonConfig, evaluation_prompts
+from coordinator.checks.usage import UsageConfig, evaluation_prompts
 from coordinator.cli import main
 from coordinator.store.experts import Store
 from coordinator.store.versions import VersionStore
@@ -65,7 +65,7 @@ def test_poisoned_experts_never_go_live_and_the_next_version_does(tmp_path, tiny
         live = versions.current_id()
         assert main(["promote", live, "--store", str(root)]) == 0
 
-        prompts = evaluation_prompts(PoisonConfig())
+        prompts = evaluation_prompts(UsageConfig())
         attacks = {"capture": submit("mallory", capture_bundle(tiny_base, "capture", prompts)),
                    "huge": submit("mallory", huge_bundle(tiny_spec, "huge"))}
         reasons = {name: _wait(lambda i=i: _quarantine(root, i), 180, f"{name} quarantined",

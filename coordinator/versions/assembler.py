@@ -1,4 +1,4 @@
-"""The scheduler behind the server's `on_accepted` hook: at most one assembly in flight, in a
+"""The assembler behind the server's `on_accepted` hook: at most one assembly in flight, in a
 background thread; experts accepted meanwhile go into the next assembly.
 
 The hook only appends to a list and sets an event, so an upload RPC never waits for Ray or
@@ -16,7 +16,7 @@ import time
 
 from coordinator.checks.check_process import CheckProcess
 from coordinator.checks.evaluation import MEAN, EvaluationConfig
-from coordinator.checks.evaluation_thread import Evaluator
+from coordinator.checks.evaluator import Evaluator
 from coordinator.checks.usage import USAGE_FILE
 from coordinator.checks.verdict import Verdict, judge
 from coordinator.ray_cluster import parse_resources
