@@ -245,7 +245,7 @@ def consumer_store(store: Path, args: argparse.Namespace) -> dict:
     before = _rss_mb()
     started = time.perf_counter()
     versions = VersionStore(store)
-    version_id = versions.current_id()
+    version_id = os.environ.get("GAGGLE_SCALE_VERSION") or versions.current_id()
     weights = versions.router(version_id)
     route(base, weights)
     loaded = time.perf_counter() - started
@@ -262,6 +262,9 @@ def consumer_store(store: Path, args: argparse.Namespace) -> dict:
         unroute(base.model)
         result["max_abs_logit_diff"] = float((paged - expected).abs().max())
         result["same_top_k"] = all(torch.equal(paged_choices[m], choices[m]) for m in choices)
+        differ = sum(int((paged_choices[m] != choices[m]).any(-1).sum()) for m in choices)
+        total = sum(choices[m].shape[0] for m in choices)
+        result["top_k_differ_share"] = differ / max(total, 1)  # near-ties in float32
     return result
 
 

@@ -10,10 +10,11 @@ experts its tokens picked; the missing ones are read from their bundle's
 slots. When one call picks more experts than a module has slots, the layer runs them in
 chunks of `capacity` (routing.layers), so any bound gives the same outputs, only slower.
 
-The bound is in bytes over every module (`AdapterPool(max_bytes=...)`): each module gets the
-same number of slots, `max_bytes` divided by what one expert's factors take in all modules.
-Slabs grow to that number as experts are first used, so a small collection never allocates
-the whole bound.
+The bound is in bytes over every module (`AdapterPool(max_bytes=...)`, counted in float32):
+each module gets the same number of slots, `max_bytes` divided by what one expert's factors
+take in all modules, and never more than it has experts. A module's slabs are allocated whole
+when it first pages an expert in (zeroed pages cost no memory until a slot is filled), so
+memory stays within the bound with no copy from growing.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class ModulePages:
                    "ia3_out": "ia3_out" in kinds, "ia3_in": "ia3_in" in kinds}
         self._shapes = {k: shapes[k] for k, used in present.items() if used}
         self.slabs: dict[str, torch.Tensor] = {}
-        self.size = 0  # slots allocated so far (grows up to capacity)
+        self.size = 0  # slots used so far (up to capacity)
         count = len(self.kinds)
         self.slot_of = torch.full((count,), -1, dtype=torch.long)  # local position -> slot
         self.owner = torch.full((self.capacity,), -1, dtype=torch.long)  # slot -> position
@@ -198,12 +199,15 @@ class ModulePages:
         return self._slot_of_device
 
     def _victims(self, keep: torch.Tensor, count: int) -> list[int]:
-        """`count` slots to fill: new ones while the slabs may grow, then free ones, then the
-        least recently used of those not in `keep`."""
+        """`count` slots to fill: never used ones first, then free ones, then the least
+        recently used of those not in `keep`."""
+        if not self.slabs:
+            self.slabs = {name: torch.zeros(self.capacity, *shape, dtype=self.dtype,
+                                            device=self.device)
+                          for name, shape in self._shapes.items()}
         fresh = min(count, self.capacity - self.size)
         victims = list(range(self.size, self.size + fresh))
-        if fresh:
-            self._grow(self.size + fresh)
+        self.size += fresh
         if count > fresh:
             order = self.last_used[:self.size].clone()
             order[self.owner[:self.size] < 0] = -1
@@ -211,14 +215,6 @@ class ModulePages:
             order[victims] = torch.iinfo(torch.long).max
             victims += torch.argsort(order, stable=True)[:count - fresh].tolist()
         return victims
-
-    def _grow(self, size: int) -> None:
-        for name, shape in self._shapes.items():
-            slab = torch.zeros(size, *shape, dtype=self.dtype, device=self.device)
-            if self.size:
-                slab[:self.size] = self.slabs[name]
-            self.slabs[name] = slab
-        self.size = size
 
     def _fill(self, positions: list[int], slots: list[int]) -> None:
         for position, slot in zip(positions, slots, strict=True):
@@ -244,7 +240,8 @@ class ModulePages:
             self.slabs[kind][slot] = self.files.read(expert, f"{self.name}.ia3").float() - 1.0
 
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.slabs.values())
+        """Bytes of the slots in use (the slabs' untouched rest costs no memory)."""
+        return sum(t[:self.size].numel() * t.element_size() for t in self.slabs.values())
 
 
 def _slot_values(router) -> int:

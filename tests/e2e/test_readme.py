@@ -100,6 +100,20 @@ ELSEWHERE = {
     "mlflow server": Elsewhere(
         "tests/coordinator/test_tracking.py", "postgres.PostgresServer().start()",
         "needs a PostgreSQL server; the tracking tests start one and this server on it"),
+    "make venv": Elsewhere(
+        "Makefile", "venv: $(STAMP)", "the set-up every make target runs first"),
+    "python -m tasks list": Elsewhere(
+        "tests/tasks/test_export.py", '"-m", "tasks", "list"', "the task CLI's test runs it"),
+    "gaggle-coordinator experts release": Elsewhere(
+        "tests/e2e/test_version_checks.py", '"experts", "release"',
+        "needs a quarantined expert: the version-check test makes one, then releases it"),
+    "gaggle-coordinator prune": Elsewhere(
+        "tests/coordinator/test_prune.py", '"prune", "--keep-last", "1", "--dry-run"',
+        "needs a history of versions to prune; the prune tests build one"),
+    "python -m bench.scale": Elsewhere(
+        "tests/bench/test_scale.py", "from bench.scale import main",
+        "real-size experts for hours; the slow test runs the same main() on the tiny model",
+        parser="bench.scale:parse_args"),
     "python -m bench.zeroshot": Elsewhere(
         "tests/bench/test_zeroshot_tiny.py", "from bench.zeroshot.__main__ import main",
         "SmolLM2 for tens of minutes; the slow test runs the same main() with --tiny",

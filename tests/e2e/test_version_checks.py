@@ -89,6 +89,8 @@ def test_poisoned_experts_never_go_live_and_the_next_version_does(tmp_path, tiny
             mine = {e.expert_id: e.quarantine for e in client.list_experts("mallory")}
         assert set(mine) == set(attacks.values()) and all(mine.values())
         assert all(len(reason) <= 300 for reason in mine.values())
+        assert main(["experts", "release", attacks["capture"][:12], "--store", str(root)]) == 0
+        assert _quarantine(root, attacks["capture"]) is None
 
         # MLflow's `latest` is the newest live version; the rejected ones are runs only
         from mlflow import MlflowClient
