@@ -4,6 +4,8 @@
 - the manifest is a closed schema: every key known, strings and numbers bounded, no nesting
   past the schema's and no duplicate keys, safetensors metadata limited, training figures
   from a fixed vocabulary; the stored manifest is exactly the bytes the expert id covers;
+- safetensors headers hold tensors and nothing else; gates that the router's layer norm
+  would turn into zero keys, and updates far beyond the base weight, are no trained expert;
 - the base model's name in a manifest is the contributor's label: versions record the
   coordinator's own;
 - error messages are short and name no server path;
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from coordinator.store.versions import VersionStore
-from protocol.bundle import ADAPTER, MANIFEST, sha256_file
+from protocol.bundle import ADAPTER, GATES, MANIFEST, sha256_file
 from protocol.status import MAX_MESSAGE_BYTES
 from tests.harness.bundles import archive_of, make_bundle, raw_upload, store_snapshot
 from tests.harness.servers import add_token, seed_base_spec, start_coordinator, wait_for
@@ -64,6 +67,37 @@ def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
+def with_tensors(folder: Path, file: str, edit) -> Path:
+    """Rewrite a tensor file with `edit(tensors)` and put its new sha256 in the manifest."""
+    tensors = load_file(folder / file)
+    edit(tensors)
+    save_file(tensors, folder / file)
+    return edit_json(folder, lambda m: m["files"].update({file: sha256_file(folder / file)}))
+
+
+def with_header_note(folder: Path) -> Path:
+    """64 KB of text beside a tensor's dtype, shape and offsets in the adapter's header."""
+    path = folder / ADAPTER
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header[next(k for k in header if k != "__metadata__")]["note"] = "x" * 64_000
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    return edit_json(folder, lambda m: m["files"].update({ADAPTER: sha256_file(path)}))
+
+
+def _all(tensors: dict, value: float) -> None:
+    for key, tensor in tensors.items():
+        tensors[key] = torch.full_like(tensor, value)
+
+
+def _alternating(tensors: dict, value: float) -> None:
+    for key, tensor in tensors.items():
+        tensors[key] = torch.where(torch.rand_like(tensor) < 0.5, value, -value)
+
+
 # Each case breaks one promise of the schema; the name says which.
 HOSTILE = {
     "huge_base_name": lambda f: edit_json(f, lambda m: m["base_model"].update(name=BIG)),
@@ -85,6 +119,10 @@ HOSTILE = {
     "nan_constant": lambda f: edit_manifest(f, lambda t: t.replace(
         '"format_version":1', '"format_version":NaN', 1)),
     "safetensors_metadata_text": lambda f: with_adapter_metadata(f, {"note": BIG}),
+    "text_in_a_tensor_header_entry": with_header_note,
+    "constant_gates": lambda f: with_tensors(f, GATES, lambda t: _all(t, 1.0)),
+    "update_of_1e10_everywhere": lambda f: with_tensors(f, ADAPTER,
+                                                        lambda t: _alternating(t, 1e10)),
 }
 
 
