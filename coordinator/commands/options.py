@@ -20,7 +20,8 @@ def store_option(parser: argparse.ArgumentParser, *, create: bool = False) -> No
 
 def tracking_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri",
-                        help="MLflow tracking server, http://HOST:PORT (default: an embedded "
+                        help="MLflow tracking server, http://HOST:PORT (default: where this "
+                             "store's `serve` tracks, as it recorded it; else an embedded "
                              "SQLite store inside the store folder)")
 
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.store.layout import Layout
+from coordinator.store.layout import Layout, atomic_write
 from coordinator.store.objects import DiskObjects
 from coordinator.tracking import replay
 from coordinator.tracking.names import (
@@ -44,12 +44,28 @@ from routing.version import EXPERTS_DIR, VersionManifest
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
                     "DEADLINE_EXCEEDED", "ABORTED"}
 _MLFLOW_LOCK = threading.Lock()  # mlflow's fluent API keeps a process-global tracking URI
+RECORDED_URI = "uri"  # in the tracking folder: where the serving coordinator tracks
 log = logging.getLogger(__name__)
 
 
 def default_tracking_uri(store: Layout | str | os.PathLike) -> str:
     """The embedded SQLite tracking store inside the coordinator's store folder."""
     return f"sqlite:///{(Layout.of(store).mlflow / 'mlflow.db').resolve()}"
+
+
+def store_tracking_uri(store: Layout | str | os.PathLike) -> str:
+    """Where a store's coordinator tracks: the URI `serve` recorded there, else the embedded
+    store. Operator commands default to it, so none starts a second history by mistake."""
+    path = Layout.of(store).tracking / RECORDED_URI
+    try:
+        return path.read_text(encoding="utf-8").strip() or default_tracking_uri(store)
+    except FileNotFoundError:
+        return default_tracking_uri(store)
+
+
+def record_tracking_uri(store: Layout | str | os.PathLike, uri: str) -> None:
+    """Remember where this store's coordinator tracks (serve calls it at start)."""
+    atomic_write(Layout.of(store).tracking / RECORDED_URI, (uri + "\n").encode())
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class Tracker:
     def __init__(self, store: Layout | str | os.PathLike,
                  tracking_uri: str | None = None) -> None:
         self.layout = Layout.of(store)
-        self.uri = tracking_uri or default_tracking_uri(self.layout)
+        self.uri = tracking_uri or store_tracking_uri(self.layout)
         self.queue = OpQueue(self.layout.tracking)
         self._wake = threading.Event()
         self._stop = threading.Event()

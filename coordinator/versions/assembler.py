@@ -22,7 +22,12 @@ from coordinator.checks.verdict import Verdict, judge
 from coordinator.ray_cluster import parse_resources
 from coordinator.store.experts import Store
 from coordinator.store.versions import VersionStore
-from coordinator.tracking.tracker import Tracker, expert_payload, rejection_payload
+from coordinator.tracking.tracker import (
+    Tracker,
+    expert_payload,
+    record_tracking_uri,
+    rejection_payload,
+)
 from coordinator.versions.assemble import (
     AssemblyConfig,
     AssemblyResult,
@@ -304,6 +309,8 @@ def start_assembler(store: Store, *, tracking_uri: str | None = None,
     """
     config = AssemblyConfig(ray_address=ray_address, resources=parse_resources(ray_resources))
     tracker = Tracker(store.root, tracking_uri) if tracking else None
+    if tracker is not None:  # operator commands on this store track into the same MLflow
+        record_tracking_uri(store.layout, tracker.uri)
     evaluator = None
     if eval_config is not None:
         if base is None and store.cached_base_spec() is not None:

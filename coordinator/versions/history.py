@@ -8,7 +8,7 @@ from pathlib import Path
 from coordinator.checks.evaluation import read_evaluation
 from coordinator.checks.usage import cached_usage
 from coordinator.store.versions import VersionStore
-from coordinator.tracking.tracker import Tracker, default_tracking_uri
+from coordinator.tracking.tracker import Tracker, default_tracking_uri, store_tracking_uri
 from protocol.errors import GaggleError
 
 
@@ -22,10 +22,11 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
     current, champion = versions.current_id(), versions.champion_id()
     registry: dict[str, dict] = {}
     note = None
+    uri = tracking_uri or store_tracking_uri(root)
     embedded = Path(default_tracking_uri(root).removeprefix("sqlite:///"))
-    if tracking_uri or embedded.exists():
+    if uri != default_tracking_uri(root) or embedded.exists():
         try:
-            registry = Tracker(root, tracking_uri).model_versions()
+            registry = Tracker(root, uri).model_versions()
         except GaggleError as err:
             note = str(err)
     rows = []

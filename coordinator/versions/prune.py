@@ -101,12 +101,12 @@ def apply_prune(store: Store, plan: PrunePlan, tracking_uri: str | None = None) 
 
 def _prune_mlflow(layout: Layout, plan: PrunePlan, tracking_uri: str | None) -> None:
     """Delete the removed versions' model versions and the removed experts' logged files."""
-    from coordinator.tracking.tracker import Tracker, default_tracking_uri
+    from coordinator.tracking.tracker import Tracker, default_tracking_uri, store_tracking_uri
 
-    embedded = default_tracking_uri(layout)
-    if tracking_uri is None and not (layout.mlflow / "mlflow.db").is_file():
+    uri = tracking_uri or store_tracking_uri(layout)
+    if uri == default_tracking_uri(layout) and not (layout.mlflow / "mlflow.db").is_file():
         return  # nothing was ever tracked here
-    tracker = Tracker(layout, tracking_uri or embedded)
+    tracker = Tracker(layout, uri)
     with tracker.mlflow() as client:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 

@@ -135,3 +135,19 @@ def test_assemble_command_tracks_into_the_embedded_store(tmp_path, tiny_spec, ca
     assert main(["versions", "--store", str(store.root), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["mlflow_version"] == 1
+
+
+def test_operator_commands_track_where_serve_does_never_into_a_second_history(two_versions,
+                                                                             capsys):
+    """The coordinator tracks into a remote MLflow (here one that is down): `promote` and
+    `versions` without --tracking-uri use that one, and create no embedded store."""
+    from coordinator.tracking.tracker import record_tracking_uri
+
+    store, _, v2, _, _ = two_versions
+    remote = "http://127.0.0.1:9"
+    record_tracking_uri(store.layout, remote)  # as `serve --tracking-uri` records it
+    assert main(["promote", v2, "--store", str(store.root)]) == 0
+    assert remote in capsys.readouterr().out  # queued for that MLflow, to replay later
+    assert main(["versions", "--store", str(store.root)]) == 0
+    assert remote in capsys.readouterr().err  # unreachable: said, not replaced
+    assert not (store.root / "mlflow" / "mlflow.db").exists()
