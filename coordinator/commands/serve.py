@@ -18,7 +18,7 @@ FILE_ONLY = (
     ("min_upload_rate", "16384.0", "bytes/s a stream must average (it may resume if cut)"),
     ("upload_rate_grace_s", "30.0", "how old a stream is before its rate counts"),
     ("store_quota_bytes", "none", "stored plus in-flight archive bytes, all contributors"),
-    ("max_update_ratio", "10.0", "largest ||dW|| of a module over its base weight's (0: none)"),
+    ("max_update_ratio", "100.0", "largest ||dW|| of a module over its base weight's (0: none)"),
     ("max_workers", "16", "calls handled at once (one thread each)"),
     ("max_streams", "none", "upload streams at once, all contributors (max_workers - 4)"),
     ("max_calls_per_contributor", "4", "one contributor's calls in flight"),
