@@ -54,24 +54,44 @@ class AdapterFiles:
     def read(self, position: int, name: str) -> torch.Tensor:
         """Tensor `name` of expert `position`, as a new float CPU tensor."""
         with self._lock:
-            path, start, header = self._header(position)
-            entry = header.get(name)
-            if entry is None:
-                raise InvalidArgument(f"{path} holds no tensor {name!r}: the bundle does not "
-                                      "match its key shard", field="adapter")
-            dtype, size = _DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            out = torch.empty(tuple(entry["shape"]), dtype=dtype)
-            if end - begin != out.numel() * size:
-                raise InvalidArgument(f"{path}: tensor {name!r} has {end - begin} bytes for "
-                                      f"shape {tuple(out.shape)}", field="adapter")
-            handle = self._handle(position, path)
-            got = os.preadv(handle.fileno(), [memoryview(out.view(torch.uint8).numpy())],
-                            start + begin) if out.numel() else 0
-            if got != end - begin:
-                raise InvalidArgument(f"{path} is shorter than its header says", field="adapter")
-            self.reads += 1
+            path, start, entry = self._entry(position, name)
+            out = torch.empty(tuple(entry["shape"]), dtype=_DTYPES[entry["dtype"]][0])
+            self._pread(position, path, start, entry, out)
             return out
+
+    def read_into(self, position: int, name: str, out: torch.Tensor) -> None:
+        """Tensor `name` of expert `position` into `out`: read straight into its memory when
+        it is a contiguous CPU tensor of the stored dtype and shape, else read and copied."""
+        with self._lock:
+            path, start, entry = self._entry(position, name)
+            direct = (out.device.type == "cpu" and out.is_contiguous()
+                      and out.dtype == _DTYPES[entry["dtype"]][0]
+                      and tuple(out.shape) == tuple(entry["shape"]))
+            if direct:
+                self._pread(position, path, start, entry, out)
+                return
+        out.copy_(self.read(position, name))
+
+    def _entry(self, position: int, name: str) -> tuple[Path, int, dict]:
+        path, start, header = self._header(position)
+        entry = header.get(name)
+        if entry is None:
+            raise InvalidArgument(f"{path} holds no tensor {name!r}: the bundle does not "
+                                  "match its key shard", field="adapter")
+        return path, start, entry
+
+    def _pread(self, position: int, path: Path, start: int, entry: dict,
+               out: torch.Tensor) -> None:
+        begin, end = entry["data_offsets"]
+        if end - begin != out.numel() * _DTYPES[entry["dtype"]][1]:
+            raise InvalidArgument(f"{path}: a tensor has {end - begin} bytes for shape "
+                                  f"{tuple(out.shape)}", field="adapter")
+        handle = self._handle(position, path)
+        got = os.preadv(handle.fileno(), [memoryview(out.view(torch.uint8).numpy())],
+                        start + begin) if out.numel() else 0
+        if got != end - begin:
+            raise InvalidArgument(f"{path} is shorter than its header says", field="adapter")
+        self.reads += 1
 
     def _header(self, position: int) -> tuple[Path, int, dict]:
         if position not in self._headers:
@@ -226,16 +246,20 @@ class ModulePages:
             self.slot_of[position] = slot
 
     def _read(self, position: int, slot: int) -> None:
-        """Copy one expert's factors for this module into a slot (zero-padded rank)."""
+        """Copy one expert's factors for this module into a slot: A read straight into the
+        slab, B through its transpose; the padded rank and other kinds' rows zeroed."""
         expert, kind = self.collection[position], self.kinds[position]
-        for name in self._shapes:
-            self.slabs[name][slot].zero_()
+        for name in self._shapes:  # rows of the kinds this expert is not (mixed modules)
+            if not name.startswith("lora" if kind == "lora" else kind):
+                self.slabs[name][slot].zero_()
         if kind == "lora":
-            lora_A = self.files.read(expert, f"{self.name}.lora_A")  # (r_e, d_in)
             lora_B = self.files.read(expert, f"{self.name}.lora_B")  # (d_out, r_e)
-            rank = lora_A.shape[0]
-            self.slabs["lora_A"][slot, :rank] = lora_A
+            rank = lora_B.shape[1]
+            self.files.read_into(expert, f"{self.name}.lora_A", self.slabs["lora_A"][slot, :rank])
             self.slabs["lora_B_t"][slot, :rank] = lora_B.T
+            if rank < self.rank:
+                self.slabs["lora_A"][slot, rank:] = 0
+                self.slabs["lora_B_t"][slot, rank:] = 0
         else:
             self.slabs[kind][slot] = self.files.read(expert, f"{self.name}.ia3").float() - 1.0
 

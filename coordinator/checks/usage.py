@@ -58,7 +58,7 @@ class UsageConfig:
     ratio: float = 2.0  # flag at this multiple of the uniform share 1/E...
     min_share: float = 0.5  # ...and at least this share of the tokens
     # experts' adapter bytes paged in at once while measuring (routing.paging)
-    max_adapter_bytes: int = 512 << 20
+    max_adapter_bytes: int = 1 << 30
 
 
 def evaluation_prompts(config: UsageConfig = UsageConfig()) -> list[str]:
