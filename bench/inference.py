@@ -1,8 +1,8 @@
 """Inference cost of PHATGOOSE routing on SmolLM2-135M: base vs routed (8/64/512 experts) vs naive.
 
     python -m bench.inference            # full run, writes bench/results/inference.json
-    python -m bench.inference --quick    # 8 and 64 experts, 2 rounds: < 1 minute, writes
-                                         # bench/results/quick/inference.json
+    python -m bench.inference --quick    # 8 and 64 experts, 2 rounds: < 1 minute; its JSON
+                                         # goes to a temporary folder unless --out says
 
 Experts are seeded random LoRA factors and gates (r=8 on all 210 linears, drawn like
 routing.synthetic.random_bundle's), so the figures measure cost, not quality. Every round
@@ -13,7 +13,8 @@ wall and CPU seconds are kept: on a shared machine, `--threads 1` with CPU secon
 steadiest ratios. The "best" ratios divide each configuration's fastest run by the base's
 fastest: the runs least disturbed by other processes (cache and memory-bandwidth contention
 inflate CPU seconds too). The load average before and after the run is recorded as well.
-The first round runs one untimed warm-up forward per configuration (allocator, kernels).
+An untimed warm-up round runs every configuration once first (allocator, kernels, caches):
+a first forward costs several times a warm one and would flatter whatever it is divided by.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,6 +141,11 @@ def measure(base: BaseModel, routed: dict[str, dict[str, nn.Module]], tokens: to
         this_round.append(f"{label} {times[label][-1][1]:.2f}")
         return times[label][-1]
 
+    timed_forward(model, tokens)  # the warm-up round: the base, then every configuration
+    for layers in routed.values():
+        install(model, layers)
+        timed_forward(model, tokens)
+        uninstall(model, layers)
     for round_index in range(rounds):
         first = round_index == 0
         for label, layers in routed.items():
@@ -216,12 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                         "routed layers")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default bench/results/inference.json; with --quick "
-                        "bench/results/quick/inference.json, so a quick run never overwrites "
-                        "the committed full results)")
+                        "a temporary folder, so a quick run writes nothing in the checkout)")
     args = parser.parse_args(argv)
     if args.out is None:
-        results = Path("bench/results") / ("quick" if args.quick else "")
-        args.out = results / "inference.json"
+        args.out = (Path(tempfile.mkdtemp(prefix="gaggle-inference-")) if args.quick
+                    else Path("bench/results")) / "inference.json"
     rounds = args.rounds or (2 if args.quick else 7)
     counts = args.experts or ([8, 64] if args.quick else [8, 64, 512])
     if args.threads:
