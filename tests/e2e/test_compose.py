@@ -212,3 +212,40 @@ def test_ray_nodes_offer_what_the_coordinators_ray_work_needs(compose):
             assert not set(store_volume) & {v.split(":")[0] for v in
                                             services[node_name].get("volumes", [])}, (
                 f"{node_name} mounts {name}'s store: Ray work must not depend on it")
+
+
+def test_mlflow_with_compose_flags_answers_the_host_name_other_services_use(compose, tmp_path):
+    """The coordinator reaches MLflow as `mlflow:5000`; MLflow refuses Host headers it does
+    not allow (DNS-rebinding protection). A real server started with compose's flags (SQLite
+    in place of PostgreSQL, a free port) answers that Host header."""
+    import http.client
+    import os
+    import subprocess
+    import sys
+
+    from demo.processes import free_port, http_ok, wait_until
+
+    argv = _argv(compose["services"]["mlflow"])
+    allowed = _flag(argv, "--allowed-hosts")
+    assert "mlflow:5000" in allowed.split(",")
+    port = free_port()
+    flags = ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--allowed-hosts",
+             f"{allowed},127.0.0.1:{port}"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(tmp_path / "mlflow.log", "wb") as log:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server",
+                                   *flags], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 120, "mlflow", server)
+        for host, expected in (("mlflow:5000", 200), ("evil.example:5000", 403)):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("GET", "/api/2.0/mlflow/experiments/get-by-name"
+                               "?experiment_name=Default", headers={"Host": host})
+            assert connection.getresponse().status == expected, host
+            connection.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
