@@ -57,13 +57,10 @@ class RouterModel(PythonModel):
         which declares these params, with one inferred from the hint, which has none."""
         import torch
 
-        from routing.router import route
-
         settings = DEFAULTS | (params or {})
         wanted = (str(settings["method"]), int(settings["top_k"]))
         if wanted != self.routed:
-            route(self.base, self.weights, method=wanted[0], top_k=wanted[1])
-            self.routed = wanted
+            self._route(*wanted)
         tokenizer, model = self.base.tokenizer, self.base.model
         outputs = []
         for prompt in _prompts(model_input):  # one at a time: no padding side effects
@@ -75,6 +72,30 @@ class RouterModel(PythonModel):
             new_tokens = generated[0, encoded["input_ids"].shape[1]:]
             outputs.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
         return outputs
+
+
+    def _route(self, method: str, top_k: int) -> None:
+        """Route with another method, or refuse it with a 400 that says what is accepted
+        (a generic error otherwise, under `mlflow models serve`)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from protocol.errors import GaggleError
+        from routing.methods import TOKEN_METHODS
+        from routing.router import route
+
+        accepted = [*TOKEN_METHODS, "single:<contributor/name>"]
+        try:
+            if method not in TOKEN_METHODS and not method.startswith("single:"):
+                raise ValueError(f"method {method!r} is not served here: use one of "
+                                 f"{accepted} (retrieval and smear need per-example inputs: "
+                                 "route the model yourself, see routing.router)")
+            route(self.base, self.weights, method=method, top_k=top_k)
+        except (GaggleError, ValueError) as err:
+            route(self.base, self.weights, method=self.routed[0], top_k=self.routed[1])
+            raise MlflowException(str(err)[:1000],
+                                  error_code=INVALID_PARAMETER_VALUE) from None
+        self.routed = (method, top_k)
 
 
 def _router(context, max_adapter_bytes: int):

@@ -90,3 +90,18 @@ def test_set_serving_placement_is_what_the_workers_read(monkeypatch):
     monkeypatch.delenv(DTYPE_ENV, raising=False)
     set_serving_placement("cpu", "bfloat16")
     assert serving_placement() == {"device": "cpu", "dtype": "bfloat16"}
+
+
+def test_an_unknown_method_param_is_refused_with_the_methods_served(saved_model):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    # the model's own predict: this test's saved model has no signature to carry params
+    model = mlflow.pyfunc.load_model(str(saved_model)).unwrap_python_model()
+    for method, expected in (("nonsense", "use one of"), ("retrieval", "per-example"),
+                             ("single:nobody", "no expert named 'nobody'")):
+        with pytest.raises(MlflowException, match=expected) as refused:
+            model.predict(None, ["Hello"], params={"max_new_tokens": 1, "method": method})
+        assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    (text,) = model.predict(None, ["Hello"], params={"max_new_tokens": 1, "method": "arrow"})
+    assert isinstance(text, str) and model.routed == ("arrow", 2)
