@@ -1,4 +1,4 @@
-"""`gaggle-coordinator token add|revoke|list`: contributor and admin tokens."""
+"""`gaggle-coordinator token add|role|revoke|list`: contributor and admin tokens."""
 
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ def add_parser(sub) -> None:
                      help="an admin token (token management and promote over gRPC)")
     add.add_argument("--rotate", action="store_true",
                      help="the name exists: issue it another token, keeping its role (a name "
-                          "that exists is refused without this)")
+                          "that exists is refused without this); its other tokens stay valid")
+    add.add_argument("--revoke-others", action="store_true",
+                     help="with --rotate: revoke the name's other tokens at once")
     store_option(add, create=True)  # an operator adds tokens before the first serve
+    role = token_sub.add_parser("role", help="change a name's role (its tokens follow)")
+    role.add_argument("name", help="contributor name")
+    role.add_argument("role", choices=("contributor", "admin"))
+    store_option(role)
     revoke = token_sub.add_parser("revoke", help="revoke a contributor's tokens")
     revoke.add_argument("name", help="contributor name")
     store_option(revoke)
@@ -33,10 +39,20 @@ def run(args: argparse.Namespace) -> int:
 
     book = TokenBook(Store(args.store))
     if args.token_command == "add":
-        token = book.add(args.name, role="admin" if args.admin else "contributor",
-                         rotate=args.rotate)
+        live_before = {n: live for n, _, live, _ in book.list()}.get(args.name, 0)
+        token = book.add(args.name, role="admin" if args.admin else None,
+                         rotate=args.rotate, revoke_others=args.revoke_others)
+        if args.rotate and live_before:
+            print(f"{live_before} older token(s) of {args.name} "
+                  + ("revoked" if args.revoke_others else
+                     "stay valid: `gaggle-coordinator token add NAME --rotate "
+                     "--revoke-others` or `token revoke NAME` ends them"))
         print(f"{book.role(args.name)} token for {args.name} (shown once; store it safely):")
         print(token)
+    elif args.token_command == "role":
+        held = book.set_role(args.name, args.role)
+        print(f"{args.name}: {held} -> {args.role} (every token of the name, from its next "
+              "call)")
     elif args.token_command == "revoke":
         count = book.revoke(args.name)
         print(f"revoked {count} token(s) of {args.name}")

@@ -75,14 +75,19 @@ class TokenBook:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def add(self, name: str, role: str = "contributor", *, rotate: bool = False) -> str:
+    def add(self, name: str, role: str | None = "contributor", *, rotate: bool = False,
+            revoke_others: bool = False) -> str:
         """Create a contributor of `role` and issue its token (shown only once).
 
-        Roles change only explicitly: an existing name is AlreadyExists unless `rotate`, which
-        issues one more token for it, and FailedPrecondition when `role` is not the role it
-        holds (revoke it and add a new name instead).
+        Roles change only explicitly (`set_role`): an existing name is AlreadyExists unless
+        `rotate`, which issues one more token for it (its other tokens stay valid unless
+        `revoke_others`), and FailedPrecondition when `role` is not the role it holds. role
+        None: the role it holds when rotating, else a contributor.
         """
         check_name(name, "contributor name", "name")
+        if role is None:
+            known = self.store.query("SELECT role FROM contributors WHERE name = ?", (name,))
+            role = known[0][0] if known and rotate else "contributor"
         if role not in ROLES:
             raise InvalidArgument(f"role {preview(role)} is unknown: use one of {list(ROLES)}",
                                   field="role")
@@ -97,9 +102,23 @@ class TokenBook:
             else:
                 conn.execute("INSERT INTO contributors (name, role, created_at) "
                              "VALUES (?, ?, ?)", (name, role, now))
+            if revoke_others:
+                conn.execute("UPDATE tokens SET revoked_at = ? WHERE contributor = ? AND "
+                             "revoked_at IS NULL", (now, name))
             conn.execute("INSERT INTO tokens (token_id, contributor, token_hash, created_at) "
                          "VALUES (?, ?, ?, ?)", (token_id, name, _hash(token), now))
         return token
+
+    def set_role(self, name: str, role: str) -> str:
+        """Give `name` another role (its tokens carry it from the next call); returns the role
+        it held. NotFound for an unknown name."""
+        if role not in ROLES:
+            raise InvalidArgument(f"role {preview(role)} is unknown: use one of {list(ROLES)}",
+                                  field="role")
+        held = self.role(name)
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE contributors SET role = ? WHERE name = ?", (role, name))
+        return held
 
     def role(self, name: str) -> str:
         """The role `name` holds; NotFound when there is no such name."""

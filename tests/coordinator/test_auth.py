@@ -93,3 +93,29 @@ def test_token_cli_prints_the_token_once_and_lists_contributors(tmp_path, capsys
         TokenBook(handle).verify(token)
     assert coordinator_main(["token", "revoke", "nobody", "--store", store]) == 2
     handle.close()
+
+
+def test_a_role_changes_only_by_its_command_and_a_rotation_says_what_stays_valid(tmp_path,
+                                                                                 capsys):
+    store = ["--store", str(tmp_path / "store")]
+    assert coordinator_main(["token", "add", "bob", *store]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert coordinator_main(["token", "add", "bob", "--admin", *store]) == 2  # not by add
+    assert coordinator_main(["token", "role", "bob", "admin", *store]) == 0
+    assert "bob: contributor -> admin" in capsys.readouterr().out
+    book = TokenBook(Store(tmp_path / "store"))
+    assert book.verify(first).role == "admin"  # the old token carries the new role
+
+    assert coordinator_main(["token", "add", "bob", "--rotate", *store]) == 0
+    out = capsys.readouterr().out
+    assert "1 older token(s) of bob stay valid" in out
+    second = out.strip().splitlines()[-1]
+    assert book.verify(first).contributor == book.verify(second).contributor == "bob"
+    assert coordinator_main(["token", "add", "bob", "--rotate", "--revoke-others", *store]) == 0
+    out = capsys.readouterr().out
+    assert "2 older token(s) of bob revoked" in out
+    third = out.strip().splitlines()[-1]
+    for old in (first, second):
+        with pytest.raises(Unauthenticated, match="revoked"):
+            book.verify(old)
+    assert book.verify(third).role == "admin"
