@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         " with --quick, WORK/results)")
     parser.add_argument("--quick", action="store_true",
                         help="one forward round, no MLflow consumer: a smoke run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write --out from the checkpoints the work folder holds so far")
     parser.add_argument("--base", default=BASE, help=argparse.SUPPRESS)
     parser.add_argument("--consumer", nargs=3, metavar=("MODE", "STORE", "OUT"),
                         help=argparse.SUPPRESS)  # a child process: store | mlflow | forward
@@ -476,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args.work.mkdir(parents=True, exist_ok=True)
-    arrive(args)
+    if not args.report_only:
+        arrive(args)
     report(args)
     return 0
 
