@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,7 @@ DEFAULTS = {"max_new_tokens": 32, "method": "phatgoose", "top_k": 2}
 # elsewhere (routing.device); the paging default is routing.paging.DEFAULT_MAX_BYTES.
 PLACEMENT_DEFAULTS = {"device": "auto", "dtype": "auto", "max_adapter_bytes": 0}
 _DOWNLOADS = 8  # key shards fetched at once
+BATCH = 32  # prompts generated together
 
 
 class RouterModel(PythonModel):
@@ -47,6 +49,7 @@ class RouterModel(PythonModel):
         self.base = load_base(self.weights.base_model, device=str(placement["device"]),
                               dtype=str(placement["dtype"]))
         self.routed = ("phatgoose", 2)
+        self._lock = threading.Lock()
         route(self.base, self.weights, method="phatgoose", top_k=2)
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
@@ -55,24 +58,31 @@ class RouterModel(PythonModel):
 
         model_input has no type hint on purpose: MLflow would replace the logged signature,
         which declares these params, with one inferred from the hint, which has none."""
-        import torch
-
         settings = DEFAULTS | (params or {})
         wanted = (str(settings["method"]), int(settings["top_k"]))
-        if wanted != self.routed:
-            self._route(*wanted)
-        tokenizer, model = self.base.tokenizer, self.base.model
-        outputs = []
-        for prompt in _prompts(model_input):  # one at a time: no padding side effects
-            encoded = tokenizer(prompt, return_tensors="pt").to(self.base.device)
-            with torch.no_grad():
-                generated = model.generate(
-                    **encoded, max_new_tokens=int(settings["max_new_tokens"]),
-                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            new_tokens = generated[0, encoded["input_ids"].shape[1]:]
-            outputs.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
-        return outputs
+        prompts = _prompts(model_input)
+        with self._lock:  # one request at a time: routing and paging state are shared
+            if wanted != self.routed:
+                self._route(*wanted)
+            return [text for start in range(0, len(prompts), BATCH) for text in self._generate(
+                prompts[start:start + BATCH], int(settings["max_new_tokens"]))]
 
+    def _generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy generation for prompts as one left-padded batch (the KV cache serves all
+        of them; padding is masked out, so each equals its own one-prompt generation)."""
+        import torch
+
+        tokenizer, model = self.base.tokenizer, self.base.model
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(self.base.device)
+        finally:
+            tokenizer.padding_side = side
+        with torch.no_grad():
+            generated = model.generate(**encoded, max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def _route(self, method: str, top_k: int) -> None:
         """Route with another method, or refuse it with a 400 that says what is accepted

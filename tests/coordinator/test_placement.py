@@ -105,3 +105,13 @@ def test_an_unknown_method_param_is_refused_with_the_methods_served(saved_model)
         assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
     (text,) = model.predict(None, ["Hello"], params={"max_new_tokens": 1, "method": "arrow"})
     assert isinstance(text, str) and model.routed == ("arrow", 2)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(saved_model):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(str(saved_model)).unwrap_python_model()
+    prompts = ["Hello", "The film was a long and", "A", "Review: fine. Sentiment:"]
+    batched = model.predict(None, prompts, params={"max_new_tokens": 6})
+    alone = [model.predict(None, [p], params={"max_new_tokens": 6})[0] for p in prompts]
+    assert batched == alone and all(isinstance(t, str) for t in batched)
