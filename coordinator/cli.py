@@ -18,6 +18,7 @@ from coordinator.commands import (
     promote,
     prune,
     serve,
+    status,
     token,
     versions,
 )
@@ -25,7 +26,8 @@ from protocol.errors import GaggleError
 
 # The commands import torch, grpc, Ray and MLflow inside `run`: measured on a 2-core machine,
 # `gaggle-coordinator --help` takes 0.14 s that way and 5.1-5.4 s with them at the top.
-COMMANDS = (serve, token, experts, assemble, versions, diff, promote, evaluate, export, prune)
+COMMANDS = (serve, token, experts, status, assemble, versions, diff, promote, evaluate, export,
+            prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

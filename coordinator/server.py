@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator import metrics
 from coordinator.checks.evaluation import EvaluationConfig
 from coordinator.intake.uploads import UploadLimits, Uploads
 from coordinator.ray_cluster import RayConfig, ensure_ray, shutdown_ray
@@ -29,6 +30,7 @@ from coordinator.service.health import CoordinatorHealth
 from coordinator.service.servicer import CoordinatorServicer, OnAccepted
 from coordinator.store.experts import Store
 from coordinator.versions.assembler import SHUTDOWN_S, Assembler, start_assembler
+from coordinator.versions.status import federation_status
 from protocol.errors import InvalidArgument, Unavailable
 from protocol.gaggle.v1 import gaggle_pb2, gaggle_pb2_grpc
 from routing.device import check_names, set_serving_placement
@@ -74,6 +76,9 @@ class ServerConfig:
     auth_max_failures: int = 10  # failed authentications per host and window, then refused
     auth_window_s: float = 60.0  # how long a failed authentication counts against its host
     max_calls_per_contributor: int = 4  # one contributor's calls in flight (each holds a thread)
+    metrics_port: int | None = None  # Prometheus metrics on this port (None: off; 0: any)
+    metrics_host: str = "127.0.0.1"  # where the metrics listen: loopback unless you mean it
+    metrics_contributors: bool = False  # contributor names as labels (cardinality)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -262,6 +267,10 @@ def serve(config: ServerConfig, assembler: Assembler | None = None) -> None:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     server.start()
+    if config.metrics_port is not None:
+        port = metrics.serve_metrics(config.metrics_port, config.metrics_host,
+                                     lambda: store_gauges(server), config.metrics_contributors)
+        print(f"metrics on http://{config.metrics_host}:{port}/metrics", flush=True)
     # Printed for people and scripts alike: with --port 0 this is how to learn the port.
     print(f"gaggle-coordinator serving on {config.host}:{server.port}", flush=True)
     while not done.wait(1.0):  # a timed wait keeps the main thread responsive to signals
@@ -278,3 +287,8 @@ def serve(config: ServerConfig, assembler: Assembler | None = None) -> None:
         log.warning("threads %s did not stop in %.0f s; leaving them", running, SHUTDOWN_S)
         logging.shutdown()
         os._exit(0)
+
+
+def store_gauges(server: CoordinatorServer) -> dict[str, float]:
+    """The figures read from the store at each scrape (coordinator.metrics.StoreGauges)."""
+    return federation_status(server.store, streams=server.uploads.streams())

@@ -47,15 +47,17 @@ FORBIDDEN: dict[str, set[str]] = {
 # a docstring). Read bottom-up: the store and the Ray set-up need nothing; commands and the CLI
 # sit on top.
 ROOMS: dict[str, set[str]] = {
+    "metrics": set(),  # named once, updated from the rooms where things happen
     "store": set(),
     "ray_cluster": set(),
-    "intake": {"store"},
-    "tracking": {"store"},
+    "intake": {"store", "metrics"},
+    "tracking": {"store", "metrics"},
     "checks": {"store", "ray_cluster"},
-    "versions": {"store", "ray_cluster", "tracking", "checks"},
-    "service": {"store", "intake", "tracking", "versions"},
+    "versions": {"store", "ray_cluster", "tracking", "checks", "metrics"},
+    "service": {"store", "intake", "tracking", "versions", "metrics"},
     # the server owns its Ray (started and stopped with it) and reads the evaluation config
-    "server": {"store", "intake", "service", "versions", "ray_cluster", "checks"},
+    "server": {"store", "intake", "service", "versions", "ray_cluster", "checks", "metrics",
+               "tracking"},
     "commands": {"store", "tracking", "checks", "versions", "service", "server", "ray_cluster"},
     "cli": {"commands", "store"},
 }

@@ -48,6 +48,12 @@ def add_parser(sub) -> None:
                              "(default auto: a GPU if there is one)")
     serve_.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                         help="the base weights' dtype there (default auto: bf16 on a GPU)")
+    serve_.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (0: any free one)")
+    serve_.add_argument("--metrics-host",
+                        help="address the metrics listen on (default 127.0.0.1)")
+    serve_.add_argument("--metrics-contributors", action="store_true", default=None,
+                        help="label upload metrics with contributor names (one series each)")
     serve_.add_argument("--no-assembly", dest="assembly", action="store_false", default=None,
                         help="only store experts: no automatic assembly or MLflow tracking")
     serve_.add_argument("--eval-config",

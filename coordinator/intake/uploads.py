@@ -258,6 +258,11 @@ class Uploads:
             with self._guard:
                 self._opening.pop(key, None)
 
+    def streams(self) -> int:
+        """Upload streams being received now."""
+        with self._guard:
+            return len(self._streams)
+
     def cancel_stalled(self, now: float | None = None) -> list[str]:
         """Cancel streams that sent no chunk for `stream_idle_timeout_s` (monotonic time);
         the ids of their uploads ("that named no upload" for a stream that sent nothing)."""

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator import metrics
 from protocol.archive import ArchiveDigest
 from protocol.errors import InvalidArgument, OutOfRange
 
@@ -77,6 +78,8 @@ class UploadWriter:
         self._queue.put(data)
         self.offset += len(data)
         self.received += len(data)
+        metrics.UPLOAD_BYTES.labels(metrics.contributor_label(self.state.contributor)).inc(
+            len(data))
         self.last_chunk_at = time.monotonic()
 
     def _drain(self) -> None:

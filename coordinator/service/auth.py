@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from coordinator import metrics
 from coordinator.store.experts import Store
 from protocol.errors import (
     AlreadyExists,
@@ -306,11 +307,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     f"{identity.contributor} has {self.max_calls} calls in flight already, "
                     "the most one contributor may hold: wait for one to end", field="calls")
             self._in_flight[identity.contributor] += 1
+            metrics.CALLS_IN_FLIGHT.inc()
 
     def count_out(self, identity: Identity) -> None:
         if identity.role == "admin":
             return
         with self._lock:
+            metrics.CALLS_IN_FLIGHT.dec()
             self._in_flight[identity.contributor] -= 1
             if not self._in_flight[identity.contributor]:
                 del self._in_flight[identity.contributor]

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from coordinator import metrics
 from coordinator.intake.uploads import UploadLimits, Uploads
 from coordinator.intake.writer import UploadState
 from coordinator.service.auth import current_identity
@@ -30,13 +31,19 @@ CHUNK_BYTES = 1 << 20  # the upload chunk clients are asked to send (gRPC's limi
 OnAccepted = Callable[[ExpertRecord], None]
 
 
+_SUBMISSION_CALLS = ("StartUpload", "WriteUpload", "FinishUpload")
+
+
 def handles_errors(method: Callable) -> Callable:
-    """Turn GaggleError into its status, and anything unexpected into INTERNAL, logged."""
+    """Turn GaggleError into its status, and anything unexpected into INTERNAL, logged; count
+    the refusals of upload calls by their status."""
     @functools.wraps(method)
     def call(self, request, context: grpc.ServicerContext):
         try:
             return method(self, request, context)
         except GaggleError as err:
+            if method.__name__ in _SUBMISSION_CALLS:
+                metrics.refused(err.status)
             status.abort(context, err)
         except Exception as err:
             if isinstance(err, grpc.RpcError) or not context.is_active():
@@ -117,6 +124,8 @@ class CoordinatorServicer(gaggle_pb2_grpc.CoordinatorServicer):
     @handles_errors
     def FinishUpload(self, request, context):
         result = self.uploads.finish(request.upload_id, current_identity().contributor)
+        if not result.already_stored:
+            metrics.accepted()
         if not result.already_stored and self.on_accepted is not None:
             self._hooks.submit(self._run_hook, result.expert)
         return pb.FinishUploadResponse(expert=expert_message(result.expert),

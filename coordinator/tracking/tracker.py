@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator import metrics
 from coordinator.store.layout import Layout, atomic_write
 from coordinator.store.objects import DiskObjects
 from coordinator.tracking import replay
@@ -161,9 +162,11 @@ class Tracker:
         done = 0
         for index, op in enumerate(ops):
             try:
+                started = time.perf_counter()
                 with _MLFLOW_LOCK:
                     client = self._client()
                     _HANDLERS[op.kind](self, client, op)
+                metrics.TRACKING_SECONDS.labels(op.kind).observe(time.perf_counter() - started)
             except MlflowException as err:
                 if err.error_code in _TRANSIENT_CODES:
                     self.queue.note_attempt(op, str(err))

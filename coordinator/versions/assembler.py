@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 
+from coordinator import metrics
 from coordinator.checks.check_process import CheckProcess
 from coordinator.checks.evaluation import MEAN, EvaluationConfig
 from coordinator.checks.evaluator import Evaluator
@@ -177,6 +178,8 @@ class Assembler:
         log.info("version %s assembled: %d experts (%s), %d new key shards, %.1f s",
                  version_id, len(manifest.experts), manifest.diff or "no changes",
                  result.new_experts, result.seconds)
+        if result.created:
+            metrics.STAGE_SECONDS.labels("assembly").observe(result.seconds)
         if self.versions.rejection(version_id) is not None:
             self._failed = frozenset(manifest.expert_ids)  # not again until the set changes
             log.info("version %s was rejected before; it stays so", version_id)
@@ -186,16 +189,25 @@ class Assembler:
             log.info("version %s usage check started", version_id)
         usage = self.checks.usage(self.store.layout, version_id,
                                   cancel=self._stopping.is_set)  # read back when done before
-        log.info("version %s usage check: %.1f s", version_id, time.perf_counter() - started)
+        checked = time.perf_counter() - started
+        metrics.STAGE_SECONDS.labels("check").observe(checked)
+        log.info("version %s usage check: %.1f s", version_id, checked)
         current = self.versions.current_id()
         verdict = judge(manifest, usage, self.versions.manifest(current) if current else None)
         evaluation = None
         if verdict.live and self.evaluator is not None:
             evaluation, verdict = self._evaluation_verdict(version_id)
         if not verdict.live:
+            metrics.VERSIONS_MADE.labels("rejected").inc()
             self._reject(manifest, verdict)
             return
+        before = set(self.versions.manifest(current).expert_ids) if current else set()
         self.versions.set_current(version_id)
+        metrics.VERSIONS_MADE.labels("live").inc()
+        now = time.time()
+        for record in records:  # each expert's wait, the first time a version holds it
+            if record.expert_id in set(manifest.expert_ids) - before:
+                metrics.TO_LIVE_SECONDS.observe(now - float(record.created_at))
         self.last_error = None
         self.last_result = result
         accepted = max((float(r.created_at) for r in records
@@ -216,6 +228,7 @@ class Assembler:
             record = self.evaluator.evaluate_now(version_id)
         except GaggleError as err:
             return None, Verdict(False, f"its evaluation failed: {str(err)[:200]}")
+        metrics.STAGE_SECONDS.labels("evaluation").observe(time.perf_counter() - started)
         log.info("version %s evaluation: mean accuracy %.4f, %.1f s", version_id,
                  record["metrics"][MEAN], time.perf_counter() - started)
         try:

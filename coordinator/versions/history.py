@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.checks.evaluation import read_evaluation
-from coordinator.checks.usage import cached_usage
 from coordinator.store.versions import VersionStore
 from coordinator.tracking.tracker import Tracker, default_tracking_uri, store_tracking_uri
+from coordinator.versions.status import version_state
 from protocol.errors import GaggleError
 
 
@@ -31,7 +31,7 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
             note = str(err)
     rows = []
     manifests = versions.all()
-    states = {m.version_id: _state(versions, m.version_id) for m in manifests}
+    states = {m.version_id: version_state(versions, m.version_id) for m in manifests}
     live = [m.version_id for m in manifests if states[m.version_id] == "live"]
     for manifest in manifests:
         vid = manifest.version_id
@@ -52,11 +52,3 @@ def version_rows(root: Path, tracking_uri: str | None) -> tuple[list[dict], str 
             "metrics": tracked.get("metrics", {}) | evaluation.get("metrics", {}),
         })
     return rows, note
-
-
-def _state(versions: VersionStore, version_id: str) -> str:
-    """live (checked and passed), rejected (failed a check) or unchecked (its check has not
-    run yet: it never went live)."""
-    if versions.rejection(version_id) is not None:
-        return "rejected"
-    return "live" if cached_usage(versions, version_id) is not None else "unchecked"

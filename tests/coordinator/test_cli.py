@@ -18,6 +18,7 @@ EXISTING_STORE_COMMANDS = {
     "evaluate": ["evaluate", "aaaa", "--eval-config", "{tmp}/eval.toml"],
     "assemble": ["assemble"],
     "prune": ["prune", "--dry-run"],
+    "status": ["status"],
     "token list": ["token", "list"],
     "token revoke": ["token", "revoke", "alice"],
 }

@@ -107,6 +107,9 @@ ELSEWHERE = {
     "gaggle-coordinator experts release": Elsewhere(
         "tests/e2e/test_version_checks.py", '"experts", "release"',
         "needs a quarantined expert: the version-check test makes one, then releases it"),
+    "gaggle-coordinator status": Elsewhere(
+        "tests/e2e/test_metrics.py", '"status", "--store"',
+        "the metrics test compares it with what a real serve exported"),
     "gaggle-coordinator prune": Elsewhere(
         "tests/coordinator/test_prune.py", '"prune", "--keep-last", "1", "--dry-run"',
         "needs a history of versions to prune; the prune tests build one"),
