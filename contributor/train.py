@@ -46,6 +46,7 @@ from contributor.package import (
     expert_from_peft,
     load_expert,
 )
+from contributor.progress import write_progress
 from contributor.targets import parse_target_modules, peft_config
 from protocol.bundle import Bundle, check_gates_trained, save_bundle, validate_bundle
 from protocol.errors import InvalidArgument, TrainingDiverged
@@ -100,6 +101,7 @@ class TrainConfig:
     target_modules: str | None = None  # peft names/regex (contributor.targets); None: default
     gradient_checkpointing: bool = False  # recompute block activations: less memory, slower
     quantize: str | None = None  # "4bit": NF4 base via bitsandbytes (CUDA, the quant extra)
+    progress_file: str | None = None  # each step also as a JSON line here (contributor.progress)
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "ia3"):
@@ -214,6 +216,10 @@ def _optimise(model: nn.Module, params: list[nn.Parameter],
             losses.append(total)
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update()
+            if config.progress_file:
+                rate = bar.format_dict.get("rate") or 0.0
+                write_progress(config.progress_file, desc, len(losses), steps, total,
+                               (steps - len(losses)) / rate if rate else None)
     return losses
 
 

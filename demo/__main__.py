@@ -29,6 +29,7 @@ from demo.processes import (
     start_mlflow,
     wait_until,
 )
+from demo.progress import FederationWatch
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Demo:
         self.group = ProcessGroup(self.logs)
         self.address = ""
         self.tracking_uri = ""
+        self.watch: FederationWatch | None = None  # set once the contributors start
 
     def step(self, message: str) -> None:
         print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -137,11 +139,18 @@ class Demo:
                  str(data), "--limit", str(self.plan.train_examples)], self.logs / f"{name}.log")
             jobs.append((name, task, method, token, home, data))
         self.step(f"{len(jobs)} contributors train their experts on their own data")
+        self.watch = FederationWatch({name: home / "progress.jsonl"
+                                      for name, _, _, _, home, _ in jobs},
+                                     self.logs / "coordinator.log")
         trainers = [self.group.start(f"train-{name}", [
             gaggle("contributor"), "train", "--base", self.plan.base, "--data", str(data),
             "--method", method, "--out", str(home / "expert"), "--name", f"{name}-{task}",
-            *self.plan.train_flags,
+            "--progress-file", str(home / "progress.jsonl"), *self.plan.train_flags,
         ]) for name, task, method, _, home, data in jobs]
+        while any(trainer.poll() is None for trainer in trainers):
+            self.watch.contributors()
+            time.sleep(1.0)
+        self.watch.contributors()
         for (name, *_), trainer in zip(jobs, trainers, strict=True):
             if trainer.wait() != 0:
                 raise RuntimeError(f"contributor {name} failed to train; see "
@@ -154,6 +163,7 @@ class Demo:
                          self.logs / f"submit-{name}.log")
             results.append({"contributor": name, "task": task, "method": method,
                             "expert_id": output.strip().splitlines()[-1]})
+            self.watch.coordinator()
         return results
 
     def wait_for_version(self, expected: int, timeout: float = 600) -> list[dict]:
@@ -162,6 +172,8 @@ class Demo:
 
         def complete() -> bool:
             nonlocal versions
+            if self.watch is not None:
+                self.watch.coordinator()
             versions = self.versions()
             # The version must also be current: the coordinator moves CURRENT last, after the
             # version's files and its usage report are written.

@@ -48,6 +48,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, "
                              "about a third more compute per step")
+    parser.add_argument("--progress-file", metavar="PATH",
+                        help="also append each step (phase, step, total, loss, ETA) to PATH as "
+                             "a JSON line, for a program to follow")
     parser.add_argument("--quantize", choices=("4bit",),
                         help="load the base in 4 bits (bitsandbytes, CUDA only; pip install "
                              "'gaggle[quant]')")

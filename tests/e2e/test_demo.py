@@ -61,6 +61,25 @@ def test_tiny_demo_prints_the_summary_and_stops_every_process(demo_run):
     assert not [pid for pid in pids if _alive(pid)]
 
 
+def test_the_demo_shows_each_contributors_progress_then_the_coordinators_events(demo_run):
+    """Plain lines (the output is not a terminal): every contributor's training steps before
+    the first acceptance, then the coordinator's events as they happened."""
+    _, out = demo_run
+    lines = out.splitlines()
+    first_accepted = next(i for i, line in enumerate(lines)
+                          if line.startswith("  coordinator: accepted"))
+    for contributor in ("alice", "bob", "carol"):
+        progress = [i for i, line in enumerate(lines)
+                    if line.startswith(f"  {contributor}: expert: step ")]
+        assert progress and progress[0] < first_accepted, contributor
+        assert any(line.startswith(f"  {contributor}: gate: step 4/4, loss ")
+                   for line in lines), contributor
+    events = [line for line in lines if line.startswith("  coordinator: ")]
+    assert sum(e.startswith("  coordinator: accepted") for e in events) == 3
+    assert any("is live" in e for e in events) and any("assembled" in e for e in events)
+    assert not any("\x1b[" in line for line in lines)  # no terminal codes in a plain log
+
+
 @contextmanager
 def browse_later(out: str) -> Iterator[str]:
     """The summary's "browse it later" command, run as printed (on a free port); its URL."""
