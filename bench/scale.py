@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.harness.servers import wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = (64, 256, 512, 1000)
 BASE = "smollm2-135m"
@@ -117,9 +119,9 @@ def _one_arrival(client, spec, store: Path, work: Path, index: int) -> dict:
     result = client.submit(folder)
     accepted = time.monotonic()
     shutil.rmtree(folder)
-    version = _wait(lambda: _current_with(store, result.expert_id), 1800, "its version")
+    version = wait_for(lambda: _current_with(store, result.expert_id), 1800, "its version")
     current = time.monotonic()
-    _wait(lambda: (store / "versions" / version / "usage.json").is_file(), 1800, "its check")
+    wait_for(lambda: (store / "versions" / version / "usage.json").is_file(), 1800, "its check")
     return {"index": index, "expert_id": result.expert_id, "bytes": result.size_bytes,
             "upload_s": accepted - started, "current_s": current - accepted,
             "checked_s": time.monotonic() - accepted, "version": version}
@@ -148,7 +150,7 @@ def checkpoint(args: argparse.Namespace, server, experts: int) -> None:
         return
     store = args.work / "store"
     queue = OpQueue(store / "tracking")
-    _wait(lambda: queue.counts()["pending"] == 0, 3600, "tracking to catch up")
+    wait_for(lambda: queue.counts()["pending"] == 0, 3600, "tracking to catch up")
     arrivals = _read_lines(args.work / "arrivals.jsonl")[:experts]
     result = {"experts": experts, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "sent_bytes": sum(a["bytes"] for a in arrivals),
@@ -413,16 +415,6 @@ def _cpu() -> str:
 
 
 # ----- helpers and the report ------------------------------------------------------------------
-
-def _wait(ready, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ready()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
-
 
 def _read_lines(path: Path) -> list[dict]:
     if not path.is_file():

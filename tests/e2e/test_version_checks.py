@@ -6,10 +6,6 @@ the champion or MLflow's `latest`; the next version without them goes live on it
 
 from __future__ import annotations
 
-import time
-
-import pytest
-
 from contributor.client import Connection, CoordinatorClient
 from coordinator.checks.usage import UsageConfig, evaluation_prompts
 from coordinator.cli import main
@@ -18,17 +14,7 @@ from coordinator.store.versions import VersionStore
 from protocol.bundle import save_bundle
 from routing.synthetic import random_bundle
 from tests.harness.bundles import capture_bundle, huge_bundle
-from tests.harness.servers import add_token, seed_base_spec, start_coordinator
-
-
-def _wait(condition, timeout: float, what: str, server):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"no {what} after {timeout:.0f} s:\n{server.log()[-3000:]}")
+from tests.harness.servers import add_token, seed_base_spec, start_coordinator, wait_for
 
 
 def _quarantine(store_root, expert_id: str) -> str | None:
@@ -61,20 +47,20 @@ def test_poisoned_experts_never_go_live_and_the_next_version_does(tmp_path, tiny
     try:
         honest = [submit(c, random_bundle(tiny_spec, n, seed=s))
                   for c, n, s in (("alice", "a", 1), ("alice", "b", 2), ("bob", "c", 3))]
-        _wait(lambda: all(current_holds(i) for i in honest), 120, "a version of three", server)
+        wait_for(lambda: all(current_holds(i) for i in honest), 120, "a version of three")
         live = versions.current_id()
         assert main(["promote", live, "--store", str(root)]) == 0
 
         prompts = evaluation_prompts(UsageConfig())
         attacks = {"capture": submit("mallory", capture_bundle(tiny_base, "capture", prompts)),
                    "huge": submit("mallory", huge_bundle(tiny_spec, "huge"))}
-        reasons = {name: _wait(lambda i=i: _quarantine(root, i), 180, f"{name} quarantined",
-                               server) for name, i in attacks.items()}
+        reasons = {name: wait_for(lambda i=i: _quarantine(root, i), 180, f"{name} quarantined")
+                   for name, i in attacks.items()}
         assert "routing capture" in reasons["capture"], reasons
         assert "non-finite logits" in reasons["huge"], reasons
 
         late = submit("bob", random_bundle(tiny_spec, "d", seed=4))
-        _wait(lambda: current_holds(late), 120, "the next version live", server)
+        wait_for(lambda: current_holds(late), 120, "the next version live")
         current = versions.manifest(versions.current_id())
         assert not set(attacks.values()) & set(current.expert_ids)
         assert set(honest) <= set(current.expert_ids)
@@ -99,7 +85,7 @@ def test_poisoned_experts_never_go_live_and_the_next_version_does(tmp_path, tiny
 
         uri = default_tracking_uri(root)
         registry = MlflowClient(uri, uri)
-        latest = _wait(lambda: _latest(registry, current.version_id), 180, "latest", server)
+        latest = wait_for(lambda: _latest(registry, current.version_id), 180, "latest")
         assert latest == current.version_id
         tracked = {mv.tags["gaggle.version_id"]
                    for mv in registry.search_model_versions("name = 'gaggle-router'")}
