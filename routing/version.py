@@ -266,17 +266,20 @@ def open_router(manifest: VersionManifest, *,
                 key_shard: Callable[[str], str | os.PathLike],
                 bundle: Callable[[str], str | os.PathLike],
                 fields: Sequence[str] = ("keys",),
-                max_adapter_bytes: int = DEFAULT_MAX_BYTES) -> RouterWeights:
+                max_adapter_bytes: int = DEFAULT_MAX_BYTES,
+                shard_cache: dict | None = None) -> RouterWeights:
     """The router of a version by reference: every expert's keys (the `fields` of its key
     shard, routing.keys) in memory, its adapter paged in from its bundle within
     `max_adapter_bytes` (routing.paging).
 
     key_shard / bundle: expert id -> the local path of its key shard file / bundle folder
     (a callable may fetch it first). route() loads further key fields when a method needs
-    them (RouterWeights.load_fields).
+    them (RouterWeights.load_fields). shard_cache: a dict kept between calls, so that a
+    process opening version after version reads each expert's shard once (it keeps only the
+    shards of the version opened last).
     """
     ids = manifest.expert_ids
-    shards = [read_key_shard(key_shard(i), fields) for i in ids]
+    shards = _cached_shards(ids, key_shard, tuple(fields), shard_cache)
     for ref, shard in zip(manifest.experts, shards, strict=True):
         if shard.expert_id != ref.expert_id:
             raise InvalidArgument(f"the key shard given for expert {ref.name!r} belongs to "
@@ -286,6 +289,16 @@ def open_router(manifest: VersionManifest, *,
                                fingerprint=manifest.fingerprint, adapters=pool)
     weights.load_fields = lambda wanted: _load_fields(weights, manifest, key_shard, wanted)
     return weights
+
+
+def _cached_shards(ids: list[str], key_shard: Callable[[str], str | os.PathLike],
+                   fields: tuple[str, ...], cache: dict | None) -> list:
+    if cache is None:
+        return [read_key_shard(key_shard(i), fields) for i in ids]
+    found = {i: cache.get((i, fields)) or read_key_shard(key_shard(i), fields) for i in ids}
+    cache.clear()
+    cache.update({(i, fields): shard for i, shard in found.items()})
+    return [found[i] for i in ids]
 
 
 def _load_fields(weights: RouterWeights, manifest: VersionManifest,

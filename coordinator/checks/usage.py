@@ -39,6 +39,8 @@ from tasks.registry import HELD_OUT, split
 log = logging.getLogger(__name__)
 USAGE_FILE = "usage.json"
 _BASES: dict[str, object] = {}  # base model name -> loaded BaseModel (one per process)
+# The key shards of the version checked last: the next version shares all but its newest
+_SHARDS: dict = {}
 _LOCK = threading.Lock()
 
 
@@ -205,7 +207,8 @@ def version_usage(versions: VersionStore, version_id: str,
     if cached is not None:
         return cached
     try:
-        weights = versions.router(version_id, max_adapter_bytes=config.max_adapter_bytes)
+        weights = versions.router(version_id, max_adapter_bytes=config.max_adapter_bytes,
+                                  shard_cache=_SHARDS)
         with _LOCK:  # one measurement at a time: the base model is shared
             report = measure_router(weights, _base(weights.base_model), config, cancel=cancel)
     except Cancelled:

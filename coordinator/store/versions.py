@@ -122,14 +122,17 @@ class VersionStore:
         return target
 
     def router(self, version_id: str, *, fields: Sequence[str] = ("keys",),
-               max_adapter_bytes: int = DEFAULT_MAX_BYTES) -> RouterWeights:
+               max_adapter_bytes: int = DEFAULT_MAX_BYTES,
+               shard_cache: dict | None = None) -> RouterWeights:
         """The version's router: its experts' keys in memory, their adapters paged in from
-        the store's bundles (routing.version.open_router); a format-1 version's stacked copy."""
+        the store's bundles (routing.version.open_router, `shard_cache` its cache of key
+        shards); a format-1 version's stacked copy."""
         manifest = self.manifest(version_id)
         if manifest.format == 1:
             return load_stacked(self.folder(version_id) / STACKED_DIR)
         return open_router(
             manifest, fields=fields, max_adapter_bytes=max_adapter_bytes,
+            shard_cache=shard_cache,
             key_shard=lambda i: self.objects.local_folder(KEYS_DIR, i) / KEY_FILE,
             bundle=lambda i: self.objects.local_folder(EXPERTS_DIR, i))
 
